@@ -1,0 +1,80 @@
+"""What every loader backend yields, and the bookkeeping they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..dataset import PreparedDataset
+from ..transforms import Output, Transform
+from . import sharding
+
+
+@dataclass
+class LoaderSpec:
+    """Everything a backend needs to build its pipeline; filled in by make_loader."""
+
+    dataset: PreparedDataset
+    split: str
+    batch_size: int
+    transform: Transform
+    output: Output
+    device: torch.device
+    train: bool          # shuffle every epoch and drop the last partial batch
+    shard_index: int
+    shard_count: int
+    workers: int         # decoding threads (DALI) or worker processes (torchvision)
+    seed: int
+
+    @property
+    def entries(self) -> list[tuple[str, int]]:
+        return self.dataset.entries(self.split)
+
+
+class Loader:
+    """Iterates over one epoch of (images, labels) batches on `spec.device`.
+
+    images: float tensor N x C x H x W (dtype and memory format from
+    spec.output), normalised; labels: int64 tensor N. Iterating again starts
+    the next epoch. len() is the number of batches this shard yields per epoch.
+    """
+
+    backend = "base"
+
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        self.manifest_size = len(spec.entries)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        s = self.spec
+        if s.train:
+            return sharding.train_batches(self.manifest_size, s.shard_count, s.batch_size)
+        return sharding.eval_batches(self.manifest_size, s.shard_index, s.shard_count, s.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Images this shard yields per epoch."""
+        s = self.spec
+        if s.train:
+            return len(self) * s.batch_size
+        return len(sharding.eval_shard_range(self.manifest_size, s.shard_index, s.shard_count))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose which epoch's shuffle the next iteration uses (like DistributedSampler)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release worker processes or pipelines; the loader is unusable afterwards."""
+
+    def describe(self) -> dict:
+        s = self.spec
+        return {"backend": self.backend, "split": s.split, "batch_size": s.batch_size,
+                "batches": len(self), "samples": self.num_samples, "device": str(s.device),
+                "workers": s.workers, "shard": [s.shard_index, s.shard_count],
+                "transform": s.transform.to_dict(), "output": vars(s.output)}

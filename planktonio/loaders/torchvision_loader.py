@@ -1,0 +1,190 @@
+"""The torchvision backend: the baseline that DALI is measured against.
+
+Where a batch is decoded: `ManifestDataset.__getitem__`, in DataLoader worker
+processes, with torchvision.io (libjpeg-turbo). Where it is augmented: the
+same place, with transforms.v2 built from the shared `Transform`, on uint8
+tensors. Normalisation and the float conversion happen after the copy to the
+device (`to_model_input`), as in timm's PrefetchLoader: a uint8 batch is a
+quarter of the bytes of a float32 one, and the GPU does the arithmetic.
+
+Randomness: each image's augmentation is seeded by (seed, epoch, index), so a
+batch does not depend on the number of workers, their persistence, or on
+whether the run was resumed mid-way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from ..dataset import TORCHVISION_DECODES
+from ..transforms import Output, Transform
+from . import sharding
+from .base import Loader, LoaderSpec
+
+log = logging.getLogger(__name__)
+
+
+def build_transform(t: Transform) -> v2.Compose:
+    """The shared Transform as torchvision ops on a uint8 C x H x W tensor."""
+    if t.crop == "random_resized":
+        steps = [v2.RandomResizedCrop(t.size, scale=t.scale, ratio=t.ratio, antialias=True)]
+    else:
+        steps = [v2.Resize(t.resize, antialias=True), v2.CenterCrop(t.size)]
+    if t.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(t.hflip))
+    return v2.Compose(steps)
+
+
+def to_model_input(images: torch.Tensor, t: Transform, out: Output) -> torch.Tensor:
+    """uint8 N x C x H x W -> normalised float batch in the requested dtype and memory format."""
+    mean = torch.tensor(t.mean, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(t.std, device=images.device).view(1, 3, 1, 1) * 255
+    images = (images.float() - mean) / std
+    return images.to(out.torch_dtype).contiguous(memory_format=out.memory_format)
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """Decode to uint8 3 x H x W: torchvision.io (libjpeg-turbo) for JPEG/PNG, PIL for TIFF/BMP."""
+    if os.path.splitext(path)[1].lower() in TORCHVISION_DECODES:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+class ManifestDataset(Dataset):
+    """Images listed in a manifest; indexed by (index, epoch) pairs from EpochSampler."""
+
+    def __init__(self, root, entries: list[tuple[str, int]], transform: Transform, seed: int):
+        self.root = str(root)
+        self.entries = entries
+        self.transform = build_transform(transform)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        path, label = self.entries[index]
+        full_path = f"{self.root}/{path}"
+        try:
+            image = decode_rgb(full_path)
+        except (RuntimeError, OSError) as error:
+            # prepare() rejects bad files; one that went bad since is reported
+            # and skipped, not allowed to end a run hours in.
+            log.warning("skipping %s: cannot decode (%s)", full_path, error)
+            return None
+        torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+        return self.transform(image), label
+
+
+def collate_skipping_bad(samples):
+    """Stack a batch, leaving out samples the dataset could not decode (None)."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long)
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) pairs for this shard, in sharding.py's order."""
+
+    def __init__(self, num_samples: int, shard_index: int, shard_count: int, train: bool, seed: int):
+        self.num_samples, self.shard_index, self.shard_count = num_samples, shard_index, shard_count
+        self.train, self.seed, self.epoch = train, seed, 0
+
+    def indices(self) -> list[int]:
+        if self.train:
+            return sharding.train_order(self.num_samples, self.seed, self.epoch, self.shard_index, self.shard_count)
+        return list(sharding.eval_shard_range(self.num_samples, self.shard_index, self.shard_count))
+
+    def __iter__(self):
+        epoch = self.epoch
+        return iter([(index, epoch) for index in self.indices()])
+
+    def __len__(self) -> int:
+        if self.train:
+            return sharding.train_samples_per_shard(self.num_samples, self.shard_count)
+        return len(sharding.eval_shard_range(self.num_samples, self.shard_index, self.shard_count))
+
+
+class TorchvisionLoader(Loader):
+    """torchvision decode + transforms in DataLoader workers, normalised on the device."""
+
+    backend = "torchvision"
+
+    def __init__(self, spec: LoaderSpec):
+        super().__init__(spec)
+        entries = spec.entries
+        self.sampler = EpochSampler(len(entries), spec.shard_index, spec.shard_count, spec.train, spec.seed)
+        on_gpu = spec.device.type == "cuda"
+        self.dataloader = DataLoader(
+            ManifestDataset(spec.dataset.root, entries, spec.transform, spec.seed),
+            batch_size=spec.batch_size,
+            sampler=self.sampler,
+            num_workers=spec.workers,
+            collate_fn=collate_skipping_bad,
+            pin_memory=on_gpu,  # page-locked buffers make the copy asynchronous
+            drop_last=spec.train,
+            persistent_workers=spec.workers > 0,
+            prefetch_factor=4 if spec.workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.epoch = epoch
+
+    def _host_batches(self):
+        for images, labels in self.dataloader:
+            if labels.numel():
+                yield images, labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.epoch = self.epoch
+        if self.spec.device.type == "cuda":
+            yield from self._prefetch_to_gpu()
+        else:
+            for images, labels in self._host_batches():
+                yield to_model_input(images, self.spec.transform, self.spec.output), labels
+        self.set_epoch(self.epoch + 1)
+
+    def _prefetch_to_gpu(self):
+        """Copy and normalise batch k+1 on a side stream while the model works on batch k."""
+        device, t, out = self.spec.device, self.spec.transform, self.spec.output
+        stream = torch.cuda.Stream(device)
+        batches = self._host_batches()
+
+        def stage():
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                return None
+            with torch.cuda.stream(stream):
+                images = to_model_input(images.to(device, non_blocking=True), t, out)
+                labels = labels.to(device, non_blocking=True)
+            return images, labels
+
+        ready = stage()
+        while ready is not None:
+            torch.cuda.current_stream(device).wait_stream(stream)
+            images, labels = ready
+            # The tensors were made on the side stream but are used on the
+            # main one: tell the caching allocator not to reuse them early.
+            images.record_stream(torch.cuda.current_stream(device))
+            labels.record_stream(torch.cuda.current_stream(device))
+            ready = stage()
+            yield images, labels
+
+    def close(self) -> None:
+        # Ends persistent workers now rather than at interpreter exit.
+        self.dataloader = None
+

@@ -1,0 +1,119 @@
+"""One description of the image transforms, read by every loader backend.
+
+A comparison of loaders is fair only if they do the same work, so neither
+backend has its own augmentation settings: both build their pipelines from a
+`Transform` (what happens to each image) and an `Output` (what the batch
+looks like). See loaders/dali_loader.py and loaders/torchvision_loader.py for
+the two readings of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from .errors import PlanktonioError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CROPS = ("random_resized", "center")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What happens to one decoded RGB image.
+
+    crop="random_resized": torchvision's RandomResizedCrop semantics: a random
+        region covering `scale` of the area with aspect ratio in `ratio`,
+        resized to size x size (the usual training augmentation).
+    crop="center": resize the shorter side to `resize`, then cut the central
+        size x size (the usual evaluation transform; the plankton study also
+        trained with it).
+    hflip: probability of a horizontal flip (0 for none).
+    mean/std: per-channel normalisation, on the 0..1 scale.
+    """
+
+    crop: str = "center"
+    size: int = 224
+    resize: int = 256
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        # Frozen dataclass: normalise lists (from YAML) to tuples in place.
+        for name in ("scale", "ratio", "mean", "std"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        problems = []
+        if self.crop not in CROPS:
+            problems.append(f"crop must be one of {', '.join(CROPS)}, not {self.crop!r}")
+        if not (isinstance(self.size, int) and self.size > 0):
+            problems.append(f"size must be a positive integer, not {self.size!r}")
+        if not (isinstance(self.resize, int) and self.resize >= self.size):
+            problems.append(f"resize must be an integer >= size ({self.size}), not {self.resize!r}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            problems.append(f"scale must be [low, high] with 0 < low <= high <= 1, not {list(self.scale)}")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            problems.append(f"ratio must be [low, high] with 0 < low <= high, not {list(self.ratio)}")
+        if not 0.0 <= self.hflip <= 1.0:
+            problems.append(f"hflip is a probability in [0, 1], not {self.hflip!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            problems.append("mean and std need three values each, std positive")
+        if problems:
+            raise PlanktonioError("bad transform: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "Transform":
+        """Build from a config mapping; unknown keys are an error, not ignored."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PlanktonioError(
+                f"unknown transform key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# The two standard transforms: ImageNet-style training augmentation and the
+# deterministic resize-256 / centre-crop-224 evaluation transform.
+TRAIN_AUGMENT = Transform(crop="random_resized", hflip=0.5)
+EVAL_TRANSFORM = Transform(crop="center")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+LAYOUTS = ("NCHW", "NHWC")
+
+
+@dataclass(frozen=True)
+class Output:
+    """How a batch of images reaches the model.
+
+    dtype: "float32" or "float16" (what DALI's normaliser can emit).
+    layout: "NCHW" gives contiguous tensors; "NHWC" gives the same logical
+        N x C x H x W tensor stored channels-last (torch.channels_last), the
+        memory format tensor cores prefer. Either way the model sees NCHW.
+    """
+
+    dtype: str = "float32"
+    layout: str = "NCHW"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PlanktonioError(f"output dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.layout not in LAYOUTS:
+            raise PlanktonioError(f"output layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.layout == "NHWC" else torch.contiguous_format

@@ -1,0 +1,105 @@
+"""Shared fixtures: small data sets the tests make themselves, and markers.
+
+The "coloured" set gives every image one flat, unique colour, so the image
+a loader returns can be identified after decoding, resizing and cropping
+(all of which keep a flat colour flat): that is how the tests check which
+images an epoch saw and that labels travel with their images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from planktonio import prepare
+from planktonio.dataset import SplitPlan
+
+REPO = Path(__file__).resolve().parents[1]
+NDSB = REPO.parent / "shared" / "data" / "ndsb"
+
+# Colour channel levels far enough apart to survive JPEG and resizing.
+LEVELS = (20, 70, 120, 170, 220)
+
+
+def colour_of(index: int) -> tuple[int, int, int]:
+    return (LEVELS[index % 5], LEVELS[(index // 5) % 5], LEVELS[(index // 25) % 5])
+
+
+def index_of(rgb) -> int:
+    """Inverse of colour_of for a (possibly slightly off) decoded colour."""
+    levels = np.array(LEVELS)
+    r, g, b = (int(np.abs(levels - c).argmin()) for c in rgb)
+    return r + 5 * g + 25 * b
+
+
+def write_coloured_set(root: Path, classes: int, per_class: int, size: int = 48) -> dict[str, int]:
+    """classes x per_class flat-colour JPEGs; returns {relative path: colour index}."""
+    index_by_path = {}
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            index = c * per_class + i
+            rel = f"class{c}/img{i:03d}.jpg"
+            Image.new("RGB", (size, size), colour_of(index)).save(root / rel, quality=95)
+            index_by_path[rel] = index
+    return index_by_path
+
+
+def batch_indices(images: torch.Tensor, transform) -> list[int]:
+    """Identify each image of a normalised batch by its mean colour."""
+    mean = torch.tensor(transform.mean).view(1, 3)
+    std = torch.tensor(transform.std).view(1, 3)
+    rgb = (images.float().mean(dim=(2, 3)).cpu() * std + mean) * 255
+    return [index_of(row.tolist()) for row in rgb]
+
+
+def jpeg_bytes(size: int = 64, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def coloured(tmp_path_factory):
+    """3 classes x 20 flat-colour images, prepared 10/5/5 per class."""
+    root = tmp_path_factory.mktemp("coloured")
+    source = root / "source"
+    index_by_path = write_coloured_set(source, classes=3, per_class=20)
+    prepare(source, root / "prepared", plan=SplitPlan(per_class=(10, 5, 5)), seed=1, workers=1)
+    return root / "prepared", index_by_path
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """The embedded default at a small size: 4 classes x 24 images, 255 x 255."""
+    from planktonio.synth import synthesize
+    root = tmp_path_factory.mktemp("synthetic")
+    synthesize(root / "source", classes=4, per_class=24)
+    prepare(root / "source", root / "prepared", plan=SplitPlan(per_class=(16, 4, 4)), seed=0, workers=1)
+    return root / "prepared"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def ndsb():
+    if not NDSB.is_dir():
+        pytest.skip(f"real plankton images not found at {NDSB}")
+    return NDSB
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -1,0 +1,143 @@
+"""prepare: validation, stratified reproducible splits, manifests, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from planktonio import PlanktonioError, PreparedDataset, prepare
+from planktonio.dataset import SplitPlan, check_image
+
+from .conftest import REPO, jpeg_bytes, write_coloured_set
+
+
+@pytest.fixture
+def source(tmp_path):
+    """4 classes with 30, 30, 30 and 8 good images."""
+    src = tmp_path / "source"
+    write_coloured_set(src, classes=3, per_class=30, size=16)
+    (src / "rare").mkdir()
+    for i in range(8):
+        (src / "rare" / f"r{i}.jpg").write_bytes(jpeg_bytes(16, seed=i))
+    return src
+
+
+def read_manifest(path):
+    return [(line.rsplit(" ", 1)[0], int(line.rsplit(" ", 1)[1])) for line in path.read_text().splitlines()]
+
+
+def test_split_sizes_stratification_and_disjointness(source, tmp_path):
+    result = prepare(source, tmp_path / "out", min_images=20, plan=SplitPlan(per_class=(12, 5, 4)), workers=1)
+    assert result.classes == ["class0", "class1", "class2"]  # "rare" (8 images) dropped
+    splits = {s: read_manifest(tmp_path / "out" / f"{s}.txt") for s in ("train", "valid", "test")}
+    for split, want in (("train", 12), ("valid", 5), ("test", 4)):
+        per_label = {}
+        for path, label in splits[split]:
+            per_label[label] = per_label.get(label, 0) + 1
+            assert path.startswith(f"class{label}/")  # the label is the class folder's index
+        assert per_label == {0: want, 1: want, 2: want}
+    paths = [set(p for p, _ in splits[s]) for s in splits]
+    assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
+    meta = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert meta["classes"] == result.classes and meta["dropped_classes"] == {"rare": 8}
+    assert meta["split_sizes"] == {"train": 36, "valid": 15, "test": 12}
+
+
+def test_split_is_reproducible_and_depends_on_seed(source, tmp_path):
+    plan = SplitPlan(per_class=(10, 10, 10))
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        prepare(source, tmp_path / name, min_images=20, plan=plan, seed=seed, workers=1)
+    text = {n: (tmp_path / n / "valid.txt").read_text() for n in "abc"}
+    assert text["a"] == text["b"]
+    assert text["a"] != text["c"]
+
+
+def test_default_fractions_use_every_usable_image(source, tmp_path):
+    result = prepare(source, tmp_path / "out", workers=1)
+    sizes = {s: len(e) for s, e in result.splits.items()}
+    assert sum(sizes.values()) == 98
+    assert sizes == {"train": 78, "valid": 10, "test": 10}  # 30 -> 24/3/3, 8 -> 6/1/1 per class
+
+
+def test_bad_files_are_rejected_with_reasons(source, tmp_path):
+    good = jpeg_bytes(32)
+    broken = {
+        "class0/empty.jpg": (b"", "empty"),
+        "class0/half.jpg": (good[: len(good) // 2], "truncated"),
+        "class1/notes.jpg": (b"these are field notes, not a picture\n" * 20, "not an image"),
+        "class1/noise.png": (bytes(range(256)) * 8, "not an image"),
+        "class2/damaged.jpg": (good[:400] + random.Random(0).randbytes(200) + good[600:], "unreadable"),
+    }
+    for rel, (data, _) in broken.items():
+        (source / rel).write_bytes(data)
+    (source / "class2" / "readme.txt").write_text("not an image extension: ignored")
+
+    result = prepare(source, tmp_path / "out", min_images=20, plan=SplitPlan(per_class=(20, 5, 5)), workers=2)
+
+    with open(tmp_path / "out" / "rejected.csv") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert {p: r["reason"] for p, r in rows.items()} == {
+        str(source.resolve() / rel): reason for rel, (_, reason) in broken.items()}
+    assert all(r["detail"] for r in rows.values())
+    listed = {p for s in result.splits.values() for p, _ in s}
+    assert not listed & set(broken)  # no bad file reaches a manifest
+    assert len(listed) == 90
+
+
+def test_check_image_accepts_good_formats(tmp_path):
+    from PIL import Image
+    for ext in ("png", "bmp", "tif", "jpeg"):
+        Image.new("RGB", (9, 7), (1, 2, 3)).save(tmp_path / f"ok.{ext}")
+        assert check_image(tmp_path / f"ok.{ext}") is None
+
+
+@pytest.mark.parametrize("setup, kwargs, message", [
+    ("missing", {}, "no such directory"),
+    ("flat", {}, "no class folders"),
+    ("ok", {"min_images": 31}, "no class has at least 31 usable images"),
+    ("ok", {"plan": SplitPlan(per_class=(20, 10, 5))}, "asks for 35"),
+])
+def test_error_messages(tmp_path, source, setup, kwargs, message):
+    src = {"missing": tmp_path / "nowhere", "flat": tmp_path / "flat", "ok": source}[setup]
+    if setup == "flat":
+        src.mkdir()
+        (src / "a.jpg").write_bytes(jpeg_bytes())
+    kwargs.setdefault("min_images", 20)
+    with pytest.raises(PlanktonioError, match=message):
+        prepare(src, tmp_path / "out", workers=1, **kwargs)
+
+
+def test_cli_prints_error_not_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "planktonio", "prepare", "--source", str(tmp_path / "x"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: source") and "Traceback" not in run.stderr
+
+
+def test_cli_prepare_prints_summary(source, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "planktonio", "prepare", "--source", str(source),
+                          "--out", str(tmp_path / "o"), "--min-images", "20", "--per-class", "10,5,5",
+                          "--workers", "1"], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^total\s+90\s+30\s+15\s+15$", run.stdout, re.MULTILINE), run.stdout
+    assert "3 classes kept, 1 dropped" in run.stdout
+
+
+def test_prepared_dataset_reports_moved_files(coloured, tmp_path):
+    prepared, _ = coloured
+    meta = json.loads((prepared / "classes.json").read_text())
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        (moved / name).write_text((prepared / name).read_text())
+    (moved / "classes.json").write_text(json.dumps({**meta, "root": str(tmp_path / "gone")}))
+    with pytest.raises(PlanktonioError, match="listed in .*valid.txt but missing"):
+        PreparedDataset.load(moved).check_files_exist("valid")
+    with pytest.raises(PlanktonioError, match="classes.json: not found"):
+        PreparedDataset.load(tmp_path)
