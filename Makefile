@@ -23,12 +23,25 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The demo: a loader comparison, then the study's transfer recipe in small:
+# pretrain tiny-cnn on four synthetic classes, fine-tune its new head on four
+# others (features frozen), evaluate on the held-out test split.
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(PY) -m planktonio synth --out $(DEMO)/images --classes 6 --per-class 120
-	$(PY) -m planktonio prepare --source $(DEMO)/images --out $(DEMO)/prepared --per-class 80,20,20
+	$(PY) -m planktonio synth --out $(DEMO)/images --per-class 150 \
+		--classes copepod,chaetognath,diatom_chain,appendicularian
+	$(PY) -m planktonio prepare --source $(DEMO)/images --out $(DEMO)/prepared --per-class 100,25,25
 	$(PY) -m profiling loaders --data $(DEMO)/prepared --backends dali-cpu,torchvision,memory \
-		--batch-size 64 --batches 15 --repeats 3 --json $(DEMO)/loaders.json
+		--batch-size 64 --batches 12 --repeats 3 --json $(DEMO)/loaders.json
+	$(PY) -m planktonio synth --out $(DEMO)/pretrain-images --per-class 150 \
+		--classes medusa,radiolarian,ctenophore,detritus
+	$(PY) -m planktonio prepare --source $(DEMO)/pretrain-images --out $(DEMO)/pretrain --per-class 120,30,0
+	$(PY) -m train fit --config train/configs/demo.yaml --data $(DEMO)/pretrain --out $(DEMO)/pretrain-run
+	$(PY) -m train fit --config train/configs/demo.yaml --data $(DEMO)/prepared --out $(DEMO)/finetune-run \
+		--set model.weights=$(DEMO)/pretrain-run/best.pt --set model.freeze=features \
+		--set optimizer.lr=0.01 --set training.epochs=8
+	$(PY) -m train evaluate --run $(DEMO)/finetune-run --split test
+	@echo; echo "demo outputs in $(DEMO)/: loaders.json, finetune-run/{metrics.jsonl,summary.json,confusion-test.png}"
 
 clean:
 	rm -rf $(VENV) runs

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write the synthetic zooplankton-like data set")
     synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--classes", type=int, default=6, help="number of classes (1-8, default 6)")
+    synth.add_argument("--classes", default="6",
+                       help="how many classes (1-8, default 6), or a comma-separated list of names")
     synth.add_argument("--per-class", type=int, default=120, help="images per class (default 120)")
     synth.add_argument("--size", type=int, default=255, help="image side in pixels (default 255)")
     synth.add_argument("--seed", type=int, default=0)
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
         from .synth import synthesize
         paths = synthesize(args.out, classes=args.classes, per_class=args.per_class,
                            size=args.size, seed=args.seed)
-        print(f"wrote {len(paths)} images ({args.classes} classes x {args.per_class}, "
+        print(f"wrote {len(paths)} images ({len(paths) // args.per_class} classes x {args.per_class}, "
               f"{args.size} x {args.size} px) to {args.out}")
     elif args.command == "prepare":
         from .dataset import DEFAULT_FRACTIONS, SplitPlan, prepare

@@ -131,15 +131,32 @@ def render(class_index: int, index: int, *, size: int = 255, seed: int = 0) -> I
     return Image.fromarray(np.stack([grey] * 3, axis=-1))  # 3-channel, as the ISIIS JPEGs are
 
 
-def synthesize(out: Path, *, classes: int = 6, per_class: int = 120, size: int = 255,
+def class_names(classes: int | str) -> list[str]:
+    """The first `classes` body plans, or those named in a comma-separated list."""
+    if isinstance(classes, str) and not classes.isdigit():
+        names = [n.strip() for n in classes.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BODY_PLANS]
+        if unknown or not names:
+            raise PlanktonioError(f"unknown synthetic class(es) {', '.join(unknown)}; known: {', '.join(CLASS_NAMES)}")
+        return names
+    count = int(classes)
+    if not 1 <= count <= len(CLASS_NAMES):
+        raise PlanktonioError(f"--classes must be between 1 and {len(CLASS_NAMES)}, not {count}")
+    return list(CLASS_NAMES[:count])
+
+
+def synthesize(out: Path, *, classes: int | str = 6, per_class: int = 120, size: int = 255,
                seed: int = 0, quality: int = 90) -> list[Path]:
-    """Write classes x per_class JPEGs as out/<class>/<class>_NNNN.jpg; return their paths."""
-    if not 1 <= classes <= len(CLASS_NAMES):
-        raise PlanktonioError(f"--classes must be between 1 and {len(CLASS_NAMES)}, not {classes}")
+    """Write per_class JPEGs of each class as out/<class>/<class>_NNNN.jpg; return their paths.
+
+    classes: how many of CLASS_NAMES (from the first), or a comma-separated list of names.
+    """
+    names = class_names(classes)
     if per_class < 1 or size < 8:
         raise PlanktonioError("--per-class must be >= 1 and --size >= 8")
     written = []
-    for class_index, name in enumerate(CLASS_NAMES[:classes]):
+    for name in names:
+        class_index = CLASS_NAMES.index(name)
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(per_class):

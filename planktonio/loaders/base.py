@@ -46,7 +46,7 @@ class Loader:
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
         self.manifest_size = len(spec.entries)
-        self.epoch = 0
+        self.epoch, self.skip_batches = 0, 0
 
     def __len__(self) -> int:
         s = self.spec
@@ -62,9 +62,27 @@ class Loader:
             return len(self) * s.batch_size
         return len(sharding.eval_shard_range(self.manifest_size, s.shard_index, s.shard_count))
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose which epoch's shuffle the next iteration uses (like DistributedSampler)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Choose which epoch the next iteration reads (like DistributedSampler.set_epoch).
+
+        skip_batches: start that epoch after its first batches, as a run
+        resumed mid-epoch must (training only; the rest of the epoch is read
+        in the same order as without the skip).
+        """
+        if skip_batches and not self.spec.train:
+            raise ValueError("skip_batches applies to training loaders only")
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def _epoch_positions(self) -> list[int]:
+        """Manifest positions this shard reads in the current epoch, after any skipped batches."""
+        s = self.spec
+        if s.train:
+            order = sharding.train_order(self.manifest_size, s.seed, self.epoch, s.shard_index, s.shard_count)
+            return order[self.skip_batches * s.batch_size:]
+        return list(sharding.eval_shard_range(self.manifest_size, s.shard_index, s.shard_count))
+
+    def _end_epoch(self) -> None:
+        self.set_epoch(self.epoch + 1)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError

@@ -30,7 +30,6 @@ from typing import Iterator
 
 import torch
 
-from . import sharding
 from .base import Loader, LoaderSpec
 
 READER_NAME = "Reader"
@@ -126,7 +125,7 @@ class DaliLoader(Loader):
                 self._eval_iterator = self._iterator(seed=s.seed)
             return self._eval_iterator
         entries = s.entries
-        order = sharding.train_order(len(entries), s.seed, self.epoch, s.shard_index, s.shard_count)
+        order = self._epoch_positions()
         root = s.dataset.root
         # Augmentation randomness: a function of (seed, epoch, rank), different on every rank.
         seed = (s.seed * 1_000_003 + self.epoch * 1_009 + s.shard_index) % (2**31)
@@ -142,7 +141,7 @@ class DaliLoader(Loader):
             if self.spec.output.layout == "NHWC":
                 images = images.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last
             yield images, labels.view(-1).long()
-        self.epoch += 1
+        self._end_epoch()
 
     def close(self) -> None:
         self._eval_iterator = None

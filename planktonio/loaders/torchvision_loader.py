@@ -27,7 +27,6 @@ from torchvision.transforms import v2
 
 from ..dataset import TORCHVISION_DECODES
 from ..transforms import Output, Transform
-from . import sharding
 from .base import Loader, LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -83,8 +82,11 @@ class ManifestDataset(Dataset):
             # and skipped, not allowed to end a run hours in.
             log.warning("skipping %s: cannot decode (%s)", full_path, error)
             return None
-        torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
-        return self.transform(image), label
+        # fork_rng: with workers=0 this runs in the training process, whose
+        # global RNG (dropout) must not be reseeded by the data pipeline.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+            return self.transform(image), label
 
 
 def collate_skipping_bad(samples):
@@ -96,25 +98,17 @@ def collate_skipping_bad(samples):
 
 
 class EpochSampler(Sampler):
-    """Yields (index, epoch) pairs for this shard, in sharding.py's order."""
+    """Yields (index, epoch) pairs: the loader's positions for its current epoch."""
 
-    def __init__(self, num_samples: int, shard_index: int, shard_count: int, train: bool, seed: int):
-        self.num_samples, self.shard_index, self.shard_count = num_samples, shard_index, shard_count
-        self.train, self.seed, self.epoch = train, seed, 0
-
-    def indices(self) -> list[int]:
-        if self.train:
-            return sharding.train_order(self.num_samples, self.seed, self.epoch, self.shard_index, self.shard_count)
-        return list(sharding.eval_shard_range(self.num_samples, self.shard_index, self.shard_count))
+    def __init__(self, loader: "TorchvisionLoader"):
+        self.loader = loader
 
     def __iter__(self):
-        epoch = self.epoch
-        return iter([(index, epoch) for index in self.indices()])
+        epoch = self.loader.epoch
+        return iter([(index, epoch) for index in self.loader._epoch_positions()])
 
     def __len__(self) -> int:
-        if self.train:
-            return sharding.train_samples_per_shard(self.num_samples, self.shard_count)
-        return len(sharding.eval_shard_range(self.num_samples, self.shard_index, self.shard_count))
+        return self.loader.num_samples - self.loader.skip_batches * self.loader.spec.batch_size
 
 
 class TorchvisionLoader(Loader):
@@ -125,7 +119,7 @@ class TorchvisionLoader(Loader):
     def __init__(self, spec: LoaderSpec):
         super().__init__(spec)
         entries = spec.entries
-        self.sampler = EpochSampler(len(entries), spec.shard_index, spec.shard_count, spec.train, spec.seed)
+        self.sampler = EpochSampler(self)
         on_gpu = spec.device.type == "cuda"
         self.dataloader = DataLoader(
             ManifestDataset(spec.dataset.root, entries, spec.transform, spec.seed),
@@ -137,11 +131,10 @@ class TorchvisionLoader(Loader):
             drop_last=spec.train,
             persistent_workers=spec.workers > 0,
             prefetch_factor=4 if spec.workers > 0 else None,
+            # Its own generator: the DataLoader must not draw from the global
+            # RNG, which dropout uses and a resumed run restores.
+            generator=torch.Generator(),
         )
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.sampler.epoch = epoch
 
     def _host_batches(self):
         for images, labels in self.dataloader:
@@ -149,13 +142,12 @@ class TorchvisionLoader(Loader):
                 yield images, labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.epoch = self.epoch
         if self.spec.device.type == "cuda":
             yield from self._prefetch_to_gpu()
         else:
             for images, labels in self._host_batches():
                 yield to_model_input(images, self.spec.transform, self.spec.output), labels
-        self.set_epoch(self.epoch + 1)
+        self._end_epoch()
 
     def _prefetch_to_gpu(self):
         """Copy and normalise batch k+1 on a side stream while the model works on batch k."""

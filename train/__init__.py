@@ -1,0 +1,1 @@
+"""The training program: `python -m train fit|evaluate ...` (AlexNet transfer learning, AMP, DDP)."""

@@ -1,0 +1,31 @@
+"""Classification metrics from logits: running sums, top-k, confusion matrix, per-class scores."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, logits.shape[1])
+    return int((logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1).sum())
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Rows: true class, columns: predicted class."""
+    flat = labels.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_scores(confusion: torch.Tensor) -> list[dict]:
+    """Precision, recall, F1 and support for each class (0 where undefined)."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    predicted = confusion.sum(dim=0)
+    actual = confusion.sum(dim=1)
+    scores = []
+    for c in range(confusion.shape[0]):
+        precision = float(true_positive[c] / predicted[c]) if predicted[c] else 0.0
+        recall = float(true_positive[c] / actual[c]) if actual[c] else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores.append({"precision": precision, "recall": recall, "f1": f1, "support": int(actual[c])})
+    return scores
