@@ -271,20 +271,29 @@ def _truncate_metrics(path: Path, epoch: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
-    out = Path(out)
+def _load_resume_state(config: Config, out: Path, resume: bool) -> dict | None:
+    """last.pt to continue from, or None for a fresh run; refuses to overwrite or to mix configs."""
     last = out / "last.pt"
-    if resume and last.exists():
-        state = checkpoint.load(last)
-        differing = _differing_keys(state["config"], config.to_dict())
-        if differing:
-            raise PlanktonioError(f"--resume: the config differs from the run's in {', '.join(differing)}; "
-                                  f"resume with the run's config ({out / 'config.yaml'})")
-    else:
-        state = None
-        if last.exists():
-            raise PlanktonioError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
-                                  f"or choose another --out")
+    if not last.exists():
+        return None
+    if not resume:
+        raise PlanktonioError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
+                              f"or choose another --out")
+    state = checkpoint.load(last)
+    differing = _differing_keys(state["config"], config.to_dict())
+    if differing:
+        raise PlanktonioError(f"--resume: the config differs from the run's in {', '.join(differing)}; "
+                              f"resume with the run's config ({out / 'config.yaml'})")
+    return state
+
+
+def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
+    """Train; returns the exit code (signals.EXIT_*)."""
+    out = Path(out)
+    state = _load_resume_state(config, out, resume)
+    if state is not None and state["finished"]:
+        print(f"{out}: the run already finished ({state['finished']}); nothing to resume")
+        return EXIT_OK
     trainer = Trainer(config, data, out)
     ctx = trainer.ctx
     if ctx.is_main:
@@ -292,9 +301,6 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
         (out / "config.yaml").write_text(dump(config))
         (out / "run.json").write_text(json.dumps({"data": str(Path(data).resolve())}, indent=2) + "\n")
     if state is not None:
-        if state["finished"]:
-            _log(ctx, f"{out}: the run already finished ({state['finished']}); nothing to resume")
-            return EXIT_OK
         trainer.resume(state)
         _log(ctx, f"resuming {out} at epoch {trainer.epoch}, batch {trainer.batches_done}")
     metrics_path = out / "metrics.jsonl"
@@ -305,27 +311,26 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
               f"{len(trainer.train_loader)} steps of {config.loader.batch_size} per epoch")
 
     trainer.stop_flag.install()
-    stop_reason = "max_epochs"
     try:
-        while trainer.epoch < config.training.epochs:
+        stop_reason = None
+        while stop_reason is None:
             epoch = trainer.epoch
             started = time.perf_counter()
             try:
                 train = trainer.train_epoch(epoch)
             except NonFiniteLoss as error:
-                _log(ctx, f"stopping: {error}; {last} keeps the last good epoch")
-                stop_reason = "non_finite_loss"
+                _log(ctx, f"stopping: {error}; {out / 'last.pt'} keeps the last good epoch")
+                if ctx.is_main:
+                    _write_summary(out, metrics_path, "non_finite_loss", trainer, test=None)
                 return EXIT_NON_FINITE
             if train is None:
                 trainer.save_last()
                 _log(ctx, f"stopping on {trainer.stop_flag.signal_name} at epoch {epoch}, step "
-                          f"{trainer.batches_done}: {last} written; continue with --resume")
-                stop_reason = "signal"
+                          f"{trainer.batches_done}: {out / 'last.pt'} written; continue with --resume")
                 return EXIT_INTERRUPTED
             train_seconds = time.perf_counter() - started
             train = train.reduced(trainer.device)
             valid = trainer.evaluate(trainer.valid_loader)
-            trainer.epoch = epoch + 1
             record = {
                 "epoch": epoch,
                 **train.summary("train"),
@@ -335,32 +340,31 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
                 "data_wait_fraction": train.data_seconds / max(train.data_seconds + train.compute_seconds, 1e-9),
                 "epoch_seconds": time.perf_counter() - started,
             }
-            val_loss = record["val_loss"]
-            if val_loss < trainer.best_loss:
-                trainer.best_loss, trainer.best_epoch, trainer.bad_epochs = val_loss, epoch, 0
-                trainer.save_best(epoch, val_loss)
-            else:
-                trainer.bad_epochs += 1
-            done = trainer.bad_epochs >= config.training.patience
-            if done:
-                stop_reason = "early_stopping"
-            elif trainer.epoch >= config.training.epochs:
-                done = True
-            trainer.save_last(finished=stop_reason if done else None)
+            # Order matters for a crash in between: the metrics line first (a
+            # resume drops lines of epochs that last.pt does not cover), then
+            # best.pt, then last.pt.
             if ctx.is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+            if record["val_loss"] < trainer.best_loss:
+                trainer.best_loss, trainer.best_epoch, trainer.bad_epochs = record["val_loss"], epoch, 0
+                trainer.save_best(epoch, record["val_loss"])
+            else:
+                trainer.bad_epochs += 1
+            trainer.epoch = epoch + 1
+            if trainer.bad_epochs >= config.training.patience:
+                stop_reason = "early_stopping"
+            elif trainer.epoch >= config.training.epochs:
+                stop_reason = "max_epochs"
+            trainer.save_last(finished=stop_reason)
             _log(ctx, f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
-                      f"val loss {val_loss:.4f} acc {record['val_acc']:.3f} top5 {record['val_top5']:.3f} | "
-                      f"{record['images_per_s']:.0f} img/s, data wait {100 * record['data_wait_fraction']:.0f}%")
-            if done:
-                break
+                      f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} "
+                      f"top5 {record['val_top5']:.3f} | {record['images_per_s']:.0f} img/s, "
+                      f"data wait {100 * record['data_wait_fraction']:.0f}%")
         _finish(trainer, metrics_path, stop_reason)
         return EXIT_OK
     finally:
         trainer.stop_flag.uninstall()
-        if stop_reason in ("non_finite_loss",) and ctx.is_main:
-            _write_summary(out, metrics_path, stop_reason, trainer, test=None)
         distributed.shutdown()
 
 
