@@ -2,7 +2,10 @@
 
 For each backend, after a warm-up, it times `--batches` consecutive batches,
 `--repeats` times, the backends taking turns in one process so that a noisy
-machine slows them alike and their ratio stays meaningful. Per backend:
+machine slows them alike and their ratio stays meaningful. Before each turn
+the other loaders are left to go idle and the measured one's prefetch queue
+is drained, so that neither background work nor ready-made batches leak into
+a turn. Per backend:
 images/s (median, min, max over repeats), batch latency percentiles, CPU
 use of the whole process tree (DataLoader workers included) and peak GPU
 memory. The "memory" backend serves batches already on the device, decoded
@@ -27,6 +30,7 @@ from planktonio.transforms import EVAL_TRANSFORM, TRAIN_AUGMENT
 from .stats import latency_summary, summary
 
 UPPER_BOUND = "memory"
+MIN_CPU_WINDOW = 0.1  # seconds
 
 
 @dataclass
@@ -84,6 +88,18 @@ def _tree_cpu_seconds(process: psutil.Process) -> float:
     return total
 
 
+def _wait_until_idle(process: psutil.Process, timeout: float = 30.0, interval: float = 0.2) -> None:
+    """Sleep until the process tree uses less than a fifth of one core (or timeout)."""
+    deadline = time.perf_counter() + timeout
+    before = _tree_cpu_seconds(process)
+    while time.perf_counter() < deadline:
+        time.sleep(interval)
+        now = _tree_cpu_seconds(process)
+        if now - before < 0.2 * interval:
+            return
+        before = now
+
+
 def time_batches(stream, count: int, device: torch.device) -> tuple[list[float], int]:
     """Latency of each of `count` batches (until it is on the device and ready) and images seen."""
     latencies, images = [], 0
@@ -118,6 +134,13 @@ def run(bench: LoaderBenchmark) -> dict:
     runs = {name: {"ips": [], "latency": [], "cpu": []} for name in streams}
     for _ in range(bench.repeats):
         for name, stream in streams.items():
+            # Taking turns must not bias the turns: first let the other loaders
+            # finish filling their prefetch queues (they would steal cores),
+            # then drain this loader's own queue (batches made while it waited
+            # would come for free) before the clock starts.
+            _wait_until_idle(process)
+            depth = getattr(loaders.get(name), "prefetch_depth", 0)
+            time_batches(stream, max(bench.warmup, depth + 2), device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             cpu_before, wall_before = _tree_cpu_seconds(process), time.perf_counter()
@@ -126,14 +149,16 @@ def run(bench: LoaderBenchmark) -> dict:
             cpu = _tree_cpu_seconds(process) - cpu_before
             runs[name]["ips"].append(images / wall)
             runs[name]["latency"] += latencies
-            runs[name]["cpu"].append(100 * cpu / wall / (os.cpu_count() or 1))
+            if wall >= MIN_CPU_WINDOW:  # CPU times tick in 10 ms steps: useless over shorter windows
+                runs[name]["cpu"].append(100 * cpu / wall / (os.cpu_count() or 1))
     results = []
     for name, r in runs.items():
         result = {
             "backend": name,
             "images_per_s": summary(r["ips"]),
             "latency_ms": latency_summary(r["latency"]),
-            "cpu_util_percent": summary(r["cpu"])["median"],  # of all the machine's cores
+            # of all the machine's cores; None where the turns were too short to tell
+            "cpu_util_percent": summary(r["cpu"])["median"] if r["cpu"] else None,
             "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                    if device.type == "cuda" else None),
         }
@@ -161,10 +186,14 @@ def format_table(result: dict) -> str:
         ratio = f"{ips['median'] / baseline:.2f}x" if baseline else "-"
         lines.append(f"{r['backend']:<12} {_count(ips['median'])} {_count(ips['min'])} {_count(ips['max'])} "
                      f"{r['latency_ms']['p50']:>7.1f} {r['latency_ms']['p99']:>7.1f} "
-                     f"{r['cpu_util_percent']:>6.0f} {ratio:>14}")
+                     f"{_percent(r['cpu_util_percent']):>6} {ratio:>14}")
     return "\n".join(lines)
 
 
 def _count(value: float) -> str:
     """A rate in 9 characters: whole numbers, or scientific notation when huge (the memory bound)."""
     return f"{value:>9.0f}" if value < 1e8 else f"{value:>9.2e}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

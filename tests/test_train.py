@@ -233,13 +233,14 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_exit_75(plankton, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(plankton, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = loop.F.cross_entropy
+    from train import step
+    original = step.F.cross_entropy
 
     def poisoned(logits, labels):
         calls["n"] += 1
         loss = original(logits, labels)
         return loss * float("nan") if calls["n"] == 10 + 3 + 4 else loss  # epoch 1, step 4 (after 3 valid batches)
-    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(step.F, "cross_entropy", poisoned)
     assert fit(small_config(), plankton, tmp_path / "run") == EXIT_NON_FINITE
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert (state["epoch"], state["batches_done"]) == (1, 0)  # the end of epoch 0: the last good state

@@ -30,6 +30,7 @@ from .config import Config, dump
 from .metrics import topk_correct
 from .model import build_model, set_train_mode
 from .signals import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, StopFlag
+from .step import annotate, autocast, train_step
 
 
 @dataclass
@@ -132,13 +133,8 @@ class Trainer:
         return o.lr
 
     def _forward(self, images):
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with autocast(self.device, self.amp_dtype):
             return self.net(images)
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def train_epoch(self, epoch: int) -> EpochStats | None:
         """One epoch (or what is left of it after a resume); None if a signal stopped it."""
@@ -152,19 +148,17 @@ class Trainer:
         bar = tqdm(total=len(self.train_loader), initial=self.batches_done, desc=f"epoch {epoch}",
                    disable=not show, leave=False)
         batches = iter(self.train_loader)
+        nvtx = self.device.type == "cuda"
         while True:
             start = time.perf_counter()
-            batch = next(batches, None)
+            with annotate("data", nvtx):
+                batch = next(batches, None)
             waited = time.perf_counter() - start
             if batch is None:
                 break
             images, labels = batch
-            logits = self._forward(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            loss, logits = train_step(self.net, self.optimizer, self.scaler, images, labels,
+                                      self.device, self.amp_dtype)
             loss_value = loss.item()  # also synchronises: compute time below is real
             stats.data_seconds += waited
             stats.compute_seconds += time.perf_counter() - start - waited

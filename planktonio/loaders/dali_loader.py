@@ -33,6 +33,7 @@ import torch
 from .base import Loader, LoaderSpec
 
 READER_NAME = "Reader"
+PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the consumer
 
 # Preallocation for the mixed decoder, from DALI's ResNet-50 example: without
 # it nvJPEG's buffers grow batch by batch to a high-water mark, and the first
@@ -94,7 +95,7 @@ def _build_pipeline(spec: LoaderSpec, decode: str, files: list[str] | None, labe
 
     return pipeline(batch_size=spec.batch_size, num_threads=spec.workers,
                     device_id=(spec.device.index or 0) if on_gpu else None,
-                    seed=seed, prefetch_queue_depth=2)
+                    seed=seed, prefetch_queue_depth=PREFETCH_DEPTH)
 
 
 class DaliLoader(Loader):
@@ -142,6 +143,10 @@ class DaliLoader(Loader):
                 images = images.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last
             yield images, labels.view(-1).long()
         self._end_epoch()
+
+    @property
+    def prefetch_depth(self) -> int:
+        return PREFETCH_DEPTH
 
     def close(self) -> None:
         self._eval_iterator = None

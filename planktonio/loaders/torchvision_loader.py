@@ -31,6 +31,8 @@ from .base import Loader, LoaderSpec
 
 log = logging.getLogger(__name__)
 
+PREFETCH_FACTOR = 2  # batches in flight per worker (DataLoader's default)
+
 
 def build_transform(t: Transform) -> v2.Compose:
     """The shared Transform as torchvision ops on a uint8 C x H x W tensor."""
@@ -130,11 +132,16 @@ class TorchvisionLoader(Loader):
             pin_memory=on_gpu,  # page-locked buffers make the copy asynchronous
             drop_last=spec.train,
             persistent_workers=spec.workers > 0,
-            prefetch_factor=4 if spec.workers > 0 else None,
+            prefetch_factor=PREFETCH_FACTOR if spec.workers > 0 else None,
             # Its own generator: the DataLoader must not draw from the global
             # RNG, which dropout uses and a resumed run restores.
             generator=torch.Generator(),
         )
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Batches the workers prepare ahead of the consumer."""
+        return self.spec.workers * PREFETCH_FACTOR
 
     def _host_batches(self):
         for images, labels in self.dataloader:

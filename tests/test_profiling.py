@@ -1,0 +1,194 @@
+"""The measuring programs: statistics, result files, traces read back, reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from profiling import inspect_trace, report, stats
+from profiling.amp import AmpBenchmark
+from profiling.amp import run as run_amp
+from profiling.loaders import LoaderBenchmark
+from profiling.loaders import run as run_loaders
+
+from .conftest import REPO
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_percentiles_and_medians_on_known_inputs():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert stats.median(values) == 3.0
+    assert stats.median([1.0, 2.0, 3.0, 4.0]) == 2.5
+    assert stats.percentile(values, 0) == 1.0 and stats.percentile(values, 100) == 5.0
+    assert stats.percentile(list(range(101)), 95) == 95.0
+    random = np.random.default_rng(0).exponential(size=257).tolist()
+    for q in (50, 95, 99):
+        assert stats.percentile(random, q) == pytest.approx(np.percentile(random, q))
+    s = stats.summary([100.0, 90.0, 110.0])
+    assert (s["median"], s["min"], s["max"]) == (100.0, 90.0, 110.0) and s["spread"] == pytest.approx(0.2)
+    latency = stats.latency_summary([0.010, 0.020, 0.030])
+    assert latency["p50"] == pytest.approx(20.0) and latency["mean"] == pytest.approx(20.0)
+
+
+def test_union_length_counts_overlaps_once():
+    assert inspect_trace.union_length([(0, 10), (5, 15), (20, 30)]) == 25
+    assert inspect_trace.union_length([(0, 10), (2, 3)]) == 10
+    assert inspect_trace.union_length([]) == 0
+
+
+# ------------------------------------------------------------------ loaders
+
+
+def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
+    out = tmp_path / "loaders.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "profiling", "loaders", "--data", str(synthetic), "--backends",
+         "dali-cpu,torchvision,memory", "--batch-size", "16", "--batches", "12", "--warmup", "1",
+         "--repeats", "2", "--workers", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["kind"] == "loaders"
+    for key in ("device", "torch", "torchvision", "dali", "cpu_count", "date", "command"):
+        assert key in data["environment"]
+    assert [r["backend"] for r in data["results"]] == ["dali-cpu", "torchvision", "memory"]
+    for r in data["results"]:
+        assert len(r["images_per_s"]["runs"]) == 2 and r["images_per_s"]["median"] > 0
+        assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
+        if r["backend"] == "memory":  # microseconds per batch: too short to measure CPU use
+            assert r["cpu_util_percent"] is None
+        else:
+            assert 0 <= r["cpu_util_percent"] <= 100 * 1.5  # sampling can overshoot a little
+        assert r["peak_gpu_memory_mb"] is None  # no GPU here
+    assert "dali-cpu" in result.stdout and "vs torchvision" in result.stdout
+
+
+def test_upper_bound_serves_batches_like_the_loader_it_bounds(synthetic):
+    """The memory backend replays real batches: same shape, dtype and layout."""
+    from planktonio import Output, make_loader
+    from profiling.loaders import endless
+    import itertools
+    output = Output("float16", "NHWC")
+    real = make_loader("dali-cpu", synthetic, "train", batch_size=8, device="cpu", workers=2, output=output)
+    source = endless(real)
+    cached = [tuple(t.clone() for t in next(source)) for _ in range(2)]
+    replay = itertools.cycle(cached)
+    for _ in range(5):
+        (x, y), (x_real, y_real) = next(replay), next(source)
+        assert x.shape == x_real.shape and x.dtype == x_real.dtype == torch.float16
+        assert x.is_contiguous(memory_format=torch.channels_last) == x_real.is_contiguous(
+            memory_format=torch.channels_last) is True
+        assert y.dtype == y_real.dtype
+    bench = run_loaders(LoaderBenchmark(data=str(synthetic), backends=("torchvision", "memory"), batch_size=8,
+                                        batches=2, warmup=1, repeats=1, workers=0, dtype="float16",
+                                        layout="NHWC"))
+    assert {r["backend"] for r in bench["results"]} == {"torchvision", "memory"}
+
+
+# ------------------------------------------------------------------ AMP
+
+
+def test_amp_benchmark_runs_on_cpu_and_says_so(synthetic):
+    bench = AmpBenchmark(model="tiny-cnn", batch_size=4, steps=2, warmup=1, repeats=3, image_size=64,
+                         num_classes=4, data=str(synthetic), loaders=("dali-cpu", "torchvision"), workers=1)
+    result = run_amp(bench)
+    assert "CPU" in result["note"]
+    combos = {(r["freeze"], r["precision"], r["channels_last"]) for r in result["compute"]}
+    assert len(combos) == 2 * 3 * 2
+    for r in result["compute"]:
+        # an odd number of repeats: the median rate is the rate of the median step
+        assert r["images_per_s"]["median"] == pytest.approx(1000 * 4 / r["step_ms"]["median"], rel=1e-6)
+    assert {(r["loader"], r["precision"]) for r in result["end_to_end"]} == {
+        (loader, p) for loader in ("dali-cpu", "torchvision") for p in ("fp32", "amp-fp16", "amp-bf16")}
+    assert all(0 <= r["data_wait_fraction"] <= 1 for r in result["end_to_end"])
+
+
+# ------------------------------------------------------------------ traces
+
+
+@pytest.fixture(scope="module")
+def trace_file(synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trace")
+    config = out / "tiny.yaml"
+    config.write_text(json.dumps({
+        "model": {"name": "tiny-cnn"}, "loader": {"backend": "dali-cpu", "batch_size": 8, "workers": 2},
+        "training": {"progress": False},
+        "augment": {"train": {"crop": "random_resized", "size": 64, "resize": 72},
+                    "eval": {"crop": "center", "size": 64, "resize": 72}}}))
+    result = subprocess.run([sys.executable, "-m", "profiling", "trace", "--config", str(config), "--data",
+                             str(synthetic), "--out", str(out), "--wait", "1", "--warmup", "1", "--active", "3"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return out / "trace-rank0.json.gz"
+
+
+def test_trace_is_loadable_and_inspect_finds_the_data_ranges(trace_file):
+    frame = inspect_trace.load_events(trace_file)
+    names = set(frame["name"])
+    assert {"data", "forward", "backward", "optimizer"} <= names
+    result = inspect_trace.analyse(frame)
+    assert result["steps"] == 3
+    assert result["busy_ms"] + result["idle_ms"] == pytest.approx(result["span_ms"])
+    assert 0 < result["data_wait_share"] < 1
+    data = frame[(frame["name"] == "data") & (frame["cat"] == "user_annotation")]
+    assert len(data) == 3
+    steps = frame[frame["name"].str.startswith("ProfilerStep#")]
+    assert result["data_wait_share"] == pytest.approx(data["dur"].sum() / steps["dur"].sum())
+    assert result["top_operators"] and result["verdict"].split(":")[0] in ("input-bound", "compute-bound")
+
+
+def test_inspect_verdicts_follow_the_numbers():
+    base = {"span_ms": 100.0, "busy_ms": 90.0, "busy_source": "gpu kernels"}
+    assert inspect_trace.verdict({**base, "data_wait_share": 0.62}) == \
+        "input-bound: 62% of step time waiting for data"
+    assert inspect_trace.verdict({**base, "busy_ms": 40.0, "data_wait_share": 0.02}).startswith("GPU underused")
+    assert inspect_trace.verdict({**base, "data_wait_share": 0.02}).startswith("compute-bound")
+
+
+def test_inspect_rejects_a_file_that_is_not_a_trace(tmp_path):
+    from planktonio import PlanktonioError
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(PlanktonioError, match="cannot be read as a Chrome trace"):
+        inspect_trace.load_events(bad)
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_report_renders_tables_and_plots(trace_file, synthetic, tmp_path):
+    loaders = tmp_path / "loaders.json"
+    loaders.write_text(json.dumps({
+        "kind": "loaders", "environment": {"device": "cpu", "cpu_count": 2, "torch": "x", "date": "today"},
+        "config": {"workers": 2, "batch_size": 64, "split": "train", "repeats": 3, "batches": 10, "augment": True},
+        "results": [
+            {"backend": name, "images_per_s": stats.summary(values), "latency_ms": stats.latency_summary([0.05]),
+             "cpu_util_percent": 90.0, "peak_gpu_memory_mb": None}
+            for name, values in (("dali-cpu", [1300.0, 1250.0, 1350.0]), ("torchvision", [600.0, 580.0, 640.0]))]}))
+    inspected = tmp_path / "inspect.json"
+    subprocess.run([sys.executable, "-m", "profiling", "inspect", str(trace_file), "--json", str(inspected)],
+                   cwd=REPO, check=True, capture_output=True)
+    amp = tmp_path / "amp.json"
+    amp.write_text(json.dumps({"environment": {"device": "cpu"}, **run_amp(AmpBenchmark(
+        model="tiny-cnn", batch_size=2, steps=1, warmup=0, repeats=1, image_size=32, num_classes=3,
+        precisions=("fp32", "amp-bf16"), channels_last=(False,), freeze=("none",)))}))
+
+    path = report.write_report([loaders, amp, inspected], tmp_path / "report")
+    text = path.read_text()
+    assert "| dali-cpu | 1300 | 1250 - 1350 | 2.17x |" in text
+    assert "met: dali-cpu >= 2x torchvision" in text
+    assert "| none frozen | amp-bf16 | NCHW |" in text and "**Verdict:**" in text
+    for png in ("loaders-0.png", "amp-1.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"({png})" in text
+
+
+def test_report_says_by_how_much_a_goal_was_missed(tmp_path):
+    line = report._goal("dali-gpu >= 10x torchvision", 7.5, 10.0, tmp_path / "r.json")
+    assert line == "- MISSED: dali-gpu >= 10x torchvision: measured 7.50x, 2.50x short of 10x (r.json)"

@@ -1,0 +1,49 @@
+"""One training step, shared by the training loop and the profiling programs.
+
+The named ranges ("data", "forward", "backward", "optimizer") show up in
+torch.profiler traces (record_function) and, on a GPU, in Nsight Systems
+(NVTX); `python -m profiling inspect` reads them back to split a step's
+time into waiting for data and computing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+RANGES = ("data", "forward", "backward", "optimizer")
+
+
+@contextmanager
+def annotate(name: str, nvtx: bool = False):
+    """A named range for torch.profiler, and for NVTX tools when nvtx=True (GPU runs)."""
+    with torch.profiler.record_function(name):
+        if nvtx:
+            torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            if nvtx:
+                torch.cuda.nvtx.range_pop()
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def train_step(net, optimizer, scaler, images, labels, device: torch.device,
+               amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, backward and optimizer step; returns (loss, logits), not synchronised."""
+    nvtx = device.type == "cuda"
+    with annotate("forward", nvtx), autocast(device, amp_dtype):
+        logits = net(images)
+        loss = F.cross_entropy(logits.float(), labels)
+    with annotate("backward", nvtx):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    with annotate("optimizer", nvtx):
+        scaler.step(optimizer)  # skips the update if fp16 gradients overflowed
+        scaler.update()
+    return loss, logits
