@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The demo: a loader comparison, then the study's transfer recipe in small:
-# pretrain tiny-cnn on four synthetic classes, fine-tune its new head on four
-# others (features frozen), evaluate on the held-out test split.
+# The demo: a loader comparison, then the study's transfer recipe in small
+# (pretrain tiny-cnn on four synthetic classes, fine-tune its new head on four
+# others with the features frozen, evaluate on the held-out test split), then
+# AMP against FP32, a profiler trace read back, and a report of it all.
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(PY) -m planktonio synth --out $(DEMO)/images --per-class 150 \
@@ -41,7 +42,14 @@ demo: $(STAMP)
 		--set model.weights=$(DEMO)/pretrain-run/best.pt --set model.freeze=features \
 		--set optimizer.lr=0.01 --set training.epochs=8
 	$(PY) -m train evaluate --run $(DEMO)/finetune-run --split test
-	@echo; echo "demo outputs in $(DEMO)/: loaders.json, finetune-run/{metrics.jsonl,summary.json,confusion-test.png}"
+	$(PY) -m profiling amp --model tiny-cnn --image-size 112 --batch-size 32 --steps 5 --warmup 2 \
+		--repeats 3 --data $(DEMO)/prepared --json $(DEMO)/amp.json
+	$(PY) -m profiling trace --config train/configs/demo.yaml --data $(DEMO)/prepared --out $(DEMO)/trace
+	$(PY) -m profiling inspect $(DEMO)/trace/trace-rank0.json.gz --json $(DEMO)/inspect.json
+	$(PY) -m profiling report $(DEMO)/loaders.json $(DEMO)/amp.json $(DEMO)/inspect.json \
+		--out $(DEMO)/report --title "make demo"
+	@echo; echo "demo outputs in $(DEMO)/: report/report.md (tables and plots), finetune-run/ (metrics.jsonl," \
+		"summary.json, confusion-test.png), trace/trace-rank0.json.gz"
 
 clean:
 	rm -rf $(VENV) runs
