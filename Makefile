@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(PY) -m planktonio synth --out $(DEMO)/images --per-class 150 \
 		--classes copepod,chaetognath,diatom_chain,appendicularian
 	$(PY) -m planktonio prepare --source $(DEMO)/images --out $(DEMO)/prepared --per-class 100,25,25
-	$(PY) -m profiling loaders --data $(DEMO)/prepared --backends dali-cpu,torchvision,memory \
+	$(PY) -m profiling loaders --data $(DEMO)/prepared --backends auto \
 		--batch-size 64 --batches 12 --repeats 3 --json $(DEMO)/loaders.json
 	$(PY) -m planktonio synth --out $(DEMO)/pretrain-images --per-class 150 \
 		--classes medusa,radiolarian,ctenophore,detritus

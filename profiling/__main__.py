@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     loaders = commands.add_parser("loaders", help="images/s and latency of each loader backend")
     loaders.add_argument("--data", required=True, help="a folder written by `python -m planktonio prepare`")
     loaders.add_argument("--split", default="train")
-    loaders.add_argument("--backends", default="dali-cpu,torchvision",
-                         help="comma-separated: dali-gpu, dali-cpu, torchvision, memory (upper bound)")
+    loaders.add_argument("--backends", default="auto",
+                         help="comma-separated: dali-gpu, dali-cpu, torchvision, memory (upper bound); "
+                              "default auto: all that this machine can run")
     loaders.add_argument("--batch-size", type=int, default=64)
     loaders.add_argument("--batches", type=int, default=20, help="timed batches per repeat")
     loaders.add_argument("--warmup", type=int, default=5, help="untimed batches first")

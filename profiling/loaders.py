@@ -114,6 +114,8 @@ def time_batches(stream, count: int, device: torch.device) -> tuple[list[float],
 
 def run(bench: LoaderBenchmark) -> dict:
     device = resolve_device(bench.device)
+    if bench.backends == ("auto",):  # every backend this machine can run, and the upper bound
+        bench.backends = (("dali-gpu",) if device.type == "cuda" else ()) + ("dali-cpu", "torchvision", UPPER_BOUND)
     workers = bench.workers or os.cpu_count() or 1
     transform = TRAIN_AUGMENT if bench.augment else EVAL_TRANSFORM
     output = Output(bench.dtype, bench.layout)

@@ -72,7 +72,7 @@ def loaders_section(index: int, source: Path, result: dict, out: Path) -> tuple[
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ips, lat = r["images_per_s"], r["latency_ms"]
-        ratio = f"{ips['median'] / base:.2f}x" if base else "-"
+        ratio = f"{ips['median'] / base:.2f}x" if base and r["backend"] != "memory" else "-"
         memory = r.get("peak_gpu_memory_mb")
         lines.append(f"| {r['backend']} | {ips['median']:.0f} | {ips['min']:.0f} - {ips['max']:.0f} | {ratio} | "
                      f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} | {_percent(r['cpu_util_percent'])} | "
@@ -85,7 +85,7 @@ def loaders_section(index: int, source: Path, result: dict, out: Path) -> tuple[
     lines += ["", f"![loader throughput]({chart.name})", "", f"Measured with: {environment_line(env)}", ""]
 
     goals = []
-    if base:
+    if base and config.get("augment", True):  # the goals are about the training pipeline
         on_gpu = env.get("device") not in (None, "cpu")
         name, target = ("dali-gpu", 10.0) if on_gpu else ("dali-cpu", 2.0)
         if name in by_name:

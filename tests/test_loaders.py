@@ -195,3 +195,20 @@ def test_a_file_broken_after_prepare_is_skipped_and_reported(coloured, tmp_path,
     batches = list(loader("torchvision", copy / "prepared", "valid", batch_size=4))
     assert sum(len(y) for _, y in batches) == 14
     assert victim in caplog.text and "cannot decode" in caplog.text
+
+
+@pytest.mark.parametrize("transform, train", [(TRAIN_AUGMENT, True), (EVAL_TRANSFORM, False)])
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_gpu_pipeline_graphs_are_well_formed_without_a_gpu(coloured, transform, train, decode):
+    """The dali-gpu graph (mixed decoder, its memory hints, .gpu() transfers) is defined here,
+    where DALI checks every operator argument against its schema; only building it needs a GPU."""
+    from planktonio.loaders.base import LoaderSpec
+    from planktonio.loaders.dali_loader import _build_pipeline
+    prepared, _ = coloured
+    dataset = PreparedDataset.load(prepared)
+    spec = LoaderSpec(dataset, "train", 4, transform, Output("float16", "NHWC"), torch.device("cuda", 0),
+                      train, 0, 1, 2, 0)
+    files, labels = (["x.jpg"], [0]) if train else (None, None)
+    pipe = _build_pipeline(spec, decode, files, labels, seed=1)
+    pipe._build_graph()  # raises on an unknown argument or a bad value
+    assert len(pipe._ops) >= 4
