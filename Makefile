@@ -29,9 +29,9 @@ test: $(STAMP)
 # AMP against FP32, a profiler trace read back, and a report of it all.
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	$(PY) -m planktonio synth --out $(DEMO)/images --per-class 150 \
+	$(PY) -m planktonio synth --out $(DEMO)/images --per-class 250 \
 		--classes copepod,chaetognath,diatom_chain,appendicularian
-	$(PY) -m planktonio prepare --source $(DEMO)/images --out $(DEMO)/prepared --per-class 100,25,25
+	$(PY) -m planktonio prepare --source $(DEMO)/images --out $(DEMO)/prepared --per-class 200,25,25
 	$(PY) -m profiling loaders --data $(DEMO)/prepared --backends auto \
 		--batch-size 64 --batches 12 --repeats 3 --json $(DEMO)/loaders.json
 	$(PY) -m planktonio synth --out $(DEMO)/pretrain-images --per-class 150 \

@@ -100,8 +100,17 @@ def _wait_until_idle(process: psutil.Process, timeout: float = 30.0, interval: f
         before = now
 
 
-def time_batches(stream, count: int, device: torch.device) -> tuple[list[float], int]:
-    """Latency of each of `count` batches (until it is on the device and ready) and images seen."""
+def device_memory_used_mb(device: torch.device) -> float:
+    """Memory in use on the whole GPU: unlike torch's allocator statistics, this sees DALI's pools too."""
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2**20
+
+
+def time_batches(stream, count: int, device: torch.device, peaks: list | None = None) -> tuple[list[float], int]:
+    """Latency of each of `count` batches (until it is on the device and ready) and images seen.
+
+    peaks: if given, the GPU's memory in use after each batch is appended to it.
+    """
     latencies, images = [], 0
     for _ in range(count):
         start = time.perf_counter()
@@ -109,6 +118,8 @@ def time_batches(stream, count: int, device: torch.device) -> tuple[list[float],
         _sync(device)  # GPU outputs count only once they are really there
         latencies.append(time.perf_counter() - start)
         images += x.shape[0]
+        if peaks is not None and device.type == "cuda":
+            peaks.append(device_memory_used_mb(device))
     return latencies, images
 
 
@@ -133,7 +144,7 @@ def run(bench: LoaderBenchmark) -> dict:
         time_batches(stream, bench.warmup, device)
 
     process = psutil.Process()
-    runs = {name: {"ips": [], "latency": [], "cpu": []} for name in streams}
+    runs = {name: {"ips": [], "latency": [], "cpu": [], "device_mb": []} for name in streams}
     for _ in range(bench.repeats):
         for name, stream in streams.items():
             # Taking turns must not bias the turns: first let the other loaders
@@ -146,7 +157,7 @@ def run(bench: LoaderBenchmark) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             cpu_before, wall_before = _tree_cpu_seconds(process), time.perf_counter()
-            latencies, images = time_batches(stream, bench.batches, device)
+            latencies, images = time_batches(stream, bench.batches, device, runs[name]["device_mb"])
             wall = time.perf_counter() - wall_before
             cpu = _tree_cpu_seconds(process) - cpu_before
             runs[name]["ips"].append(images / wall)
@@ -161,8 +172,11 @@ def run(bench: LoaderBenchmark) -> dict:
             "latency_ms": latency_summary(r["latency"]),
             # of all the machine's cores; None where the turns were too short to tell
             "cpu_util_percent": summary(r["cpu"])["median"] if r["cpu"] else None,
+            # torch's allocator only (the torchvision path, the memory bound) ...
             "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                    if device.type == "cuda" else None),
+            # ... and the whole GPU, DALI's pools and the CUDA context included
+            "peak_device_memory_mb": max(r["device_mb"]) if r["device_mb"] else None,
         }
         if hasattr(loaders.get(name), "build_seconds"):
             result["pipeline_build_seconds"] = loaders[name].build_seconds

@@ -68,15 +68,17 @@ def loaders_section(index: int, source: Path, result: dict, out: Path) -> tuple[
              f"{env.get('device')}, {config['workers']} workers/threads, batch {config['batch_size']}, "
              f"split {config['split']}, {config['repeats']} repeats of {config['batches']} batches, "
              f"{'training augmentation' if config.get('augment', True) else 'evaluation transform'}.", "",
-             "| backend | images/s (median) | min - max | vs torchvision | p50 / p95 / p99 ms | CPU % | peak GPU MiB |",
+             "| backend | images/s (median) | min - max | vs torchvision | p50 / p95 / p99 ms | CPU % "
+             "| peak GPU MiB (torch / device) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ips, lat = r["images_per_s"], r["latency_ms"]
         ratio = f"{ips['median'] / base:.2f}x" if base and r["backend"] != "memory" else "-"
-        memory = r.get("peak_gpu_memory_mb")
+        memory = " / ".join("-" if r.get(k) is None else f"{r[k]:.0f}"
+                            for k in ("peak_gpu_memory_mb", "peak_device_memory_mb"))
         lines.append(f"| {r['backend']} | {ips['median']:.0f} | {ips['min']:.0f} - {ips['max']:.0f} | {ratio} | "
                      f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} | {_percent(r['cpu_util_percent'])} | "
-                     f"{'-' if memory is None else f'{memory:.0f}'} |")
+                     f"{memory} |")
     decoding = [r for r in rows if r["backend"] != "memory"]
     chart = out / f"loaders-{index}.png"
     _bar_chart(chart, [r["backend"] for r in decoding], [r["images_per_s"]["median"] for r in decoding],

@@ -35,7 +35,7 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
         raise PlanktonioError(f"{data} has other classes than the run was trained on")
     trainer.model.load_state_dict(state["model"])
     batch = config.loader.eval_batch_size or config.loader.batch_size
-    stats, predictions, labels = trainer.evaluate(trainer._loader(split, batch, False), collect=True)
+    stats, predictions, labels = trainer.evaluate(trainer.loader_for(split, batch, False), collect=True)
     classes = list(trainer.dataset.classes)
     confusion = confusion_matrix(predictions, labels, len(classes))
     result = {

@@ -108,15 +108,15 @@ class Trainer:
         # (half the bytes), channels-last when the model is.
         fp16_input = self.precision == "amp-fp16" and self.device.type == "cuda"
         self.output = Output("float16" if fp16_input else "float32", "NHWC" if t.channels_last else "NCHW")
-        self.train_loader = self._loader("train", config.loader.batch_size, True)
-        self.valid_loader = self._loader("valid", config.loader.eval_batch_size or config.loader.batch_size, False)
+        self.train_loader = self.loader_for("train", config.loader.batch_size, True)
+        self.valid_loader = self.loader_for("valid", config.loader.eval_batch_size or config.loader.batch_size, False)
 
         # Early stopping and progress, restored by resume().
         self.epoch, self.batches_done, self.partial = 0, 0, EpochStats()
         self.best_loss, self.best_epoch, self.bad_epochs = math.inf, -1, 0
         self.stop_flag = StopFlag()
 
-    def _loader(self, split: str, batch_size: int, train: bool):
+    def loader_for(self, split: str, batch_size: int, train: bool):
         c = self.config
         return make_loader(
             c.loader.backend, self.dataset, split, batch_size=batch_size,
@@ -371,7 +371,7 @@ def _finish(trainer: Trainer, metrics_path: Path, stop_reason: str) -> None:
             trainer.model.load_state_dict(checkpoint.load(best)["model"])
         distributed.barrier()
         batch = trainer.config.loader.eval_batch_size or trainer.config.loader.batch_size
-        stats = trainer.evaluate(trainer._loader("test", batch, False))
+        stats = trainer.evaluate(trainer.loader_for("test", batch, False))
         test = {k.removeprefix("test_"): v for k, v in stats.summary("test").items()}
     if trainer.ctx.is_main:
         _write_summary(trainer.out, metrics_path, stop_reason, trainer, test)

@@ -89,10 +89,3 @@ class Loader:
 
     def close(self) -> None:
         """Release worker processes or pipelines; the loader is unusable afterwards."""
-
-    def describe(self) -> dict:
-        s = self.spec
-        return {"backend": self.backend, "split": s.split, "batch_size": s.batch_size,
-                "batches": len(self), "samples": self.num_samples, "device": str(s.device),
-                "workers": s.workers, "shard": [s.shard_index, s.shard_count],
-                "transform": s.transform.to_dict(), "output": vars(s.output)}
