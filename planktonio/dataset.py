@@ -301,9 +301,9 @@ class PreparedDataset:
             entries.append((path, int(label)))
         return entries
 
-    def check_files_exist(self, split: str) -> None:
+    def check_files_exist(self, split: str, entries: list[tuple[str, int]] | None = None) -> None:
         """Fail early, naming the file, if the source moved since `prepare`."""
-        for path, _ in self.entries(split):
+        for path, _ in entries if entries is not None else self.entries(split):
             if not (self.root / path).is_file():
                 raise PlanktonioError(
                     f"{self.root / path}: listed in {self.manifest(split)} but missing; "

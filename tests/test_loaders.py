@@ -207,7 +207,7 @@ def test_gpu_pipeline_graphs_are_well_formed_without_a_gpu(coloured, transform, 
     prepared, _ = coloured
     dataset = PreparedDataset.load(prepared)
     spec = LoaderSpec(dataset, "train", 4, transform, Output("float16", "NHWC"), torch.device("cuda", 0),
-                      train, 0, 1, 2, 0)
+                      train, 0, 1, 2, 0, dataset.entries("train"))
     files, labels = (["x.jpg"], [0]) if train else (None, None)
     pipe = _build_pipeline(spec, decode, files, labels, seed=1)
     pipe._build_graph()  # raises on an unknown argument or a bad value

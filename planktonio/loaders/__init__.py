@@ -94,7 +94,8 @@ def make_loader(
     if batch_size < 1:
         raise PlanktonioError(f"batch size must be >= 1, not {batch_size}")
     sharding.check_shard(shard_index, shard_count)
-    dataset.check_files_exist(split)
+    entries = dataset.entries(split)
+    dataset.check_files_exist(split, entries)
     is_train_split = split == "train"
     spec = LoaderSpec(
         dataset=dataset,
@@ -108,10 +109,11 @@ def make_loader(
         shard_count=shard_count,
         workers=(os.cpu_count() or 1) if workers is None else workers,
         seed=seed,
+        entries=entries,
     )
-    if spec.train and len(spec.entries) // shard_count < batch_size:
+    if spec.train and len(entries) // shard_count < batch_size:
         raise PlanktonioError(
-            f"{dataset.manifest(split)}: {len(spec.entries)} images over {shard_count} shard(s) "
+            f"{dataset.manifest(split)}: {len(entries)} images over {shard_count} shard(s) "
             f"make no full batch of {batch_size}; lower the batch size")
     return BACKENDS[backend](spec)
 

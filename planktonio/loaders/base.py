@@ -27,10 +27,7 @@ class LoaderSpec:
     shard_count: int
     workers: int         # decoding threads (DALI) or worker processes (torchvision)
     seed: int
-
-    @property
-    def entries(self) -> list[tuple[str, int]]:
-        return self.dataset.entries(self.split)
+    entries: list[tuple[str, int]]  # the split's manifest: (relative path, label), read once
 
 
 class Loader:

@@ -4,7 +4,7 @@ Where a batch is decoded: `ManifestDataset.__getitem__`, in DataLoader worker
 processes, with torchvision.io (libjpeg-turbo). Where it is augmented: the
 same place, with transforms.v2 built from the shared `Transform`, on uint8
 tensors. Normalisation and the float conversion happen after the copy to the
-device (`to_model_input`), as in timm's PrefetchLoader: a uint8 batch is a
+device (`Normalizer`), as in timm's PrefetchLoader: a uint8 batch is a
 quarter of the bytes of a float32 one, and the GPU does the arithmetic.
 
 Randomness: each image's augmentation is seeded by (seed, epoch, index), so a
@@ -45,12 +45,20 @@ def build_transform(t: Transform) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def to_model_input(images: torch.Tensor, t: Transform, out: Output) -> torch.Tensor:
-    """uint8 N x C x H x W -> normalised float batch in the requested dtype and memory format."""
-    mean = torch.tensor(t.mean, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(t.std, device=images.device).view(1, 3, 1, 1) * 255
-    images = (images.float() - mean) / std
-    return images.to(out.torch_dtype).contiguous(memory_format=out.memory_format)
+class Normalizer:
+    """uint8 N x C x H x W -> normalised float batch in the requested dtype and memory format.
+
+    Mean and std live on the device once, not copied there for every batch.
+    """
+
+    def __init__(self, t: Transform, out: Output, device: torch.device):
+        self.mean = torch.tensor(t.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(t.std, device=device).view(1, 3, 1, 1) * 255
+        self.out = out
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = (images.float() - self.mean) / self.std
+        return images.to(self.out.torch_dtype).contiguous(memory_format=self.out.memory_format)
 
 
 def decode_rgb(path: str) -> torch.Tensor:
@@ -120,11 +128,11 @@ class TorchvisionLoader(Loader):
 
     def __init__(self, spec: LoaderSpec):
         super().__init__(spec)
-        entries = spec.entries
         self.sampler = EpochSampler(self)
+        self.normalize = Normalizer(spec.transform, spec.output, spec.device)
         on_gpu = spec.device.type == "cuda"
         self.dataloader = DataLoader(
-            ManifestDataset(spec.dataset.root, entries, spec.transform, spec.seed),
+            ManifestDataset(spec.dataset.root, spec.entries, spec.transform, spec.seed),
             batch_size=spec.batch_size,
             sampler=self.sampler,
             num_workers=spec.workers,
@@ -153,12 +161,12 @@ class TorchvisionLoader(Loader):
             yield from self._prefetch_to_gpu()
         else:
             for images, labels in self._host_batches():
-                yield to_model_input(images, self.spec.transform, self.spec.output), labels
+                yield self.normalize(images), labels
         self._end_epoch()
 
     def _prefetch_to_gpu(self):
         """Copy and normalise batch k+1 on a side stream while the model works on batch k."""
-        device, t, out = self.spec.device, self.spec.transform, self.spec.output
+        device = self.spec.device
         stream = torch.cuda.Stream(device)
         batches = self._host_batches()
 
@@ -168,7 +176,7 @@ class TorchvisionLoader(Loader):
             except StopIteration:
                 return None
             with torch.cuda.stream(stream):
-                images = to_model_input(images.to(device, non_blocking=True), t, out)
+                images = self.normalize(images.to(device, non_blocking=True))
                 labels = labels.to(device, non_blocking=True)
             return images, labels
 
