@@ -339,3 +339,15 @@ def test_short_run_on_real_plankton(tmp_path, ndsb):
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics) == 2 and all(m["val_images"] == 70 for m in metrics)  # 7 classes >= 500 images
     assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in metrics)
+
+
+def test_top1_and_top5_counts_on_known_logits():
+    from train.metrics import confusion_matrix, per_class_scores, top1_top5_correct
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 6], [0.0, 9, 1, 2, 3, 4, 5], [6.0, 5, 4, 3, 2, 1, 0]])
+    labels = torch.tensor([0, 6, 6])  # right; in the top 5 only; outside the top 5
+    assert top1_top5_correct(logits, labels) == (1, 2)
+    confusion = confusion_matrix(torch.tensor([0, 1, 1, 1]), torch.tensor([0, 1, 1, 0]), 2)
+    assert confusion.tolist() == [[1, 1], [0, 2]]
+    scores = per_class_scores(confusion)
+    assert scores[0] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert scores[1]["precision"] == pytest.approx(2 / 3) and scores[1]["recall"] == 1.0

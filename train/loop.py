@@ -27,7 +27,7 @@ from planktonio.loaders import resolve_device
 
 from . import checkpoint, distributed
 from .config import Config, dump
-from .metrics import topk_correct
+from .metrics import top1_top5_correct
 from .model import build_model, set_train_mode
 from .signals import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, StopFlag
 from .step import annotate, autocast, train_step
@@ -46,9 +46,10 @@ class EpochStats:
 
     def add(self, loss: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
+        top1, top5 = top1_top5_correct(logits, labels)
         self.loss_sum += loss * n
-        self.correct += topk_correct(logits, labels, 1)
-        self.top5 += topk_correct(logits, labels, 5)
+        self.correct += top1
+        self.top5 += top5
         self.images += n
 
     def reduced(self, device: torch.device) -> "EpochStats":

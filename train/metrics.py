@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    k = min(k, logits.shape[1])
-    return int((logits.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1).sum())
+def top1_top5_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """How many labels are the top prediction, and how many are among the top five (one sync)."""
+    k = min(5, logits.shape[1])
+    hits = logits.topk(k, dim=1).indices == labels.unsqueeze(1)
+    top1, top5 = torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).tolist()
+    return top1, top5
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
