@@ -183,11 +183,13 @@ def _raise_sigterm_at(monkeypatch, step: int):
     monkeypatch.setattr(loop.EpochStats, "add", add)
 
 
-@pytest.mark.parametrize("backend, augment", [
-    ("torchvision", "random"),     # per-image seeded augmentation: exact from any step
-    ("dali-cpu", "centre-crop"),   # DALI: exact from any step with the study's deterministic transform
+@pytest.mark.parametrize("backend, augment, step", [
+    ("torchvision", "random", 13),    # per-image seeded augmentation: exact from any step
+    ("dali-cpu", "centre-crop", 13),  # DALI: exact from any step with the study's deterministic transform
+    ("dali-cpu", "random", 9),        # the flag seen in the epoch's last step: stops at the boundary
 ])
-def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(plankton, tmp_path, monkeypatch, backend, augment):
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(plankton, tmp_path, monkeypatch, backend,
+                                                                    augment, step):
     overrides = {"loader": {"backend": backend, "workers": 2 if backend == "dali-cpu" else 0}}
     if augment == "centre-crop":
         overrides["augment"] = {"train": SMALL["augment"]["eval"]}
@@ -195,11 +197,15 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(plankton, tm
     assert fit(config, plankton, tmp_path / "whole") == 0
 
     with monkeypatch.context() as patch:
-        _raise_sigterm_at(patch, step=13)  # 10 steps per epoch: mid-way through epoch 1
+        _raise_sigterm_at(patch, step=step)  # 10 steps per epoch
         assert fit(config, plankton, tmp_path / "split") == EXIT_INTERRUPTED
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
-    assert state["epoch"] == 1 and 3 <= state["batches_done"] <= 4  # stopped after the step in flight
-    assert len(read_metrics(tmp_path / "split")) == 1
+    if step == 13:  # mid-way through epoch 1: stopped after the step in flight
+        assert state["epoch"] == 1 and 3 <= state["batches_done"] <= 4
+        assert len(read_metrics(tmp_path / "split")) == 1
+    else:  # during epoch 0's last step: epoch 0 completes (validated, logged), then the run stops
+        assert (state["epoch"], state["batches_done"]) == (1, 0)
+        assert [m["epoch"] for m in read_metrics(tmp_path / "split")] == [0]
     with pytest.raises(PlanktonioError, match="already holds a run"):
         fit(config, plankton, tmp_path / "split")
     assert fit(config, plankton, tmp_path / "split", resume=True) == 0

@@ -174,10 +174,12 @@ class Trainer:
             self.batches_done += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-            if stop:
+            if stop and self.batches_done < len(self.train_loader):
                 bar.close()
                 self.partial = stats
                 return None
+            # (a signal during the epoch's last step: the epoch ends normally
+            # and fit() stops at the boundary)
         bar.close()
         self.batches_done = 0
         return stats
@@ -356,6 +358,10 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
                       f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} "
                       f"top5 {record['val_top5']:.3f} | {record['images_per_s']:.0f} img/s, "
                       f"data wait {100 * record['data_wait_fraction']:.0f}%")
+            if stop_reason is None and distributed.any_rank(trainer.stop_flag.raised, trainer.device):
+                _log(ctx, f"stopping on {trainer.stop_flag.signal_name or 'a signal'} after epoch {epoch}: "
+                          f"{out / 'last.pt'} written; continue with --resume")
+                return EXIT_INTERRUPTED
         _finish(trainer, metrics_path, stop_reason)
         return EXIT_OK
     finally:

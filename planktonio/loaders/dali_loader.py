@@ -127,6 +127,8 @@ class DaliLoader(Loader):
             return self._eval_iterator
         entries = s.entries
         order = self._epoch_positions()
+        if not order:  # a resume that skips the whole epoch: nothing left to read
+            return iter(())
         root = s.dataset.root
         # Augmentation randomness: a function of (seed, epoch, rank), different on every rank.
         seed = (s.seed * 1_000_003 + self.epoch * 1_009 + s.shard_index) % (2**31)
