@@ -144,7 +144,7 @@ def run(bench: LoaderBenchmark) -> dict:
         time_batches(stream, bench.warmup, device)
 
     process = psutil.Process()
-    runs = {name: {"ips": [], "latency": [], "cpu": [], "device_mb": []} for name in streams}
+    runs = {name: {"ips": [], "latency": [], "cpu": [], "device_mb": [], "torch_mb": []} for name in streams}
     for _ in range(bench.repeats):
         for name, stream in streams.items():
             # Taking turns must not bias the turns: first let the other loaders
@@ -160,6 +160,8 @@ def run(bench: LoaderBenchmark) -> dict:
             latencies, images = time_batches(stream, bench.batches, device, runs[name]["device_mb"])
             wall = time.perf_counter() - wall_before
             cpu = _tree_cpu_seconds(process) - cpu_before
+            if device.type == "cuda":  # this turn's peak, before the next turn resets it
+                runs[name]["torch_mb"].append(torch.cuda.max_memory_allocated(device) / 2**20)
             runs[name]["ips"].append(images / wall)
             runs[name]["latency"] += latencies
             if wall >= MIN_CPU_WINDOW:  # CPU times tick in 10 ms steps: useless over shorter windows
@@ -173,8 +175,7 @@ def run(bench: LoaderBenchmark) -> dict:
             # of all the machine's cores; None where the turns were too short to tell
             "cpu_util_percent": summary(r["cpu"])["median"] if r["cpu"] else None,
             # torch's allocator only (the torchvision path, the memory bound) ...
-            "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
-                                   if device.type == "cuda" else None),
+            "peak_gpu_memory_mb": max(r["torch_mb"]) if r["torch_mb"] else None,
             # ... and the whole GPU, DALI's pools and the CUDA context included
             "peak_device_memory_mb": max(r["device_mb"]) if r["device_mb"] else None,
         }
