@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     loaders.add_argument("--batches", type=int, default=20, help="timed batches per repeat")
     loaders.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     loaders.add_argument("--repeats", type=int, default=3)
-    loaders.add_argument("--workers", type=int, default=None, help="threads/processes (default: all cores)")
+    loaders.add_argument("--workers", type=int, default=None, help="threads/processes (default: the CPUs this process may use)")
     loaders.add_argument("--device", default="auto")
     loaders.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     loaders.add_argument("--layout", default="NCHW", choices=["NCHW", "NHWC"])

@@ -16,7 +16,6 @@ the consumer would see if loading cost nothing.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import psutil
 import torch
 
 from planktonio import Output, make_loader
-from planktonio.loaders import resolve_device
+from planktonio.loaders import available_cpus, resolve_device
 from planktonio.transforms import EVAL_TRANSFORM, TRAIN_AUGMENT
 
 from .stats import latency_summary, summary
@@ -127,7 +126,7 @@ def run(bench: LoaderBenchmark) -> dict:
     device = resolve_device(bench.device)
     if bench.backends == ("auto",):  # every backend this machine can run, and the upper bound
         bench.backends = (("dali-gpu",) if device.type == "cuda" else ()) + ("dali-cpu", "torchvision", UPPER_BOUND)
-    workers = bench.workers or os.cpu_count() or 1
+    workers = bench.workers or available_cpus()
     transform = TRAIN_AUGMENT if bench.augment else EVAL_TRANSFORM
     output = Output(bench.dtype, bench.layout)
     loaders = {
@@ -165,14 +164,14 @@ def run(bench: LoaderBenchmark) -> dict:
             runs[name]["ips"].append(images / wall)
             runs[name]["latency"] += latencies
             if wall >= MIN_CPU_WINDOW:  # CPU times tick in 10 ms steps: useless over shorter windows
-                runs[name]["cpu"].append(100 * cpu / wall / (os.cpu_count() or 1))
+                runs[name]["cpu"].append(100 * cpu / wall / available_cpus())
     results = []
     for name, r in runs.items():
         result = {
             "backend": name,
             "images_per_s": summary(r["ips"]),
             "latency_ms": latency_summary(r["latency"]),
-            # of all the machine's cores; None where the turns were too short to tell
+            # of the cores this process may use; None where the turns were too short to tell
             "cpu_util_percent": summary(r["cpu"])["median"] if r["cpu"] else None,
             # torch's allocator only (the torchvision path, the memory bound) ...
             "peak_gpu_memory_mb": max(r["torch_mb"]) if r["torch_mb"] else None,

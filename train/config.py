@@ -37,7 +37,7 @@ class LoaderConfig:
     backend: str = "torchvision"    # dali (GPU if there is one) | dali-gpu | dali-cpu | torchvision
     batch_size: int = 24
     eval_batch_size: int | None = None  # default: batch_size
-    workers: int | None = None      # DALI threads / DataLoader processes; default: all cores
+    workers: int | None = None      # DALI threads / DataLoader processes; default: the CPUs this process may use
 
 
 @dataclass

@@ -46,6 +46,14 @@ BACKENDS: dict[str, Callable[[LoaderSpec], Loader]] = {
 }
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on: under Slurm, the task's share of the node, not all of it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """"dali" means dali-gpu where there is a GPU and dali-cpu elsewhere."""
     if backend == "dali":
@@ -86,7 +94,7 @@ def make_loader(
 
     transform: defaults to TRAIN_AUGMENT for the train split, EVAL_TRANSFORM otherwise.
     train: shuffle each epoch and drop the last partial batch; defaults to split == "train".
-    workers: DALI threads or torchvision worker processes; defaults to the CPU count.
+    workers: DALI threads or torchvision worker processes; defaults to the CPUs this process may use.
     """
     dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
     device = resolve_device(device)
@@ -107,7 +115,7 @@ def make_loader(
         train=is_train_split if train is None else train,
         shard_index=shard_index,
         shard_count=shard_count,
-        workers=(os.cpu_count() or 1) if workers is None else workers,
+        workers=available_cpus() if workers is None else workers,
         seed=seed,
         entries=entries,
     )
@@ -118,4 +126,5 @@ def make_loader(
     return BACKENDS[backend](spec)
 
 
-__all__ = ["BACKENDS", "Loader", "LoaderSpec", "make_loader", "resolve_backend", "resolve_device"]
+__all__ = ["BACKENDS", "Loader", "LoaderSpec", "available_cpus", "make_loader", "resolve_backend",
+           "resolve_device"]
