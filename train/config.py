@@ -82,7 +82,7 @@ SECTIONS = {"model": ModelConfig, "loader": LoaderConfig, "optimizer": Optimizer
             "training": TrainingConfig}
 
 
-def _check_value(key: str, value: Any, default: Any, annotation: str) -> Any:
+def _check_value(key: str, value: Any, annotation: str) -> Any:
     """Check a value against a field's declared type (annotations are strings here)."""
     optional = "None" in annotation
     if value is None:
@@ -116,7 +116,7 @@ def _build_section(name: str, cls, values: Any):
                               f"{name} has: {', '.join(known)}")
     section = cls()
     for key, value in values.items():
-        setattr(section, key, _check_value(f"{name}.{key}", value, getattr(section, key), str(known[key].type)))
+        setattr(section, key, _check_value(f"{name}.{key}", value, str(known[key].type)))
     return section
 
 
