@@ -20,19 +20,17 @@ from dataclasses import dataclass
 
 import torch
 
-from planktonio import Output, PreparedDataset, make_loader
+from planktonio import PreparedDataset, make_loader
 from planktonio.loaders import resolve_device
 from planktonio.transforms import TRAIN_AUGMENT
-from train.loop import resolve_precision
 from train.model import build_model
-from train.step import train_step
+from train.step import AMP_DTYPES, model_input, resolve_precision, train_step
 
-from .loaders import endless
+from .loaders import endless, synchronize
 from .stats import summary
 
 CPU_NOTE = ("measured on a CPU: no tensor cores, so AMP speed-ups here say little about a GPU; "
             "run on a GPU for numbers that matter")
-AMP_DTYPES = {"fp32": None, "amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}
 
 
 @dataclass
@@ -53,11 +51,6 @@ class AmpBenchmark:
     workers: int | None = None
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Setup:
     """A model, its optimizer and scaler, in one precision / layout / freezing mode."""
 
@@ -71,8 +64,7 @@ class Setup:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "amp-fp16")
-        fp16_input = self.precision == "amp-fp16" and device.type == "cuda"
-        self.output = Output("float16" if fp16_input else "float32", "NHWC" if channels_last else "NCHW")
+        self.output = model_input(self.precision, device, channels_last)
 
     def step(self, images, labels):
         return train_step(self.model, self.optimizer, self.scaler, images, labels, self.device, self.amp_dtype)
@@ -98,11 +90,11 @@ def measure_compute(bench: AmpBenchmark, device, precision, channels_last, freez
         setup.step(images, labels)
     step_ms = []
     for _ in range(bench.repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(bench.steps):
             setup.step(images, labels)
-        _sync(device)
+        synchronize(device)
         step_ms.append(1000 * (time.perf_counter() - start) / bench.steps)
     return {
         "precision": setup.precision, "channels_last": channels_last, "freeze": freeze,
@@ -121,9 +113,11 @@ def measure_end_to_end(bench: AmpBenchmark, device, loader_name, precision) -> d
     loader = make_loader(loader_name, PreparedDataset.load(bench.data), "train", batch_size=bench.batch_size,
                          transform=transform, output=setup.output, device=device, workers=bench.workers)
     batches = endless(loader)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(bench.warmup):
         setup.step(*next(batches))
-    _sync(device)
+    synchronize(device)
     rates, waits = [], []
     for _ in range(bench.repeats):
         waited = 0.0

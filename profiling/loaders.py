@@ -70,7 +70,7 @@ class MemoryLoader:
         pass
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -114,7 +114,7 @@ def time_batches(stream, count: int, device: torch.device, peaks: list | None = 
     for _ in range(count):
         start = time.perf_counter()
         x, _ = next(stream)
-        _sync(device)  # GPU outputs count only once they are really there
+        synchronize(device)  # GPU outputs count only once they are really there
         latencies.append(time.perf_counter() - start)
         images += x.shape[0]
         if peaks is not None and device.type == "cuda":

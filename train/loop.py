@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from planktonio import Output, PreparedDataset, make_loader
+from planktonio import PreparedDataset, make_loader
 from planktonio.errors import PlanktonioError
 from planktonio.loaders import resolve_device
 
@@ -30,7 +30,7 @@ from .config import Config, dump
 from .metrics import top1_top5_correct
 from .model import build_model, set_train_mode
 from .signals import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, StopFlag
-from .step import annotate, autocast, train_step
+from .step import AMP_DTYPES, annotate, autocast, model_input, resolve_precision, train_step
 
 
 @dataclass
@@ -65,12 +65,6 @@ class NonFiniteLoss(Exception):
     pass
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "amp":  # fp16 tensor cores on GPUs (V100 has no bf16); bf16 on CPUs
-        return "amp-fp16" if device.type == "cuda" else "amp-bf16"
-    return precision
-
-
 class Trainer:
     def __init__(self, config: Config, data: Path, out: Path):
         self.config, self.out = config, out
@@ -82,7 +76,7 @@ class Trainer:
             torch.cuda.set_device(requested)
         self.device = requested
         self.precision = resolve_precision(t.precision, self.device)
-        self.amp_dtype = {"amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}.get(self.precision)
+        self.amp_dtype = AMP_DTYPES[self.precision]
         self.dataset = PreparedDataset.load(data)
 
         torch.manual_seed(t.seed)  # the same initial head on every rank (DDP also broadcasts it)
@@ -105,10 +99,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "amp-fp16")
 
-        # The loader emits what the model eats: fp16 for fp16 autocast on a GPU
-        # (half the bytes), channels-last when the model is.
-        fp16_input = self.precision == "amp-fp16" and self.device.type == "cuda"
-        self.output = Output("float16" if fp16_input else "float32", "NHWC" if t.channels_last else "NCHW")
+        self.output = model_input(self.precision, self.device, t.channels_last)
         self.train_loader = self.loader_for("train", config.loader.batch_size, True)
         self.valid_loader = self.loader_for("valid", config.loader.eval_batch_size or config.loader.batch_size, False)
 

@@ -13,7 +13,23 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from planktonio import Output
+
 RANGES = ("data", "forward", "backward", "optimizer")
+AMP_DTYPES = {"fp32": None, "amp-fp16": torch.float16, "amp-bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "amp":  # fp16 tensor cores on GPUs (V100 has no bf16); bf16 on CPUs
+        return "amp-fp16" if device.type == "cuda" else "amp-bf16"
+    return precision
+
+
+def model_input(precision: str, device: torch.device, channels_last: bool) -> Output:
+    """What the loader should emit for this model: fp16 for fp16 autocast on a GPU (half the
+    bytes), channels-last when the model is."""
+    fp16 = precision == "amp-fp16" and device.type == "cuda"
+    return Output("float16" if fp16 else "float32", "NHWC" if channels_last else "NCHW")
 
 
 @contextmanager
