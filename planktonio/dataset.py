@@ -11,6 +11,8 @@ Layout written to OUT:
                                      format of DALI's readers.file(file_list=)
     classes.json                     class names (label = index), the source
                                      root the paths are relative to, counts
+    image_info.json                  per split, in manifest order: width, height
+                                     (EXIF orientation applied), bytes, mtime
     rejected.csv                     path,reason,detail for every bad file
 """
 
@@ -25,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import PlanktonioError
@@ -32,6 +35,9 @@ from .errors import PlanktonioError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 TORCHVISION_DECODES = {".jpg", ".jpeg", ".png"}
 SPLITS = ("train", "valid", "test")
+# Version of the prepared layout: 2 added image_info.json (image sizes for the augmentation plans).
+FORMAT = 2
+IMAGE_INFO = "image_info.json"
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
@@ -60,8 +66,23 @@ def scan_classes(source: Path) -> dict[str, list[str]]:
 # -------------------------------------------------------------- validating
 
 
-def check_image(path: str | os.PathLike) -> tuple[str, str] | None:
-    """Decode one file fully; None if it is usable, else (reason, detail).
+@dataclass(frozen=True)
+class ImageCheck:
+    """What decoding one file found: a problem (reason, detail), or its size as every loader sees it."""
+
+    problem: tuple[str, str] | None
+    width: int = 0
+    height: int = 0
+
+
+# EXIF orientations that turn the picture a quarter: width and height swap
+# once the orientation is applied, as DALI and the torchvision backend do.
+QUARTER_TURNS = {5, 6, 7, 8}
+EXIF_ORIENTATION = 0x0112
+
+
+def inspect_image(path: str | os.PathLike) -> ImageCheck:
+    """Decode one file fully: its size (EXIF orientation applied), or why it is unusable.
 
     Reasons: "empty", "truncated", "not an image", "unreadable". Decoded with
     PIL, and JPEG/PNG again with torchvision.io (libjpeg-turbo), since a file
@@ -69,20 +90,23 @@ def check_image(path: str | os.PathLike) -> tuple[str, str] | None:
     """
     try:
         if os.path.getsize(path) == 0:
-            return "empty", "file has 0 bytes"
+            return ImageCheck(("empty", "file has 0 bytes"))
         with Image.open(path) as image:
             image.load()  # a full decode: header checks alone miss truncation
-            if image.width < 1 or image.height < 1:
-                return "not an image", f"size {image.width}x{image.height}"
+            width, height = image.size
+            if width < 1 or height < 1:
+                return ImageCheck(("not an image", f"size {width}x{height}"))
+            if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
+                width, height = height, width
     except UnidentifiedImageError:
-        return "not an image", "no known image format"
+        return ImageCheck(("not an image", "no known image format"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         detail = str(error) or type(error).__name__
         if isinstance(error, OSError) and error.errno is not None:
-            return "unreadable", detail  # permissions, I/O errors: errno set by the OS
+            return ImageCheck(("unreadable", detail))  # permissions, I/O errors: errno set by the OS
         if "truncat" in detail.lower():  # PIL: "image file is truncated", "Truncated File Read"
-            return "truncated", detail
-        return "unreadable", detail
+            return ImageCheck(("truncated", detail))
+        return ImageCheck(("unreadable", detail))
     # libjpeg-turbo, through torchvision, refuses some corrupt JPEGs that PIL
     # decodes with a warning; the torchvision loader would then drop them.
     if Path(path).suffix.lower() in TORCHVISION_DECODES:
@@ -90,16 +114,21 @@ def check_image(path: str | os.PathLike) -> tuple[str, str] | None:
         try:
             decode_image(read_file(str(path)))
         except RuntimeError as error:
-            return "unreadable", f"corrupt data: {str(error).splitlines()[0]}"
-    return None
+            return ImageCheck(("unreadable", f"corrupt data: {str(error).splitlines()[0]}"))
+    return ImageCheck(None, width, height)
 
 
-def _check_chunk(paths: list[str]) -> list[tuple[str, str] | None]:
-    return [check_image(p) for p in paths]
+def check_image(path: str | os.PathLike) -> tuple[str, str] | None:
+    """None if the file is a usable image, else (reason, detail)."""
+    return inspect_image(path).problem
 
 
-def find_bad_images(root: Path, relpaths: list[str], workers: int | None = None) -> dict[str, tuple[str, str]]:
-    """Decode every file in parallel; {relpath: (reason, detail)} for those that fail."""
+def _inspect_chunk(paths: list[str]) -> list[ImageCheck]:
+    return [inspect_image(p) for p in paths]
+
+
+def inspect_images(root: Path, relpaths: list[str], workers: int | None = None) -> dict[str, ImageCheck]:
+    """Decode every file in parallel; {relpath: ImageCheck}."""
     if not relpaths:
         return {}
     workers = workers or os.cpu_count() or 1
@@ -108,11 +137,11 @@ def find_bad_images(root: Path, relpaths: list[str], workers: int | None = None)
     size = max(1, min(256, len(absolute) // (workers * 8) or 1))
     chunks = [absolute[i:i + size] for i in range(0, len(absolute), size)]
     if workers == 1 or len(chunks) == 1:
-        results = [r for chunk in chunks for r in _check_chunk(chunk)]
+        results = [r for chunk in chunks for r in _inspect_chunk(chunk)]
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = [r for chunk_result in pool.map(_check_chunk, chunks) for r in chunk_result]
-    return {rel: res for rel, res in zip(relpaths, results) if res is not None}
+            results = [r for chunk_result in pool.map(_inspect_chunk, chunks) for r in chunk_result]
+    return dict(zip(relpaths, results))
 
 
 # --------------------------------------------------------------- splitting
@@ -192,7 +221,8 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     plan = plan or SplitPlan()
     found = scan_classes(source)
     all_files = [f for files in found.values() for f in files]
-    rejected = find_bad_images(source, all_files, workers)
+    checks = inspect_images(source, all_files, workers)
+    rejected = {path: check.problem for path, check in checks.items() if check.problem is not None}
     usable = {name: [f for f in files if f not in rejected] for name, files in found.items()}
 
     kept = [name for name, files in usable.items() if len(files) >= min_images and len(files) > 0]
@@ -219,7 +249,9 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     for split in SPLITS:
         _write_atomic(out / f"{split}.txt", "".join(f"{p} {l}\n" for p, l in splits[split]))
     _write_atomic(out / "rejected.csv", _rejected_csv(source, rejected))
+    _write_atomic(out / IMAGE_INFO, json.dumps(_image_info(source, splits, checks)) + "\n")
     meta = {
+        "format": FORMAT,
         "root": str(source),
         "classes": kept,
         "num_classes": len(kept),
@@ -233,6 +265,26 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     }
     _write_atomic(out / "classes.json", json.dumps(meta, indent=2) + "\n")
     return PrepareResult(out, kept, splits, rejected, {n: len(usable[n]) for n in kept}, dropped)
+
+
+def _image_info(source: Path, splits: dict[str, list[tuple[str, int]]], checks: dict[str, ImageCheck]) -> dict:
+    """Per split, in manifest order: each image's size (for the augmentation plans), bytes and mtime.
+
+    Kept apart from the manifests, which stay in DALI's file_list format (its
+    label is the last integer of a line, so no column can be appended).
+    Bytes and modification time let a run check cheaply that files did not
+    change since they were decoded here.
+    """
+    info = {}
+    for split, entries in splits.items():
+        stats = [os.stat(source / path) for path, _ in entries]
+        info[split] = {
+            "width": [checks[path].width for path, _ in entries],
+            "height": [checks[path].height for path, _ in entries],
+            "bytes": [s.st_size for s in stats],
+            "mtime_ns": [s.st_mtime_ns for s in stats],
+        }
+    return info
 
 
 def _rejected_csv(source: Path, rejected: dict[str, tuple[str, str]]) -> str:
@@ -308,3 +360,24 @@ class PreparedDataset:
                 raise PlanktonioError(
                     f"{self.root / path}: listed in {self.manifest(split)} but missing; "
                     f"rerun prepare if the source moved")
+
+    def image_sizes(self, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(widths, heights) of a split's images in manifest order, as `prepare` recorded them.
+
+        The augmentation plans need them; a folder prepared before sizes were
+        recorded (or edited by hand since) is an error that says to rerun prepare.
+        """
+        info_file = self.path / IMAGE_INFO
+        rerun = "rerun `python -m planktonio prepare` to write it"
+        if not info_file.is_file():
+            raise PlanktonioError(f"{info_file}: not found: {self.path} was prepared by an older planktonio; {rerun}")
+        try:
+            info = json.loads(info_file.read_text())[split]
+            widths = np.asarray(info["width"], dtype=np.int64)
+            heights = np.asarray(info["height"], dtype=np.int64)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise PlanktonioError(f"{info_file}: not a valid image_info.json ({error}); {rerun}") from None
+        if len(widths) != count or len(heights) != count or (count and min(widths.min(), heights.min()) < 1):
+            raise PlanktonioError(f"{info_file}: its {split} sizes do not match {self.manifest(split)} "
+                                  f"({len(widths)} sizes, {count} images); {rerun}")
+        return widths, heights

@@ -26,27 +26,31 @@ def test_prepare_keeps_the_classes_with_enough_images(ndsb_prepared):
     assert {s: len(e) for s, e in ndsb_prepared.splits.items()} == {"train": 800, "valid": 200, "test": 200}
 
 
-def test_loaders_agree_on_real_images(ndsb_prepared):
-    """Bound on real data: mean difference < 1 grey level, median image < 0.5.
+@pytest.mark.parametrize("split, transform", [("train", TRAIN_AUGMENT), ("valid", EVAL_TRANSFORM)])
+def test_loaders_agree_on_real_images(ndsb_prepared, split, transform):
+    """The same plans on real images (~56 px, so mostly upscaled to 224): DALI CPU against torchvision.
 
-    Larger than on the 255 px synthetic set: NDSB images are ~56 px and get
-    upscaled ~5x to 256, and DALI scales by exactly 256/short side (subpixel
-    scale) while torchvision stretches to a whole number of pixels: a shift of
-    a fraction of a source pixel moves sharp organism edges, so a few pixels
-    differ a lot while most agree. Measured here (200 images): mean 0.47,
-    median image 0.28, worst image 7.3.
+    Bound: mean difference < 0.3 grey levels, worst image < 1, every value
+    within 2. Both backends resize exactly the planned box to 224 x 224, so
+    what remains is decoder and resize-kernel rounding, as on the synthetic
+    set. Measured here (800 training / 200 validation images): mean 0.08,
+    worst image 0.17, max 1.0. (Before plans, when each backend resized the
+    whole image its own way, the evaluation transform differed by 0.47 on
+    average and 7.3 on the worst image.)
     """
-    kwargs = dict(batch_size=50, device="cpu", workers=2)
-    dali = make_loader("dali-cpu", ndsb_prepared.out, "valid", **kwargs)
-    tv = make_loader("torchvision", ndsb_prepared.out, "valid", **kwargs)
-    std = torch.tensor(EVAL_TRANSFORM.std).view(1, 3, 1, 1)
-    per_image = []
+    kwargs = dict(batch_size=50, device="cpu", workers=2, transform=transform, seed=3)
+    dali = make_loader("dali-cpu", ndsb_prepared.out, split, **kwargs)
+    tv = make_loader("torchvision", ndsb_prepared.out, split, **kwargs)
+    std = torch.tensor(transform.std).view(1, 3, 1, 1)
+    per_image, worst = [], 0.0
     for (x_dali, y_dali), (x_tv, y_tv) in zip(dali, tv, strict=True):
         assert torch.equal(y_dali, y_tv)
-        per_image.append(((x_dali - x_tv).abs() * std * 255).mean(dim=(1, 2, 3)))
+        diff = (x_dali - x_tv).abs() * std * 255
+        per_image.append(diff.mean(dim=(1, 2, 3)))
+        worst = max(worst, diff.max().item())
     per_image = torch.cat(per_image)
-    assert per_image.numel() == 200
-    assert per_image.mean() < 1.0 and per_image.median() < 0.5
+    assert per_image.numel() == (800 if split == "train" else 200)
+    assert per_image.mean() < 0.3 and per_image.max() < 1.0 and worst <= 2.0
 
 
 @pytest.mark.parametrize("backend", ["dali-cpu", "torchvision"])

@@ -7,14 +7,16 @@
         for images, labels in loader:   # already on the device, normalised
             ...
 
-Backends are looked up in BACKENDS, so a new one (a GPU-resident cache of
-decoded images, packed shard files) is one more entry, and train/profiling
-switch between them with a single flag.
+Backends are looked up in BACKENDS, the one registry: a new one (a
+GPU-resident cache of decoded images, packed shard files) is one more entry
+there, and reaches the training config's choices and `profiling loaders
+--backends auto` without further edits.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +27,19 @@ from ..errors import PlanktonioError
 from ..transforms import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, Transform
 from . import sharding
 from .base import Loader, LoaderSpec
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One loader backend: how to build it and where it can run."""
+
+    name: str
+    summary: str
+    needs_gpu: bool
+    build: Callable[[LoaderSpec], Loader]
+
+    def runs_on(self, device: torch.device) -> bool:
+        return device.type == "cuda" or not self.needs_gpu
 
 
 def _dali(decode: str) -> Callable[[LoaderSpec], Loader]:
@@ -39,11 +54,26 @@ def _torchvision(spec: LoaderSpec) -> Loader:
     return TorchvisionLoader(spec)
 
 
-BACKENDS: dict[str, Callable[[LoaderSpec], Loader]] = {
-    "dali-gpu": _dali("gpu"),     # DALI, JPEG decode on the GPU (mixed decoder)
-    "dali-cpu": _dali("cpu"),     # DALI, the whole pipeline on CPU threads
-    "torchvision": _torchvision,  # DataLoader worker processes
-}
+# The one list of backends: make_loader, the training config's choices and
+# `profiling loaders --backends auto` all read it.
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("dali-gpu", "DALI, JPEG decode on the GPU (mixed decoder: nvJPEG / hardware decoder)", True,
+            _dali("gpu")),
+    Backend("dali-cpu", "DALI, the whole pipeline on CPU threads", False, _dali("cpu")),
+    Backend("torchvision", "torchvision decode + transforms in DataLoader worker processes", False, _torchvision),
+)}
+# Names that stand for a backend chosen by the device.
+ALIASES = {"dali": "DALI on the GPU where there is one (dali-gpu), else on the CPU (dali-cpu)"}
+
+
+def backend_choices() -> tuple[str, ...]:
+    """Every name make_loader accepts: the aliases, then the backends."""
+    return (*ALIASES, *BACKENDS)
+
+
+def runnable_backends(device: torch.device) -> list[str]:
+    """The backends this machine can run for `device`, in registry order."""
+    return [name for name, backend in BACKENDS.items() if backend.runs_on(device)]
 
 
 def available_cpus() -> int:
@@ -59,10 +89,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "dali":
         return "dali-gpu" if device.type == "cuda" else "dali-cpu"
     if backend not in BACKENDS:
-        raise PlanktonioError(f"unknown loader backend {backend!r}; choose from dali, {', '.join(BACKENDS)}")
-    if backend == "dali-gpu" and device.type != "cuda":
-        raise PlanktonioError("backend dali-gpu decodes on the GPU and needs device cuda; "
-                              "use dali-cpu (or dali) on a machine without a GPU")
+        raise PlanktonioError(f"unknown loader backend {backend!r}; choose from {', '.join(backend_choices())}")
+    if not BACKENDS[backend].runs_on(device):
+        raise PlanktonioError(f"backend {backend} needs device cuda ({BACKENDS[backend].summary}); "
+                              f"choose one of {', '.join(runnable_backends(device))} on a machine without a GPU")
     return backend
 
 
@@ -88,22 +118,29 @@ def make_loader(
     shard_index: int = 0,
     shard_count: int = 1,
     workers: int | None = None,
+    threads: int | None = None,
     seed: int = 0,
 ) -> Loader:
     """A loader over one split of a prepared dataset; see Loader for what it yields.
 
     transform: defaults to TRAIN_AUGMENT for the train split, EVAL_TRANSFORM otherwise.
     train: shuffle each epoch and drop the last partial batch; defaults to split == "train".
-    workers: DALI threads or torchvision worker processes; defaults to the CPUs this process may use.
+    workers: torchvision worker processes; defaults to the CPUs this process may use.
+    threads: DALI CPU threads; defaults to `workers`. With dali-gpu the GPU decodes and a few
+        threads suffice, while the torchvision baseline wants every core: set them apart.
     """
     dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
     device = resolve_device(device)
     backend = resolve_backend(backend, device)
     if batch_size < 1:
         raise PlanktonioError(f"batch size must be >= 1, not {batch_size}")
+    if (workers is not None and workers < 0) or (threads is not None and threads < 1):
+        raise PlanktonioError(f"workers must be >= 0 and threads >= 1, not {workers} and {threads}")
     sharding.check_shard(shard_index, shard_count)
     entries = dataset.entries(split)
     dataset.check_files_exist(split, entries)
+    widths, heights = dataset.image_sizes(split, len(entries))
+    workers = available_cpus() if workers is None else workers
     is_train_split = split == "train"
     spec = LoaderSpec(
         dataset=dataset,
@@ -115,16 +152,19 @@ def make_loader(
         train=is_train_split if train is None else train,
         shard_index=shard_index,
         shard_count=shard_count,
-        workers=available_cpus() if workers is None else workers,
+        workers=workers,
+        threads=max(1, workers) if threads is None else threads,
         seed=seed,
         entries=entries,
+        widths=widths,
+        heights=heights,
     )
     if spec.train and len(entries) // shard_count < batch_size:
         raise PlanktonioError(
             f"{dataset.manifest(split)}: {len(entries)} images over {shard_count} shard(s) "
             f"make no full batch of {batch_size}; lower the batch size")
-    return BACKENDS[backend](spec)
+    return BACKENDS[backend].build(spec)
 
 
-__all__ = ["BACKENDS", "Loader", "LoaderSpec", "available_cpus", "make_loader", "resolve_backend",
-           "resolve_device"]
+__all__ = ["ALIASES", "BACKENDS", "Backend", "Loader", "LoaderSpec", "available_cpus", "backend_choices",
+           "make_loader", "resolve_backend", "resolve_device", "runnable_backends"]

@@ -1,13 +1,15 @@
-"""What every loader backend yields, and the bookkeeping they share."""
+"""What every loader backend yields, and the bookkeeping they share: epochs, shards, plans."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ..dataset import PreparedDataset
+from ..plans import Plan, make_plan
 from ..transforms import Output, Transform
 from . import sharding
 
@@ -25,9 +27,22 @@ class LoaderSpec:
     train: bool          # shuffle every epoch and drop the last partial batch
     shard_index: int
     shard_count: int
-    workers: int         # decoding threads (DALI) or worker processes (torchvision)
+    workers: int         # torchvision worker processes
+    threads: int         # DALI CPU threads
     seed: int
     entries: list[tuple[str, int]]  # the split's manifest: (relative path, label), read once
+    widths: np.ndarray   # each entry's image size, as prepare recorded it (EXIF orientation applied)
+    heights: np.ndarray
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What one batch is: manifest positions, in order, and the plan of each of those images."""
+
+    epoch: int
+    index: int           # the batch's number within its epoch
+    positions: np.ndarray
+    plan: Plan
 
 
 class Loader:
@@ -36,14 +51,24 @@ class Loader:
     images: float tensor N x C x H x W (dtype and memory format from
     spec.output), normalised; labels: int64 tensor N. Iterating again starts
     the next epoch. len() is the number of batches this shard yields per epoch.
+
+    Batch k of epoch e is `batch_plan(e, k)`: which images, and how each is
+    cropped and flipped (planktonio/plans.py). Backends differ only in how
+    they carry that plan out. Use a loader in a `with` block, or call
+    close(), to release its worker processes or pipelines.
     """
 
     backend = "base"
+    prefetch_depth = 0        # batches the backend prepares ahead of the consumer
 
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
         self.manifest_size = len(spec.entries)
         self.epoch, self.skip_batches = 0, 0
+        self.build_seconds = 0.0  # time spent building pipelines (benchmarks report it)
+        self.pipelines_built = 0
+        self._orders: dict[int, np.ndarray] = {}
+        self._plans: dict[int, Plan] = {}
 
     def __len__(self) -> int:
         s = self.spec
@@ -52,7 +77,7 @@ class Loader:
         return sharding.eval_batches(self.manifest_size, s.shard_index, s.shard_count, s.batch_size)
 
     @property
-    def num_samples(self) -> int:
+    def images_per_epoch(self) -> int:
         """Images this shard yields per epoch."""
         s = self.spec
         if s.train:
@@ -64,25 +89,51 @@ class Loader:
 
         skip_batches: start that epoch after its first batches, as a run
         resumed mid-epoch must (training only; the rest of the epoch is read
-        in the same order as without the skip).
+        in the same order and with the same crops as without the skip).
         """
         if skip_batches and not self.spec.train:
             raise ValueError("skip_batches applies to training loaders only")
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def _epoch_positions(self) -> list[int]:
-        """Manifest positions this shard reads in the current epoch, after any skipped batches."""
-        s = self.spec
-        if s.train:
-            order = sharding.train_order(self.manifest_size, s.seed, self.epoch, s.shard_index, s.shard_count)
-            return order[self.skip_batches * s.batch_size:]
-        return list(sharding.eval_shard_range(self.manifest_size, s.shard_index, s.shard_count))
+    # ------------------------------------------------------------ plans
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """Manifest positions this shard reads in `epoch`, in order."""
+        if epoch not in self._orders:
+            s = self.spec
+            if s.train:
+                order = sharding.train_order(self.manifest_size, s.seed, epoch, s.shard_index, s.shard_count)
+            else:
+                order = sharding.eval_shard_range(self.manifest_size, s.shard_index, s.shard_count)
+            self._orders = {epoch: np.asarray(order, dtype=np.int64)}  # one epoch at a time is all we need
+        return self._orders[epoch]
+
+    def _epoch_plan(self, epoch: int) -> Plan:
+        """The plan of every image of the manifest in `epoch` (vectorised; computed once an epoch)."""
+        if epoch not in self._plans:
+            s = self.spec
+            self._plans = {epoch: make_plan(s.transform, s.widths, s.heights, seed=s.seed, epoch=epoch)}
+        return self._plans[epoch]
+
+    def batch_plan(self, epoch: int, index: int) -> BatchPlan:
+        """Batch `index` of `epoch`: its images (the last evaluation batch may be short) and their plans."""
+        size = self.spec.batch_size
+        positions = self._epoch_order(epoch)[index * size:(index + 1) * size]
+        return BatchPlan(epoch, index, positions, self._epoch_plan(epoch).take(positions))
 
     def _end_epoch(self) -> None:
         self.set_epoch(self.epoch + 1)
+
+    # ------------------------------------------------------------ iteration and lifetime
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
     def close(self) -> None:
         """Release worker processes or pipelines; the loader is unusable afterwards."""
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

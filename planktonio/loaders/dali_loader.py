@@ -1,53 +1,68 @@
 """The DALI backend: decode and augment with NVIDIA DALI, on the GPU or the CPU.
 
-Where a batch is decoded: `_build_pipeline`, in `fn.decoders.*`; with
-decode="gpu" DALI's "mixed" decoder parses on the CPU and decodes with
-nvJPEG on the GPU (and the hardware JPEG decoder on A100/H100/H200).
-Where it is augmented: the same function, `fn.resize` and
-`fn.crop_mirror_normalize`, read from the shared `Transform`.
+One pipeline per loader for the whole run. Its input is an endless stream
+of batches fed from Python (`PlanFeed`, through fn.external_source): for
+each batch the file names, labels, crop boxes and flips of its images, as
+small per-batch arrays computed from the shared plans (planktonio/plans.py).
+Inside the pipeline, all in C++:
+- fn.io.file.read reads the files;
+- where a batch is decoded: fn.decoders.image_slice decodes only the planned
+  box (a region-of-interest decode; decode="gpu" uses DALI's "mixed"
+  decoder: nvJPEG on the GPU, and the hardware JPEG decoder on
+  A100/H100/H200);
+- where it is augmented: fn.resize to size x size, then
+  fn.crop_mirror_normalize flips (per the plan) and normalises.
 
-Epoch rules (see sharding.py):
-- evaluation: one pipeline for the whole run; DALI's reader shards the
-  manifest (shard_id/num_shards), pads each shard's last batch
-  (pad_last_batch) and the iterator trims the padding (PARTIAL +
-  reader_name), so every image is seen exactly once.
-- training: a pipeline per epoch, reading the epoch's list of files from
-  sharding.train_order. DALI's own shuffling cannot do this job: its
-  buffer shuffle (random_shuffle) only mixes ~1,000 neighbouring files of a
-  class-sorted manifest, and with shuffle_after_epoch the shards of
-  different ranks overlapped from the second epoch on (measured here, DALI
-  2.4, shard sizes not a multiple of the batch). An explicit list gives
-  disjoint shards, the same order as the torchvision backend, and an order
-  and augmentation stream that depend only on (seed, epoch, rank), so a
-  resumed run reads what an uninterrupted one would. The price is building
-  a pipeline per epoch (`build_seconds` records it).
+The stream runs across epoch boundaries: after batch n-1 of epoch e the
+feed goes on with batch 0 of epoch e+1, so DALI prefetches the next epoch's
+first batches while the consumer finishes this one, and an epoch boundary
+costs no more than any other batch. If the consumer asks for something else
+(a resume at batch k, an epoch abandoned half-way), the feed is redirected
+and the few batches already in flight are read and dropped: still the same
+pipeline. Nothing in the pipeline is random, so any batch of any epoch can
+be replayed exactly, which is what makes resume exact.
+
+Evaluation uses the same pipeline shape: batch k of shard i is a slice of
+the shard's contiguous range of the manifest (sharding.py), the last one
+short, so every image is seen exactly once per epoch across the shards.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .base import Loader, LoaderSpec
 
-READER_NAME = "Reader"
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the consumer
 
-# Preallocation for the mixed decoder, from DALI's ResNet-50 example: without
-# it nvJPEG's buffers grow batch by batch to a high-water mark, and the first
-# epochs pay for reallocations.
-MIXED_DECODER_HINTS = {
-    "device_memory_padding": 211_025_920,
-    "host_memory_padding": 140_544_512,
-    "preallocate_width_hint": 512,
-    "preallocate_height_hint": 512,
-}
+
+def decoder_hints(spec: LoaderSpec) -> dict:
+    """Preallocation for the mixed decoder, sized for this split's largest image.
+
+    Without it nvJPEG's buffers grow batch by batch to a high-water mark. DALI's
+    ResNet-50 example reserves 211 MB of device and 2 x 140 MB of pinned host
+    memory per thread for ImageNet's largest images; a 255 x 255 plankton image
+    is 195 KB decoded. The paddings are per thread, so this keeps a 16-thread
+    process at a few MB instead of about 3.4 GB of GPU memory. Twice the
+    largest image leaves room for nvJPEG's row pitch and alignment.
+    """
+    largest = int((spec.widths * spec.heights).max()) * 3 if len(spec.widths) else 0
+    padding = max(2 * largest, 1 << 20)
+    return {
+        "device_memory_padding": padding,
+        "host_memory_padding": padding,
+        "preallocate_width_hint": int(spec.widths.max()) if len(spec.widths) else 0,
+        "preallocate_height_hint": int(spec.heights.max()) if len(spec.heights) else 0,
+    }
 
 
-def _build_pipeline(spec: LoaderSpec, decode: str, files: list[str] | None, labels: list[int] | None,
-                    seed: int):
+def build_pipeline(spec: LoaderSpec, decode: str, feed):
+    """The DALI pipeline: read, ROI-decode, resize, flip and normalise each fed batch."""
     # Imported here so that `import planktonio` stays light and DALI's start-up
     # cost is paid only by runs that use it.
     from nvidia.dali import fn, pipeline_def, types
@@ -55,35 +70,21 @@ def _build_pipeline(spec: LoaderSpec, decode: str, files: list[str] | None, labe
     t, out = spec.transform, spec.output
     on_gpu = spec.device.type == "cuda"
     decoder_device = "mixed" if decode == "gpu" else "cpu"
-    hints = MIXED_DECODER_HINTS if decode == "gpu" else {}
-    if files is None:  # evaluation: DALI shards the manifest itself
-        source = {"file_root": str(spec.dataset.root), "file_list": str(spec.dataset.manifest(spec.split)),
-                  "shard_id": spec.shard_index, "num_shards": spec.shard_count,
-                  "stick_to_shard": True, "pad_last_batch": True}
-    else:  # training: this epoch's files, already in order and sharded
-        source = {"files": files, "labels": labels}
+    hints = decoder_hints(spec) if decode == "gpu" else {}
 
     @pipeline_def
     def pipeline():
-        jpegs, labels = fn.readers.file(name=READER_NAME, **source)
-        if t.crop == "random_resized":
-            # Decodes only the randomly chosen region: less work than decode-then-crop.
-            images = fn.decoders.image_random_crop(
-                jpegs, device=decoder_device, output_type=types.RGB,
-                random_area=list(t.scale), random_aspect_ratio=list(t.ratio), num_attempts=10, **hints)
-            images = fn.resize(images, resize_x=t.size, resize_y=t.size, antialias=True)
-            crop = None
-        else:
-            images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, **hints)
-            images = fn.resize(images, resize_shorter=t.resize, antialias=True)
-            crop = (t.size, t.size)
+        names, labels, anchors, shapes, flips = fn.external_source(source=feed, num_outputs=5, batch=True)
+        encoded = fn.io.file.read(names)
+        # anchor = (x, y), shape = (width, height) in source pixels: the plan's box.
+        images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", device=decoder_device,
+                                         output_type=types.RGB, **hints)
+        images = fn.resize(images, resize_x=t.size, resize_y=t.size, antialias=True)
         if on_gpu and decoder_device == "cpu":
             images = images.gpu()  # DALI CPU decode, normalise on the GPU, as torchvision does
-        mirror = fn.random.coin_flip(probability=t.hflip) if t.hflip > 0 else 0
         images = fn.crop_mirror_normalize(
             images,
-            crop=crop,
-            mirror=mirror,
+            mirror=flips,
             mean=[255 * m for m in t.mean],
             std=[255 * s for s in t.std],
             dtype=types.FLOAT16 if out.dtype == "float16" else types.FLOAT,
@@ -93,62 +94,93 @@ def _build_pipeline(spec: LoaderSpec, decode: str, files: list[str] | None, labe
             labels = labels.gpu()
         return images, labels
 
-    return pipeline(batch_size=spec.batch_size, num_threads=spec.workers,
+    return pipeline(batch_size=spec.batch_size, num_threads=spec.threads,
                     device_id=(spec.device.index or 0) if on_gpu else None,
-                    seed=seed, prefetch_queue_depth=PREFETCH_DEPTH)
+                    prefetch_queue_depth=PREFETCH_DEPTH)
+
+
+class PlanFeed:
+    """The pipeline's source: batch after batch of (epoch, index), across epoch boundaries.
+
+    DALI calls it (in this process, on the thread that asks for outputs)
+    each time it starts preparing a batch; `in_flight` remembers which batch
+    each call produced until the consumer receives it.
+    """
+
+    def __init__(self, loader: "DaliLoader"):
+        self.loader = loader
+        self.next_batch = (0, 0)        # (epoch, index) the next call produces
+        self.in_flight: deque[tuple[int, int]] = deque()
+        # File names as byte arrays, made once: fn.io.file.read takes them so.
+        root = str(loader.spec.dataset.root)
+        self.names = [np.frombuffer(f"{root}/{path}".encode(), dtype=np.uint8) for path, _ in loader.spec.entries]
+        self.labels = np.array([label for _, label in loader.spec.entries], dtype=np.int32)
+
+    def upcoming(self) -> tuple[int, int]:
+        """The batch the consumer would receive next."""
+        return self.in_flight[0] if self.in_flight else self.next_batch
+
+    def __call__(self):
+        epoch, index = self.next_batch
+        if index >= len(self.loader):
+            epoch, index = epoch + 1, 0
+        batch = self.loader.batch_plan(epoch, index)
+        self.in_flight.append((epoch, index))
+        self.next_batch = (epoch, index + 1)
+        plan, positions = batch.plan, batch.positions
+        return ([self.names[p] for p in positions.tolist()],
+                self.labels[positions].reshape(-1, 1),
+                np.stack([plan.x, plan.y], axis=1).astype(np.int32),
+                np.stack([plan.width, plan.height], axis=1).astype(np.int32),
+                plan.flip.astype(np.int32))
 
 
 class DaliLoader(Loader):
-    """Batches from a DALI pipeline; decode="gpu" (mixed decoder) or "cpu"."""
+    """Batches from one DALI pipeline; decode="gpu" (mixed decoder) or "cpu"."""
+
+    prefetch_depth = PREFETCH_DEPTH
 
     def __init__(self, spec: LoaderSpec, decode: str):
         super().__init__(spec)
         self.decode = decode
         self.backend = f"dali-{decode}"
-        self._eval_iterator = None
-        self.build_seconds = 0.0  # time spent building pipelines, for the benchmarks
+        self.feed = PlanFeed(self)
+        self._iterator = None
+        self.batches_dropped = 0  # read and thrown away after a redirect (resume, abandoned epoch)
 
-    def _iterator(self, files=None, labels=None, seed=0):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    def _batches_from(self, epoch: int, index: int):
+        """The pipeline's output iterator, positioned so that its next batch is (epoch, index)."""
+        if self._iterator is None:
+            from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        start = time.perf_counter()
-        pipe = _build_pipeline(self.spec, self.decode, files, labels, seed)
-        iterator = DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name=READER_NAME, auto_reset=True,
-            last_batch_policy=LastBatchPolicy.DROP if files is not None else LastBatchPolicy.PARTIAL)
-        self.build_seconds += time.perf_counter() - start
-        return iterator
-
-    def _epoch_iterator(self):
-        s = self.spec
-        if not s.train:
-            if self._eval_iterator is None:  # built on first use: building allocates decoder memory
-                self._eval_iterator = self._iterator(seed=s.seed)
-            return self._eval_iterator
-        entries = s.entries
-        order = self._epoch_positions()
-        if not order:  # a resume that skips the whole epoch: nothing left to read
-            return iter(())
-        root = s.dataset.root
-        # Augmentation randomness: a function of (seed, epoch, rank), different on every rank.
-        seed = (s.seed * 1_000_003 + self.epoch * 1_009 + s.shard_index) % (2**31)
-        return self._iterator([str(root / entries[i][0]) for i in order], [entries[i][1] for i in order], seed)
+            start = time.perf_counter()
+            self.feed.next_batch = (epoch, index)
+            pipe = build_pipeline(self.spec, self.decode, self.feed)
+            # size=-1: an endless stream; this loader counts the batches of an epoch.
+            self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False)
+            self.build_seconds += time.perf_counter() - start
+            self.pipelines_built += 1
+        elif self.feed.upcoming() != (epoch, index):
+            stale = len(self.feed.in_flight)
+            self.feed.next_batch = (epoch, index)
+            for _ in range(stale):  # already being decoded: read and drop them
+                next(self._iterator)
+                self.feed.in_flight.popleft()
+            self.batches_dropped += stale
+        return self._iterator
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for outputs in self._epoch_iterator():
-            images, labels = outputs[0]["images"], outputs[0]["labels"]
-            # An evaluation shard shorter than the longest one ends with an
-            # all-padding batch that PARTIAL trims to nothing.
-            if images.shape[0] == 0:
-                continue
-            if self.spec.output.layout == "NHWC":
-                images = images.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last
-            yield images, labels.view(-1).long()
+        epoch, first = self.epoch, self.skip_batches
+        if first < len(self):  # else nothing is left of this epoch (a resume that skips all of it)
+            outputs = self._batches_from(epoch, first)
+            for index in range(first, len(self)):
+                batch = next(outputs)[0]
+                assert self.feed.in_flight.popleft() == (epoch, index), "DALI batches out of order"
+                images, labels = batch["images"], batch["labels"]
+                if self.spec.output.layout == "NHWC":
+                    images = images.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last
+                yield images, labels.view(-1).long()
         self._end_epoch()
 
-    @property
-    def prefetch_depth(self) -> int:
-        return PREFETCH_DEPTH
-
     def close(self) -> None:
-        self._eval_iterator = None
+        self._iterator = None

@@ -2,14 +2,15 @@
 
 Where a batch is decoded: `ManifestDataset.__getitem__`, in DataLoader worker
 processes, with torchvision.io (libjpeg-turbo). Where it is augmented: the
-same place, with transforms.v2 built from the shared `Transform`, on uint8
-tensors. Normalisation and the float conversion happen after the copy to the
+same place, `apply_plan`: the image's planned box (planktonio/plans.py) is
+cut out, resized with torchvision's antialiased bilinear resize and flipped
+if planned, on uint8 tensors. Normalisation and the float conversion happen after the copy to the
 device (`Normalizer`), as in timm's PrefetchLoader: a uint8 batch is a
 quarter of the bytes of a float32 one, and the GPU does the arithmetic.
 
-Randomness: each image's augmentation is seeded by (seed, epoch, index), so a
-batch does not depend on the number of workers, their persistence, or on
-whether the run was resumed mid-way.
+Randomness: none here. The sampler hands each worker an image's position
+together with its plan, so a batch does not depend on the number of
+workers, their persistence, or on whether the run was resumed mid-way.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from ..dataset import TORCHVISION_DECODES
 from ..transforms import Output, Transform
@@ -34,15 +35,12 @@ log = logging.getLogger(__name__)
 PREFETCH_FACTOR = 2  # batches in flight per worker (DataLoader's default)
 
 
-def build_transform(t: Transform) -> v2.Compose:
-    """The shared Transform as torchvision ops on a uint8 C x H x W tensor."""
-    if t.crop == "random_resized":
-        steps = [v2.RandomResizedCrop(t.size, scale=t.scale, ratio=t.ratio, antialias=True)]
-    else:
-        steps = [v2.Resize(t.resize, antialias=True), v2.CenterCrop(t.size)]
-    if t.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(t.hflip))
-    return v2.Compose(steps)
+def apply_plan(image: torch.Tensor, box: tuple[int, int, int, int, int], size: int) -> torch.Tensor:
+    """Crop the plan's box out of a uint8 C x H x W image, resize it to size x size, flip if planned."""
+    x, y, w, h, flip = box
+    crop = image[:, y:y + h, x:x + w]
+    resized = F.resize(crop, [size, size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    return resized.flip(-1) if flip else resized
 
 
 class Normalizer:
@@ -62,28 +60,32 @@ class Normalizer:
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """Decode to uint8 3 x H x W: torchvision.io (libjpeg-turbo) for JPEG/PNG, PIL for TIFF/BMP."""
+    """Decode to uint8 3 x H x W with its EXIF orientation applied, as DALI's decoders do.
+
+    torchvision.io (libjpeg-turbo) for JPEG/PNG, PIL for TIFF/BMP.
+    """
     if os.path.splitext(path)[1].lower() in TORCHVISION_DECODES:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     with Image.open(path) as image:
-        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+        return torch.from_numpy(np.asarray(upright).copy()).permute(2, 0, 1).contiguous()
 
 
 class ManifestDataset(Dataset):
-    """Images listed in a manifest; indexed by (index, epoch) pairs from EpochSampler."""
+    """Images listed in a manifest, each fetched with its plan: key = (position, (x, y, w, h, flip))."""
 
-    def __init__(self, root, entries: list[tuple[str, int]], transform: Transform, seed: int):
+    def __init__(self, root, entries: list[tuple[str, int]], widths, heights, size: int):
         self.root = str(root)
         self.entries = entries
-        self.transform = build_transform(transform)
-        self.seed = seed
+        self.sizes = list(zip(widths.tolist(), heights.tolist()))
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key
-        path, label = self.entries[index]
+    def __getitem__(self, key: tuple[int, tuple[int, int, int, int, int]]):
+        position, box = key
+        path, label = self.entries[position]
         full_path = f"{self.root}/{path}"
         try:
             image = decode_rgb(full_path)
@@ -92,11 +94,11 @@ class ManifestDataset(Dataset):
             # and skipped, not allowed to end a run hours in.
             log.warning("skipping %s: cannot decode (%s)", full_path, error)
             return None
-        # fork_rng: with workers=0 this runs in the training process, whose
-        # global RNG (dropout) must not be reseeded by the data pipeline.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
-            return self.transform(image), label
+        if (image.shape[2], image.shape[1]) != self.sizes[position]:
+            log.warning("skipping %s: %d x %d px, but prepare recorded %d x %d (the file changed since; "
+                        "rerun prepare)", full_path, image.shape[2], image.shape[1], *self.sizes[position])
+            return None
+        return apply_plan(image, box, self.size), label
 
 
 def collate_skipping_bad(samples):
@@ -107,18 +109,22 @@ def collate_skipping_bad(samples):
     return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long)
 
 
-class EpochSampler(Sampler):
-    """Yields (index, epoch) pairs: the loader's positions for its current epoch."""
+class PlannedSampler(Sampler):
+    """Yields the loader's current epoch as (position, box) keys: every batch's images with their plans."""
 
     def __init__(self, loader: "TorchvisionLoader"):
         self.loader = loader
 
     def __iter__(self):
-        epoch = self.loader.epoch
-        return iter([(index, epoch) for index in self.loader._epoch_positions()])
+        loader = self.loader
+        for index in range(loader.skip_batches, len(loader)):
+            batch = loader.batch_plan(loader.epoch, index)
+            for i, position in enumerate(batch.positions.tolist()):
+                yield position, batch.plan.box(i)
 
     def __len__(self) -> int:
-        return self.loader.num_samples - self.loader.skip_batches * self.loader.spec.batch_size
+        loader = self.loader
+        return loader.images_per_epoch - loader.skip_batches * loader.spec.batch_size
 
 
 class TorchvisionLoader(Loader):
@@ -128,11 +134,12 @@ class TorchvisionLoader(Loader):
 
     def __init__(self, spec: LoaderSpec):
         super().__init__(spec)
-        self.sampler = EpochSampler(self)
+        self.prefetch_depth = spec.workers * PREFETCH_FACTOR  # batches the workers prepare ahead
+        self.sampler = PlannedSampler(self)
         self.normalize = Normalizer(spec.transform, spec.output, spec.device)
         on_gpu = spec.device.type == "cuda"
         self.dataloader = DataLoader(
-            ManifestDataset(spec.dataset.root, spec.entries, spec.transform, spec.seed),
+            ManifestDataset(spec.dataset.root, spec.entries, spec.widths, spec.heights, spec.transform.size),
             batch_size=spec.batch_size,
             sampler=self.sampler,
             num_workers=spec.workers,
@@ -145,11 +152,6 @@ class TorchvisionLoader(Loader):
             # RNG, which dropout uses and a resumed run restores.
             generator=torch.Generator(),
         )
-
-    @property
-    def prefetch_depth(self) -> int:
-        """Batches the workers prepare ahead of the consumer."""
-        return self.spec.workers * PREFETCH_FACTOR
 
     def _host_batches(self):
         for images, labels in self.dataloader:

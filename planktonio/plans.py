@@ -1,0 +1,129 @@
+"""Augmentation plans: where each image is cropped and whether it is flipped, decided once for every backend.
+
+A plan gives, for each image of a manifest, a crop box in the source
+image's own pixels (x, y, width, height) and a horizontal flip. Every loader
+backend applies the plan and nothing else: crop the box, resize it to
+size x size, flip. So the backends do exactly the same work on exactly the
+same pixels, their outputs can be compared image by image, and a resumed run
+sees the crops an uninterrupted one would.
+
+- Training (crop="random_resized"): torchvision's RandomResizedCrop
+  algorithm, vectorised over the manifest: up to 10 attempts of an area
+  fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`; the
+  first box that fits wins, placed uniformly; if none fits, the centre crop
+  clamped to `ratio` (its fallback). The random numbers are a pure function
+  of (seed, epoch, manifest position): not of the rank, the world size, the
+  order of reading, or the process.
+- Evaluation (crop="center"): the square that "resize the shorter side to
+  `resize`, then cut the central size x size" covers, in source pixels.
+
+Image sizes come from `prepare`, which decodes every image once and records
+them (PreparedDataset.image_sizes), so no backend has to look at a file to
+know its plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .transforms import Transform
+
+ATTEMPTS = 10  # RandomResizedCrop's number of tries before its fallback
+# Uniform numbers drawn per image: (area, log-ratio) per attempt, then row, column, flip.
+_DRAWS = 2 * ATTEMPTS + 3
+# Keeps plan streams apart from any other use of (seed, epoch) as a seed.
+_PLAN_STREAM = 0x9E3779B9
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Crop boxes and flips for a set of images: int64 arrays of equal length."""
+
+    x: np.ndarray       # left column of the box
+    y: np.ndarray       # top row
+    width: np.ndarray
+    height: np.ndarray
+    flip: np.ndarray    # 1: mirror horizontally after cropping
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, positions) -> "Plan":
+        """The plans of some images, in the order given."""
+        return Plan(self.x[positions], self.y[positions], self.width[positions], self.height[positions],
+                    self.flip[positions])
+
+    def box(self, i: int) -> tuple[int, int, int, int, int]:
+        """(x, y, width, height, flip) of one image, as Python ints."""
+        return int(self.x[i]), int(self.y[i]), int(self.width[i]), int(self.height[i]), int(self.flip[i])
+
+
+def epoch_uniforms(seed: int, epoch: int, count: int) -> np.ndarray:
+    """count x _DRAWS uniform numbers in [0, 1): row p belongs to manifest position p, in every process."""
+    generator = np.random.Generator(np.random.Philox(key=[seed & 0xFFFF_FFFF_FFFF_FFFF, _PLAN_STREAM],
+                                                     counter=[0, 0, epoch & 0xFFFF_FFFF_FFFF_FFFF, 0]))
+    return generator.random((count, _DRAWS))
+
+
+def random_resized_crop(widths: np.ndarray, heights: np.ndarray, uniforms: np.ndarray,
+                        scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """RandomResizedCrop's boxes (x, y, w, h) for images of the given sizes, from given uniform numbers.
+
+    Follows torchvision.transforms.v2.RandomResizedCrop.make_params: w and h
+    rounded to the nearest integer, accepted when 0 < w <= width and
+    0 < h <= height, the box's corner drawn uniformly among the positions
+    that fit.
+    """
+    widths = np.asarray(widths, dtype=np.int64)
+    heights = np.asarray(heights, dtype=np.int64)
+    area = (widths * heights).astype(np.float64)[:, None]
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    target = area * (scale[0] + (scale[1] - scale[0]) * uniforms[:, 0:2 * ATTEMPTS:2])
+    aspect = np.exp(log_low + (log_high - log_low) * uniforms[:, 1:2 * ATTEMPTS:2])
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)  # rint: round half to even, as Python's round
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+    found = fits.any(axis=1)
+    first = fits.argmax(axis=1)
+    rows = np.arange(len(widths))
+    w, h = w[rows, first], h[rows, first]
+
+    # The fallback: the whole image, its aspect ratio clamped into `ratio`, centred.
+    in_ratio = widths / heights
+    fallback_w = np.where(in_ratio < ratio[0], widths,
+                          np.where(in_ratio > ratio[1], np.rint(heights * ratio[1]).astype(np.int64), widths))
+    fallback_h = np.where(in_ratio < ratio[0], np.rint(widths / ratio[0]).astype(np.int64),
+                          heights)
+    w = np.where(found, w, fallback_w)
+    h = np.where(found, h, fallback_h)
+    row_u, col_u = uniforms[:, 2 * ATTEMPTS], uniforms[:, 2 * ATTEMPTS + 1]
+    y = np.where(found, np.floor(row_u * (heights - h + 1)).astype(np.int64), (heights - h) // 2)
+    x = np.where(found, np.floor(col_u * (widths - w + 1)).astype(np.int64), (widths - w) // 2)
+    return x, y, w, h
+
+
+def center_crop(widths: np.ndarray, heights: np.ndarray, size: int, resize: int) -> tuple[np.ndarray, ...]:
+    """The central square that resize-shorter-side-to-`resize` then centre-crop-`size` keeps, in source pixels."""
+    widths = np.asarray(widths, dtype=np.int64)
+    heights = np.asarray(heights, dtype=np.int64)
+    side = np.maximum(1, np.rint(np.minimum(widths, heights) * (size / resize)).astype(np.int64))
+    return (widths - side) // 2, (heights - side) // 2, side, side
+
+
+def make_plan(transform: Transform, widths, heights, *, seed: int, epoch: int) -> Plan:
+    """The plan of every image of a manifest (position p: widths[p] x heights[p]) for one epoch."""
+    widths = np.asarray(widths, dtype=np.int64)
+    heights = np.asarray(heights, dtype=np.int64)
+    if transform.crop == "center":
+        x, y, w, h = center_crop(widths, heights, transform.size, transform.resize)
+        no_flip = np.zeros(len(widths), dtype=np.int64)
+        if transform.hflip == 0:
+            return Plan(x, y, w, h, no_flip)
+        uniforms = epoch_uniforms(seed, epoch, len(widths))
+        return Plan(x, y, w, h, (uniforms[:, -1] < transform.hflip).astype(np.int64))
+    uniforms = epoch_uniforms(seed, epoch, len(widths))
+    x, y, w, h = random_resized_crop(widths, heights, uniforms, transform.scale, transform.ratio)
+    return Plan(x, y, w, h, (uniforms[:, -1] < transform.hflip).astype(np.int64))
