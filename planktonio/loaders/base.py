@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -43,6 +44,46 @@ class BatchPlan:
     index: int           # the batch's number within its epoch
     positions: np.ndarray
     plan: Plan
+
+
+class BatchStream:
+    """Batch after batch, (epoch, index), across epoch boundaries: what a prefetching backend is fed.
+
+    A backend that prepares batches ahead (DALI's pipeline, DataLoader
+    workers) takes them from here with `advance()`; after batch n-1 of
+    epoch e comes batch 0 of epoch e+1, so the next epoch is prepared while
+    this one ends and a boundary costs no more than any batch. `in_flight`
+    remembers what was handed out and not yet received, oldest first.
+    """
+
+    def __init__(self, loader: "Loader"):
+        self.loader = loader
+        self.next_batch = (0, 0)   # (epoch, index) that advance() hands out next
+        self.in_flight: deque[tuple[int, int]] = deque()
+
+    def upcoming(self) -> tuple[int, int]:
+        """The batch the consumer would receive next."""
+        return self.in_flight[0] if self.in_flight else self.next_batch
+
+    def redirect(self, epoch: int, index: int) -> int:
+        """Hand out (epoch, index) and what follows from now on; returns how many batches were in flight."""
+        stale = len(self.in_flight)
+        self.next_batch = (epoch, index)
+        return stale
+
+    def advance(self) -> BatchPlan:
+        epoch, index = self.next_batch
+        if index >= len(self.loader):
+            epoch, index = epoch + 1, 0
+        self.in_flight.append((epoch, index))
+        self.next_batch = (epoch, index + 1)
+        return self.loader.batch_plan(epoch, index)
+
+    def received(self, epoch: int, index: int) -> None:
+        """The consumer got the oldest batch in flight, which must be (epoch, index)."""
+        got = self.in_flight.popleft()
+        if got != (epoch, index):
+            raise RuntimeError(f"{self.loader.backend}: expected batch {(epoch, index)}, got {got}")
 
 
 class Loader:

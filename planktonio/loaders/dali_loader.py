@@ -30,13 +30,12 @@ short, so every image is seen exactly once per epoch across the shards.
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .base import Loader, LoaderSpec
+from .base import BatchStream, Loader, LoaderSpec
 
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the consumer
 
@@ -100,33 +99,21 @@ def build_pipeline(spec: LoaderSpec, decode: str, feed):
 
 
 class PlanFeed:
-    """The pipeline's source: batch after batch of (epoch, index), across epoch boundaries.
+    """The pipeline's source: the next batch of the loader's BatchStream, as per-batch arrays.
 
     DALI calls it (in this process, on the thread that asks for outputs)
-    each time it starts preparing a batch; `in_flight` remembers which batch
-    each call produced until the consumer receives it.
+    each time it starts preparing a batch.
     """
 
     def __init__(self, loader: "DaliLoader"):
-        self.loader = loader
-        self.next_batch = (0, 0)        # (epoch, index) the next call produces
-        self.in_flight: deque[tuple[int, int]] = deque()
+        self.stream = BatchStream(loader)
         # File names as byte arrays, made once: fn.io.file.read takes them so.
         root = str(loader.spec.dataset.root)
         self.names = [np.frombuffer(f"{root}/{path}".encode(), dtype=np.uint8) for path, _ in loader.spec.entries]
         self.labels = np.array([label for _, label in loader.spec.entries], dtype=np.int32)
 
-    def upcoming(self) -> tuple[int, int]:
-        """The batch the consumer would receive next."""
-        return self.in_flight[0] if self.in_flight else self.next_batch
-
     def __call__(self):
-        epoch, index = self.next_batch
-        if index >= len(self.loader):
-            epoch, index = epoch + 1, 0
-        batch = self.loader.batch_plan(epoch, index)
-        self.in_flight.append((epoch, index))
-        self.next_batch = (epoch, index + 1)
+        batch = self.stream.advance()
         plan, positions = batch.plan, batch.positions
         return ([self.names[p] for p in positions.tolist()],
                 self.labels[positions].reshape(-1, 1),
@@ -154,18 +141,18 @@ class DaliLoader(Loader):
             from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
             start = time.perf_counter()
-            self.feed.next_batch = (epoch, index)
+            self.feed.stream.redirect(epoch, index)
             pipe = build_pipeline(self.spec, self.decode, self.feed)
             # size=-1: an endless stream; this loader counts the batches of an epoch.
             self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False)
             self.build_seconds += time.perf_counter() - start
             self.pipelines_built += 1
-        elif self.feed.upcoming() != (epoch, index):
-            stale = len(self.feed.in_flight)
-            self.feed.next_batch = (epoch, index)
+        elif self.feed.stream.upcoming() != (epoch, index):
+            stream = self.feed.stream
+            stale = stream.redirect(epoch, index)
             for _ in range(stale):  # already being decoded: read and drop them
                 next(self._iterator)
-                self.feed.in_flight.popleft()
+                stream.received(*stream.in_flight[0])
             self.batches_dropped += stale
         return self._iterator
 
@@ -175,7 +162,7 @@ class DaliLoader(Loader):
             outputs = self._batches_from(epoch, first)
             for index in range(first, len(self)):
                 batch = next(outputs)[0]
-                assert self.feed.in_flight.popleft() == (epoch, index), "DALI batches out of order"
+                self.feed.stream.received(epoch, index)
                 images, labels = batch["images"], batch["labels"]
                 if self.spec.output.layout == "NHWC":
                     images = images.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last

@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as F
 
 from ..dataset import TORCHVISION_DECODES
 from ..transforms import Output, Transform
-from .base import Loader, LoaderSpec
+from .base import BatchStream, Loader, LoaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +109,20 @@ def collate_skipping_bad(samples):
     return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long)
 
 
-class PlannedSampler(Sampler):
-    """Yields the loader's current epoch as (position, box) keys: every batch's images with their plans."""
+class PlannedBatches(Sampler):
+    """The DataLoader's batch sampler: the loader's BatchStream, endless, as lists of (position, box) keys.
 
-    def __init__(self, loader: "TorchvisionLoader"):
-        self.loader = loader
+    One DataLoader iterator serves the whole run, so the workers prefetch the
+    next epoch's first batches while this epoch ends.
+    """
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
 
     def __iter__(self):
-        loader = self.loader
-        for index in range(loader.skip_batches, len(loader)):
-            batch = loader.batch_plan(loader.epoch, index)
-            for i, position in enumerate(batch.positions.tolist()):
-                yield position, batch.plan.box(i)
-
-    def __len__(self) -> int:
-        loader = self.loader
-        return loader.images_per_epoch - loader.skip_batches * loader.spec.batch_size
+        while True:
+            batch = self.stream.advance()
+            yield [(position, batch.plan.box(i)) for i, position in enumerate(batch.positions.tolist())]
 
 
 class TorchvisionLoader(Loader):
@@ -135,42 +133,47 @@ class TorchvisionLoader(Loader):
     def __init__(self, spec: LoaderSpec):
         super().__init__(spec)
         self.prefetch_depth = spec.workers * PREFETCH_FACTOR  # batches the workers prepare ahead
-        self.sampler = PlannedSampler(self)
+        self.stream = BatchStream(self)
         self.normalize = Normalizer(spec.transform, spec.output, spec.device)
-        on_gpu = spec.device.type == "cuda"
         self.dataloader = DataLoader(
             ManifestDataset(spec.dataset.root, spec.entries, spec.widths, spec.heights, spec.transform.size),
-            batch_size=spec.batch_size,
-            sampler=self.sampler,
+            batch_sampler=PlannedBatches(self.stream),
             num_workers=spec.workers,
             collate_fn=collate_skipping_bad,
-            pin_memory=on_gpu,  # page-locked buffers make the copy asynchronous
-            drop_last=spec.train,
+            pin_memory=spec.device.type == "cuda",  # page-locked buffers make the copy asynchronous
             persistent_workers=spec.workers > 0,
             prefetch_factor=PREFETCH_FACTOR if spec.workers > 0 else None,
-            # Its own generator: the DataLoader must not draw from the global
-            # RNG, which dropout uses and a resumed run restores.
+            # Its own generator: the DataLoader must not draw its workers' base
+            # seed from the global RNG, which dropout uses and a resumed run restores.
             generator=torch.Generator(),
         )
+        self._batches = None
 
-    def _host_batches(self):
-        for images, labels in self.dataloader:
+    def _host_batches(self, epoch: int, first: int):
+        """Batches first..n-1 of `epoch` as uint8 on the host (a batch whose every file broke is left out)."""
+        if self._batches is None or self.stream.upcoming() != (epoch, first):
+            self.stream.redirect(epoch, first)
+            self.stream.in_flight.clear()  # a new iterator drops what the workers had prepared
+            self._batches = iter(self.dataloader)
+        for index in range(first, len(self)):
+            images, labels = next(self._batches)
+            self.stream.received(epoch, index)
             if labels.numel():
                 yield images, labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self._host_batches(self.epoch, self.skip_batches)
         if self.spec.device.type == "cuda":
-            yield from self._prefetch_to_gpu()
+            yield from self._prefetch_to_gpu(batches)
         else:
-            for images, labels in self._host_batches():
+            for images, labels in batches:
                 yield self.normalize(images), labels
         self._end_epoch()
 
-    def _prefetch_to_gpu(self):
+    def _prefetch_to_gpu(self, batches):
         """Copy and normalise batch k+1 on a side stream while the model works on batch k."""
         device = self.spec.device
         stream = torch.cuda.Stream(device)
-        batches = self._host_batches()
 
         def stage():
             try:
@@ -195,5 +198,5 @@ class TorchvisionLoader(Loader):
 
     def close(self) -> None:
         # Ends persistent workers now rather than at interpreter exit.
+        self._batches = None
         self.dataloader = None
-
