@@ -215,11 +215,17 @@ class PrepareResult:
 
 
 def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | None = None,
-            seed: int = 0, workers: int | None = None) -> PrepareResult:
-    """Scan, validate, filter and split `source`; write manifests into `out`."""
+            seed: int = 0, workers: int | None = None, exclude: tuple[str, ...] = ()) -> PrepareResult:
+    """Scan, validate, filter and split `source`; write manifests into `out`.
+
+    exclude: class names to leave out, e.g. another prepared set's classes
+    (pretraining on the classes a later fine-tuning does not use).
+    """
     source, out = Path(source).resolve(), Path(out)
     plan = plan or SplitPlan()
-    found = scan_classes(source)
+    found = {name: files for name, files in scan_classes(source).items() if name not in set(exclude)}
+    if not found:
+        raise PlanktonioError(f"source {source}: every class folder is excluded ({len(exclude)} names)")
     all_files = [f for files in found.values() for f in files]
     checks = inspect_images(source, all_files, workers)
     rejected = {path: check.problem for path, check in checks.items() if check.problem is not None}
@@ -258,6 +264,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
         "split_sizes": {s: len(splits[s]) for s in SPLITS},
         "usable_per_class": {name: len(usable[name]) for name in kept},
         "dropped_classes": dropped,
+        "excluded_classes": sorted(exclude),
         "rejected": len(rejected),
         "min_images": min_images,
         "seed": seed,

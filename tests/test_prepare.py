@@ -141,3 +141,19 @@ def test_prepared_dataset_reports_moved_files(coloured, tmp_path):
         PreparedDataset.load(moved).check_files_exist("valid")
     with pytest.raises(PlanktonioError, match="classes.json: not found"):
         PreparedDataset.load(tmp_path)
+
+
+def test_excluding_another_sets_classes_leaves_the_rest(source, tmp_path):
+    """Pretraining data without the target's classes: `--exclude-classes-of TARGET`."""
+    target = tmp_path / "target"
+    prepare(source, target, min_images=20, plan=SplitPlan(per_class=(10, 5, 5)), workers=1)
+    run = subprocess.run([sys.executable, "-m", "planktonio", "prepare", "--source", str(source), "--out",
+                          str(tmp_path / "others"), "--fractions", "0.75,0.25,0", "--exclude-classes-of", str(target),
+                          "--workers", "1"], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    others = PreparedDataset.load(tmp_path / "others")
+    assert others.classes == ("rare",) and not set(others.classes) & set(PreparedDataset.load(target).classes)
+    assert json.loads((tmp_path / "others" / "classes.json").read_text())["excluded_classes"] == [
+        "class0", "class1", "class2"]
+    with pytest.raises(PlanktonioError, match="every class folder is excluded"):
+        prepare(source, tmp_path / "none", exclude=("class0", "class1", "class2", "rare"), workers=1)
