@@ -3,6 +3,7 @@
     python -m planktonio synth    --out DIR           # the embedded default data set
     python -m planktonio prepare  --source DIR --out DIR
     python -m planktonio square   --source DIR --out DIR --size 255
+    python -m planktonio doctor   [--json FILE]       # what this machine can run, and why not
 
 The library: `make_loader` (loaders/), one `Transform` description for every
 backend (transforms.py), dataset preparation (dataset.py).

@@ -14,11 +14,14 @@ Layout written to OUT:
     image_info.json                  per split, in manifest order: width, height
                                      (EXIF orientation applied), bytes, mtime
     rejected.csv                     path,reason,detail for every bad file
+    skipped.csv                      path,reason for every file that is not a
+                                     candidate (other extensions, top-level files)
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -44,23 +47,70 @@ DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 # ---------------------------------------------------------------- scanning
 
 
-def scan_classes(source: Path) -> dict[str, list[str]]:
-    """Map each class folder under `source` to its image files (relative paths, sorted)."""
+@dataclass
+class Scan:
+    """What a source folder holds: each class's candidate images, and every file left out, with why."""
+
+    classes: dict[str, list[str]]      # class name -> relative paths, sorted (sub-folders included)
+    skipped: dict[str, str]            # relative path -> why it is not a candidate
+
+
+def unsafe_name_reason(relpath: str) -> str | None:
+    """Why a path cannot go into a manifest line, or None.
+
+    A manifest is one "path label" per line, read by DALI's file_list and by
+    str.splitlines (which also splits at form feeds, U+2028 and other
+    separators); control characters and line breaks would split or corrupt
+    a line, so such names are refused, never mangled.
+    """
+    if len(relpath.splitlines()) != 1 or any(ord(c) < 32 or ord(c) == 127 for c in relpath):
+        return "name has a line break or control character (rename the file)"
+    if relpath != relpath.strip():
+        return "name starts or ends with whitespace (rename the file)"
+    if "\\" in relpath:
+        return "name has a backslash (rename the file)"
+    return None
+
+
+def scan_classes(source: Path) -> Scan:
+    """Each class folder under `source` (images in its sub-folders belong to it) and what is left out."""
     source = Path(source)
     if not source.is_dir():
         raise PlanktonioError(f"source {source}: no such directory")
     classes: dict[str, list[str]] = {}
-    for class_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = [
-            f"{class_dir.name}/{f.name}"
-            for f in sorted(class_dir.iterdir())
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        classes[class_dir.name] = files
+    skipped: dict[str, str] = {}
+
+    def unreadable(error: OSError):
+        raise PlanktonioError(f"{error.filename}: cannot be read ({error.strerror}); fix its permissions "
+                              f"or move it out of {source}")
+
+    try:
+        top = sorted(source.iterdir())
+    except OSError as error:
+        unreadable(error)
+    for entry in top:
+        if not entry.is_dir():
+            skipped[entry.name] = "not in a class folder"
+            continue
+        if entry.name.startswith("."):
+            skipped[entry.name + "/"] = "hidden folder"
+            continue
+        files = []
+        for folder, subfolders, names in os.walk(entry, onerror=unreadable):
+            subfolders.sort()
+            for name in sorted(names):
+                rel = Path(folder, name).relative_to(source).as_posix()
+                if name.startswith("."):
+                    skipped[rel] = "hidden file"
+                elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped[rel] = f"not an image extension ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                else:
+                    files.append(rel)
+        classes[entry.name] = sorted(files)
     if not classes:
         raise PlanktonioError(
             f"source {source}: no class folders (expected one sub-folder of images per class)")
-    return classes
+    return Scan(classes, skipped)
 
 
 # -------------------------------------------------------------- validating
@@ -74,6 +124,10 @@ class ImageCheck:
     width: int = 0
     height: int = 0
 
+
+# PIL modes of more than 8 bits per channel, which prepare refuses (square converts them).
+WIDE_MODES = {"I;16": "16-bit grey", "I;16L": "16-bit grey", "I;16B": "16-bit grey", "I;16N": "16-bit grey",
+              "I": "32-bit integer grey", "F": "32-bit float grey"}
 
 # EXIF orientations that turn the picture a quarter: width and height swap
 # once the orientation is applied, as DALI and the torchvision backend do.
@@ -96,6 +150,11 @@ def inspect_image(path: str | os.PathLike) -> ImageCheck:
             width, height = image.size
             if width < 1 or height < 1:
                 return ImageCheck(("not an image", f"size {width}x{height}"))
+            if image.mode in WIDE_MODES:
+                # The backends would read these differently (DALI scales 16 bits down to 8,
+                # torchvision keeps uint16 or clips), so none of them gets one.
+                return ImageCheck(("unsupported bit depth", f"{WIDE_MODES[image.mode]} (PIL mode {image.mode}); "
+                                   f"convert to 8 bits, e.g. with `python -m planktonio square`"))
             if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
                 width, height = height, width
     except UnidentifiedImageError:
@@ -194,6 +253,7 @@ class PrepareResult:
     rejected: dict[str, tuple[str, str]]
     usable: dict[str, int]
     dropped_classes: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """A short table: one line per kept class, then totals."""
@@ -210,7 +270,8 @@ class PrepareResult:
         lines.append(f"{'total':<{width}}  " + "  ".join(f"{v:>6}" for v in totals))
         lines.append(
             f"{len(self.classes)} classes kept, {len(self.dropped_classes)} dropped (too few images), "
-            f"{len(self.rejected)} files rejected (see {self.out / 'rejected.csv'})")
+            f"{len(self.rejected)} files rejected (see {self.out / 'rejected.csv'}), "
+            f"{len(self.skipped)} skipped as not images (see {self.out / 'skipped.csv'})")
         return "\n".join(lines)
 
 
@@ -222,13 +283,17 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     (pretraining on the classes a later fine-tuning does not use).
     """
     source, out = Path(source).resolve(), Path(out)
+    if out.exists() and not out.is_dir():
+        raise PlanktonioError(f"--out {out}: is a file, not a folder; choose another --out")
     plan = plan or SplitPlan()
-    found = {name: files for name, files in scan_classes(source).items() if name not in set(exclude)}
+    scan = scan_classes(source)
+    found = {name: files for name, files in scan.classes.items() if name not in set(exclude)}
     if not found:
         raise PlanktonioError(f"source {source}: every class folder is excluded ({len(exclude)} names)")
     all_files = [f for files in found.values() for f in files]
-    checks = inspect_images(source, all_files, workers)
-    rejected = {path: check.problem for path, check in checks.items() if check.problem is not None}
+    unsafe = {path: ("unsafe name", reason) for path in all_files if (reason := unsafe_name_reason(path))}
+    checks = inspect_images(source, [f for f in all_files if f not in unsafe], workers)
+    rejected = {**unsafe, **{path: check.problem for path, check in checks.items() if check.problem is not None}}
     usable = {name: [f for f in files if f not in rejected] for name, files in found.items()}
 
     kept = [name for name, files in usable.items() if len(files) >= min_images and len(files) > 0]
@@ -255,6 +320,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     for split in SPLITS:
         _write_atomic(out / f"{split}.txt", "".join(f"{p} {l}\n" for p, l in splits[split]))
     _write_atomic(out / "rejected.csv", _rejected_csv(source, rejected))
+    _write_atomic(out / "skipped.csv", _skipped_csv(source, scan.skipped))
     _write_atomic(out / IMAGE_INFO, json.dumps(_image_info(source, splits, checks)) + "\n")
     meta = {
         "format": FORMAT,
@@ -266,12 +332,13 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
         "dropped_classes": dropped,
         "excluded_classes": sorted(exclude),
         "rejected": len(rejected),
+        "skipped": len(scan.skipped),
         "min_images": min_images,
         "seed": seed,
         **plan.describe(),
     }
     _write_atomic(out / "classes.json", json.dumps(meta, indent=2) + "\n")
-    return PrepareResult(out, kept, splits, rejected, {n: len(usable[n]) for n in kept}, dropped)
+    return PrepareResult(out, kept, splits, rejected, {n: len(usable[n]) for n in kept}, dropped, scan.skipped)
 
 
 def _image_info(source: Path, splits: dict[str, list[tuple[str, int]]], checks: dict[str, ImageCheck]) -> dict:
@@ -294,6 +361,15 @@ def _image_info(source: Path, splits: dict[str, list[tuple[str, int]]], checks: 
     return info
 
 
+def _skipped_csv(source: Path, skipped: dict[str, str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    for path, reason in sorted(skipped.items()):
+        writer.writerow([str(source / path), reason])
+    return buffer.getvalue()
+
+
 def _rejected_csv(source: Path, rejected: dict[str, tuple[str, str]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -313,6 +389,26 @@ def _write_atomic(path: Path, text: str) -> None:
 # ------------------------------------------------------- reading it back
 
 
+def manifest_line_problem(line: str, num_classes: int) -> str | None:
+    """What is wrong with one "relative/path label" line, or None.
+
+    The label is the last field (file names may contain spaces): ASCII digits
+    only, as DALI's file_list reads it. The path stays inside the data root:
+    no absolute paths, no "..", no control characters.
+    """
+    path, _, label = line.rpartition(" ")
+    if not path or not (label.isascii() and label.isdigit()):
+        return "expected 'relative/path label' with a label of digits 0-9"
+    if int(label) >= num_classes:
+        return f"label {label} is not a class (there are {num_classes})"
+    if unsafe_name_reason(path):
+        return "the path has a line break, a control character or surrounding whitespace"
+    parts = Path(path).parts
+    if Path(path).is_absolute() or path.startswith(("/", "\\")) or ".." in parts or "\\" in path:
+        return "the path leaves the data root (absolute, '..' or a backslash)"
+    return None
+
+
 @dataclass(frozen=True)
 class PreparedDataset:
     """A folder written by `prepare`: what the loaders read."""
@@ -330,9 +426,12 @@ class PreparedDataset:
                 f"{meta_file}: not found; is {path} a folder written by `python -m planktonio prepare`?")
         try:
             meta = json.loads(meta_file.read_text())
-            return cls(path, Path(meta["root"]), tuple(meta["classes"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise PlanktonioError(f"{meta_file}: not a valid classes.json ({error})") from None
+            classes = tuple(meta["classes"])
+            if not isinstance(meta["root"], str) or not all(isinstance(c, str) for c in classes):
+                raise TypeError("root and classes must be strings")
+            return cls(path, Path(meta["root"]), classes)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise PlanktonioError(f"{meta_file}: not a valid classes.json ({error}); rerun prepare") from None
 
     @property
     def num_classes(self) -> int:
@@ -349,42 +448,89 @@ class PreparedDataset:
     def entries(self, split: str) -> list[tuple[str, int]]:
         """(relative path, label) pairs of a split, in manifest order."""
         manifest = self.manifest(split)
+        try:
+            text = manifest.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise PlanktonioError(f"{manifest}: cannot be read as UTF-8 text ({error}); rerun prepare") from None
         entries = []
-        for number, line in enumerate(manifest.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):  # "\n" only: prepare writes no other break
             if not line.strip():
                 continue
-            # The label is the last field: file names may contain spaces.
+            problem = manifest_line_problem(line, self.num_classes)
+            if problem:
+                raise PlanktonioError(f"{manifest}:{number}: {problem} in {line!r}; rerun prepare or fix the line")
             path, _, label = line.rpartition(" ")
-            if not path or not label.isdigit() or int(label) >= self.num_classes:
-                raise PlanktonioError(f"{manifest}:{number}: expected 'relative/path label', got {line!r}")
             entries.append((path, int(label)))
         return entries
 
-    def check_files_exist(self, split: str, entries: list[tuple[str, int]] | None = None) -> None:
-        """Fail early, naming the file, if the source moved since `prepare`."""
-        for path, _ in entries if entries is not None else self.entries(split):
-            if not (self.root / path).is_file():
+    def check_files_unchanged(self, split: str, entries: list[tuple[str, int]], info: "ImageInfo") -> None:
+        """Fail before a run starts, naming the file, if one moved or changed since `prepare` decoded it.
+
+        DALI stops the whole pipeline on a bad file, possibly hours in; sizes
+        and modification times are the cheap check (one stat per file).
+        """
+        for i, (path, _) in enumerate(entries):
+            try:
+                stat = os.stat(self.root / path)
+            except FileNotFoundError:
+                raise PlanktonioError(f"{self.root / path}: listed in {self.manifest(split)} but missing; "
+                                      f"rerun prepare if the source moved") from None
+            except OSError as error:
+                raise PlanktonioError(f"{self.root / path}: cannot be read ({error.strerror})") from None
+            if stat.st_size != info.bytes[i] or stat.st_mtime_ns != info.mtime_ns[i]:
                 raise PlanktonioError(
-                    f"{self.root / path}: listed in {self.manifest(split)} but missing; "
-                    f"rerun prepare if the source moved")
+                    f"{self.root / path}: changed since prepare checked it ({stat.st_size} bytes, was "
+                    f"{info.bytes[i]}; or a newer modification time); rerun prepare to check it again")
+
+    def fingerprint(self) -> str:
+        """sha256 of the class names and the three manifests: what a run trains, validates and tests on."""
+        digest = hashlib.sha256(json.dumps(list(self.classes)).encode())
+        for split in SPLITS:
+            manifest = self.path / f"{split}.txt"
+            digest.update(f"\0{split}\0".encode())
+            digest.update(manifest.read_bytes() if manifest.is_file() else b"")
+        return digest.hexdigest()
+
+    def check_files_exist(self, split: str, entries: list[tuple[str, int]]) -> None:
+        """Fail early, naming the file, if one listed is gone (moved or deleted since `prepare`)."""
+        for path, _ in entries:
+            if not (self.root / path).is_file():
+                raise PlanktonioError(f"{self.root / path}: listed in {self.manifest(split)} but missing; "
+                                      f"rerun prepare if the source moved")
 
     def image_sizes(self, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(widths, heights) of a split's images in manifest order, as `prepare` recorded them.
+        """(widths, heights) of a split's images in manifest order."""
+        info = self.image_info(split, count)
+        return info.width, info.height
 
-        The augmentation plans need them; a folder prepared before sizes were
-        recorded (or edited by hand since) is an error that says to rerun prepare.
+    def image_info(self, split: str, count: int) -> "ImageInfo":
+        """A split's image sizes, bytes and modification times, in manifest order, as `prepare` recorded them.
+
+        The augmentation plans need the sizes; a folder prepared before they
+        were recorded (or edited by hand since) is an error that says to rerun prepare.
         """
         info_file = self.path / IMAGE_INFO
         rerun = "rerun `python -m planktonio prepare` to write it"
         if not info_file.is_file():
             raise PlanktonioError(f"{info_file}: not found: {self.path} was prepared by an older planktonio; {rerun}")
         try:
-            info = json.loads(info_file.read_text())[split]
-            widths = np.asarray(info["width"], dtype=np.int64)
-            heights = np.asarray(info["height"], dtype=np.int64)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            fields = json.loads(info_file.read_text())[split]
+            info = ImageInfo(*(np.asarray(fields[name], dtype=np.int64)
+                               for name in ("width", "height", "bytes", "mtime_ns")))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OverflowError) as error:
             raise PlanktonioError(f"{info_file}: not a valid image_info.json ({error}); {rerun}") from None
-        if len(widths) != count or len(heights) != count or (count and min(widths.min(), heights.min()) < 1):
-            raise PlanktonioError(f"{info_file}: its {split} sizes do not match {self.manifest(split)} "
-                                  f"({len(widths)} sizes, {count} images); {rerun}")
-        return widths, heights
+        lengths = {len(a) for a in (info.width, info.height, info.bytes, info.mtime_ns)}
+        if lengths != {count} or (count and min(info.width.min(), info.height.min()) < 1):
+            raise PlanktonioError(f"{info_file}: its {split} entries do not match {self.manifest(split)} "
+                                  f"({sorted(lengths)} records, {count} images); {rerun}")
+        return info
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Per image of a split, in manifest order: what prepare found (EXIF orientation applied)."""
+
+    width: np.ndarray
+    height: np.ndarray
+    bytes: np.ndarray
+    mtime_ns: np.ndarray

@@ -9,6 +9,7 @@ the two readings of it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -20,6 +21,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CROPS = ("random_resized", "center")
+
+
+def _is_number(value) -> bool:
+    """A real, finite number (not a bool, which YAML's yes/true would give)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -46,33 +56,41 @@ class Transform:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        # Frozen dataclass: normalise lists (from YAML) to tuples in place.
-        for name in ("scale", "ratio", "mean", "std"):
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         problems = []
+        # Frozen dataclass: normalise lists (from YAML) to tuples of floats in place.
+        for name, count in (("scale", 2), ("ratio", 2), ("mean", 3), ("std", 3)):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) == count and all(_is_number(v) for v in value):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+            else:
+                problems.append(f"{name} must be a list of {count} numbers, not {value!r}")
+        if problems:
+            raise PlanktonioError("bad transform: " + "; ".join(problems))
         if self.crop not in CROPS:
             problems.append(f"crop must be one of {', '.join(CROPS)}, not {self.crop!r}")
-        if not (isinstance(self.size, int) and self.size > 0):
+        if not (_is_int(self.size) and self.size > 0):
             problems.append(f"size must be a positive integer, not {self.size!r}")
-        if not (isinstance(self.resize, int) and self.resize >= self.size):
+        elif not (_is_int(self.resize) and self.resize >= self.size):
             problems.append(f"resize must be an integer >= size ({self.size}), not {self.resize!r}")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
             problems.append(f"scale must be [low, high] with 0 < low <= high <= 1, not {list(self.scale)}")
-        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+        if not 0 < self.ratio[0] <= self.ratio[1] < math.inf:
             problems.append(f"ratio must be [low, high] with 0 < low <= high, not {list(self.ratio)}")
-        if not 0.0 <= self.hflip <= 1.0:
+        if not (_is_number(self.hflip) and 0.0 <= self.hflip <= 1.0):
             problems.append(f"hflip is a probability in [0, 1], not {self.hflip!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            problems.append("mean and std need three values each, std positive")
+        if not all(math.isfinite(v) for v in self.mean) or not all(0 < v < math.inf for v in self.std):
+            problems.append("mean must be finite numbers and std positive ones")
         if problems:
             raise PlanktonioError("bad transform: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "Transform":
         """Build from a config mapping; unknown keys are an error, not ignored."""
+        if values is not None and not isinstance(values, dict):
+            raise PlanktonioError(f"a transform is a mapping of keys (crop, size, ...), not {values!r}")
         values = dict(values or {})
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(repr(k) for k in set(values) - known)  # repr: any key prints on one line
         if unknown:
             raise PlanktonioError(
                 f"unknown transform key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

@@ -9,6 +9,12 @@ Two parts:
 
 On a CPU it still runs (useful to check the program), but CPUs have no
 tensor cores: AMP numbers measured there say little about a GPU.
+
+Two settings change the FP32 baseline on a GPU, so the result states both:
+cudnn.benchmark (on by default here, as in training: cuDNN times its
+algorithms for the fixed batch shape) and TF32 (`--tf32 off` is true FP32,
+the study's V100 has no TF32; torch's default lets cuDNN convolutions use
+TF32 on Ampere and later but not matrix multiplications; `on` allows both).
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from planktonio import PreparedDataset, make_loader
+from planktonio.errors import PlanktonioError
 from planktonio.loaders import resolve_device
 from planktonio.transforms import TRAIN_AUGMENT
 from train.model import build_model
-from train.step import AMP_DTYPES, model_input, resolve_precision, train_step
+from train.step import AMP_DTYPES, make_optimizer, make_scaler, model_input, resolve_precision, train_step
+from train.timing import TimedBatches
 
 from .loaders import endless, synchronize
 from .stats import summary
@@ -49,6 +57,23 @@ class AmpBenchmark:
     data: str | None = None                       # a prepared set: also measure end to end
     loaders: tuple[str, ...] = ("dali", "torchvision")
     workers: int | None = None
+    cudnn_benchmark: bool = True
+    tf32: str = "default"                         # default (torch's) | on | off
+
+
+TF32_CHOICES = ("default", "on", "off")
+
+
+def apply_settings(bench: AmpBenchmark) -> dict:
+    """Set cudnn.benchmark and TF32 for this process; returns what is in force."""
+    if bench.tf32 not in TF32_CHOICES:
+        raise PlanktonioError(f"--tf32 {bench.tf32}: choose one of {', '.join(TF32_CHOICES)}")
+    torch.backends.cudnn.benchmark = bench.cudnn_benchmark
+    if bench.tf32 != "default":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bench.tf32 == "on"
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "tf32": bench.tf32,
+            "tf32_convolutions": torch.backends.cudnn.allow_tf32,
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
 
 
 class Setup:
@@ -61,9 +86,9 @@ class Setup:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_model(bench.model, bench.num_classes, freeze_mode=freeze).to(device)
         self.model = self.model.to(memory_format=memory_format).train()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(trainable, lr=1e-4, momentum=0.9)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "amp-fp16")
+        # The training loop's optimizer (fused on a GPU) and loss scaling: the same step.
+        self.optimizer = make_optimizer("sgd", self.model, device, lr=1e-4, momentum=0.9)
+        self.scaler = make_scaler(self.precision, device)
         self.output = model_input(self.precision, device, channels_last)
 
     def step(self, images, labels):
@@ -120,17 +145,15 @@ def measure_end_to_end(bench: AmpBenchmark, device, loader_name, precision) -> d
     synchronize(device)
     rates, waits = [], []
     for _ in range(bench.repeats):
-        waited = 0.0
+        # As in the training loop: no synchronisation between steps, one at the end.
         start = time.perf_counter()
-        for _ in range(bench.steps):
-            fetch = time.perf_counter()
-            images, labels = next(batches)
-            waited += time.perf_counter() - fetch
-            loss, _ = setup.step(images, labels)
-            loss.item()  # one synchronisation per step, as in the training loop
+        timed = TimedBatches(itertools.islice(batches, bench.steps), device)
+        for images, labels in timed:
+            setup.step(images, labels)
+        timed.step_seconds()  # waits for the last step
         elapsed = time.perf_counter() - start
         rates.append(bench.steps * bench.batch_size / elapsed)
-        waits.append(waited / elapsed)
+        waits.append(timed.data_seconds / elapsed)
     loader.close()
     return {"loader": loader.backend, "precision": setup.precision, "channels_last": channels_last,
             "freeze": bench.freeze[0], "images_per_s": summary(rates),
@@ -139,6 +162,7 @@ def measure_end_to_end(bench: AmpBenchmark, device, loader_name, precision) -> d
 
 def run(bench: AmpBenchmark) -> dict:
     device = resolve_device(bench.device)
+    settings = apply_settings(bench)
     compute = [measure_compute(bench, device, p, cl, f)
                for f, p, cl in itertools.product(bench.freeze, bench.precisions, bench.channels_last)]
     end_to_end = []
@@ -148,6 +172,7 @@ def run(bench: AmpBenchmark) -> dict:
     return {
         "kind": "amp",
         "config": {**vars(bench), "device": str(device)},
+        "settings": settings,
         "note": CPU_NOTE if device.type == "cpu" else None,
         "compute": compute,
         "end_to_end": end_to_end,
@@ -175,6 +200,17 @@ def format_table(result: dict) -> str:
         for r in result["end_to_end"]:
             lines.append(f"{r['loader']:<12} {r['precision']:<9} {r['images_per_s']['median']:>9.0f} "
                          f"{100 * r['data_wait_fraction']:>8.0f}%")
+    lines.append(f"settings: {settings_line(result)}")
     if result["note"]:
         lines.append(f"note: {result['note']}")
     return "\n".join(lines)
+
+
+def settings_line(result: dict) -> str:
+    """cudnn.benchmark and TF32, which both move the FP32 baseline (results before them: unknown)."""
+    s = result.get("settings")
+    if not s:
+        return "cudnn.benchmark and TF32 not recorded"
+    return (f"cudnn.benchmark {'on' if s['cudnn_benchmark'] else 'off'}; TF32 {s['tf32']} (convolutions "
+            f"{'TF32' if s['tf32_convolutions'] else 'FP32'}, matrix multiplications "
+            f"{'TF32' if s['tf32_matmul'] else 'FP32'})")

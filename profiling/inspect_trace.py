@@ -1,100 +1,308 @@
 """`python -m profiling inspect TRACE`: where a traced step's time went.
 
-Reads a torch.profiler Chrome trace into a pandas frame of events and
-reports: the top operators and GPU kernels by total time; device busy vs idle
-over the traced span (GPU kernels when the trace has them; for CPU-only
-traces, the compute ranges forward/backward/optimizer), which add up to the
-span; the share of each step spent in the "data" range (waiting for the
-loader); and a one-line verdict.
+Reads a torch.profiler Chrome trace into a pandas frame of events and splits
+the device's time in every step (ProfilerStep#N) into parts that do not
+overlap and add up to the step:
 
-Holistic Trace Analysis was weighed: it loads the same traces, but its
-temporal and idle-time breakdowns fail on traces without GPU kernels (HTA
-0.5.0: IndexError, "No objects to concatenate") and it pulls in jupyterlab
-and plotly; pandas does this job on CPU and GPU traces alike.
+- compute: GPU kernels; on a CPU-only trace, the compute ranges forward,
+  backward and optimizer of train/step.py;
+- copies: GPU memcpy/memset not hidden under a kernel;
+- communication: collectives not hidden under compute. On a GPU, NCCL
+  kernels. On a CPU, gloo's "gloo:all_reduce"/"gloo:broadcast" ranges, which
+  run on gloo's threads while forward/backward block on them: there a
+  collective counts as communication even inside a compute range, because
+  most of it is waiting for the slowest rank;
+- idle while the host is in the "data" range (waiting for the loader), and
+  idle otherwise (waiting for the host: launches, Python, synchronisation).
+
+It also reports the host's time in each range, host-to-device bytes per
+step, the top operators and kernels, and a verdict. inspect_ranks.py and
+inspect_compare.py build on it for a folder of rank traces and for two runs.
+
+Holistic Trace Analysis (published as `traceinsight`) was weighed and left
+out, also as a test-only cross-check: traceinsight 0.6.1 installs about 70
+packages (jupyterlab, ipython, plotly) for this one use, and its temporal and
+idle-time breakdowns fail on traces without GPU kernels (HTA 0.5.0:
+IndexError, "No objects to concatenate"), which is every trace CI can make.
+The GPU arithmetic is instead tested on a synthetic trace with known answers.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from planktonio.errors import PlanktonioError
 
+from .stats import percentile
+
 COMPUTE_RANGES = ("forward", "backward", "optimizer")
+RANGES = ("data", *COMPUTE_RANGES)
+BREAKDOWN = ("compute", "copies", "communication", "idle_data", "idle_host")
+COPY_CATEGORIES = ("gpu_memcpy", "gpu_memset", "memcpy", "memset")  # the last two: older kineto versions
+COPY_DIRECTIONS = ("HtoD", "DtoH", "DtoD")
+COLLECTIVE_RANGE = r"^(?:gloo|nccl|mpi|ucc|xccl):"  # torch.distributed's record_function names: "<backend>:<op>"
 INPUT_BOUND_SHARE = 0.25  # waiting more than this share of a step: the loader is the bottleneck
+COMM_BOUND_SHARE = 0.25   # in collectives more than this share of a step: waiting for other ranks
 GPU_BUSY_FLOOR = 0.6      # GPU busy less than this share of the span: it is being starved
 
 
-def load_events(path: Path) -> pd.DataFrame:
-    """Complete ("X") events of a Chrome trace: name, cat, ts, dur (microseconds), pid, tid."""
-    path = Path(path)
+# ------------------------------------------------------------------ reading
+
+
+def _read_json(path: Path):
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
-            trace = json.load(f)
-    except (OSError, json.JSONDecodeError, EOFError) as error:
-        raise PlanktonioError(f"trace {path}: cannot be read as a Chrome trace ({error})") from None
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    if not events:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
+            raw = gzip.decompress(raw)
+        return json.loads(raw)
+    except (OSError, EOFError, zlib.error, ValueError, RecursionError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise PlanktonioError(f"trace {path}: cannot be read as a Chrome trace ({reason})") from None
+
+
+def load_events(path: Path) -> pd.DataFrame:
+    """Complete ("X") events of a Chrome trace: name, cat, ts, dur (microseconds), pid, tid, bytes.
+
+    Takes torch.profiler's object format and Chrome's array format (a bare list of
+    events); skips events that are not objects or have no name or start time. The
+    trace's path, and its rank and device where it names them, are in frame.attrs.
+    """
+    path = Path(path)
+    trace = _read_json(path)
+    if isinstance(trace, list):  # Chrome's array format: the events alone
+        trace = {"traceEvents": trace}
+    events = trace.get("traceEvents") if isinstance(trace, dict) else None
+    if not isinstance(events, list):
+        raise PlanktonioError(f"trace {path}: not a Chrome trace (expected an object with a traceEvents list, "
+                              f"or a list of events)")
+    rows = [{"name": e["name"], "cat": e.get("cat"), "ts": e.get("ts"), "dur": e.get("dur"), "pid": e.get("pid"),
+             "tid": e.get("tid"), "bytes": e["args"].get("bytes") if isinstance(e.get("args"), dict) else None}
+            for e in events if isinstance(e, dict) and e.get("ph") == "X" and isinstance(e.get("name"), str)]
+    frame = pd.DataFrame(rows, columns=["name", "cat", "ts", "dur", "pid", "tid", "bytes"])
+    frame["cat"] = frame["cat"].where(frame["cat"].map(lambda c: isinstance(c, str)), "")
+    for column in ("ts", "dur", "bytes"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    frame = frame[np.isfinite(frame["ts"])].reset_index(drop=True)
+    frame["dur"] = frame["dur"].where(np.isfinite(frame["dur"]) & (frame["dur"] > 0), 0.0)
+    frame["bytes"] = frame["bytes"].where(np.isfinite(frame["bytes"]) & (frame["bytes"] > 0), 0.0)
+    if frame.empty:
         raise PlanktonioError(f"trace {path}: no timed events")
-    frame = pd.DataFrame(events, columns=["name", "cat", "ts", "dur", "pid", "tid"])
-    frame["dur"] = frame["dur"].fillna(0.0)
+    frame.attrs.update(_describe(trace), path=str(path))
     return frame
+
+
+def _describe(trace: dict) -> dict:
+    info = trace.get("distributedInfo")
+    rank = info.get("rank") if isinstance(info, dict) else None
+    devices = trace.get("deviceProperties")
+    device = devices[0].get("name") if isinstance(devices, list) and devices and isinstance(devices[0], dict) else None
+    return {"rank": rank if isinstance(rank, int) else None, "device": device if isinstance(device, str) else None}
+
+
+# ------------------------------------------------------------------ intervals (microseconds)
+
+
+def merge(intervals) -> list[tuple[float, float]]:
+    """Sorted, disjoint (start, end) intervals covering the same time; empty ones dropped."""
+    merged: list[list[float]] = []
+    for start, end in sorted((s, e) for s, e in intervals if e > s):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def intersect(a, b) -> list[tuple[float, float]]:
+    """Where two merged interval lists overlap."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if end > start:
+            out.append((start, end))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(a, b) -> list[tuple[float, float]]:
+    """The parts of merged intervals a not covered by merged intervals b (one pass over each)."""
+    out, first = [], 0
+    for start, end in a:
+        while first < len(b) and b[first][1] <= start:  # cuts wholly before this interval
+            first += 1
+        cut = first
+        while cut < len(b) and b[cut][0] < end:
+            if b[cut][0] > start:
+                out.append((start, b[cut][0]))
+            start = max(start, b[cut][1])
+            cut += 1
+        if end > start:
+            out.append((start, end))
+    return out
+
+
+def length(intervals) -> float:
+    return float(sum(e - s for s, e in intervals))
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
     """Total length covered by (start, end) intervals, overlaps counted once."""
-    total, current_start, current_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if current_end is None or start > current_end:
-            if current_end is not None:
-                total += current_end - current_start
-            current_start, current_end = start, end
+    return length(merge(intervals))
+
+
+# ------------------------------------------------------------------ the timeline of one trace
+
+
+def totals_by_name(events: pd.DataFrame) -> pd.DataFrame:
+    """Total microseconds and calls of each event name, largest first (inclusive of nested calls)."""
+    return events.groupby("name")["dur"].agg(["sum", "count"]).sort_values("sum", ascending=False)
+
+
+@dataclass
+class Timeline:
+    """The events that classify device time, as arrays of (start, end) in microseconds."""
+
+    on_gpu: bool
+    steps: list[tuple[float, float]]
+    empty_steps: int
+    ranges: dict[str, np.ndarray]
+    compute: np.ndarray
+    copies: np.ndarray
+    communication: np.ndarray
+    copy_bytes: dict[str, np.ndarray]  # direction -> (start, bytes) of each copy
+    communication_ops: list[str]       # the collectives' names, most time first
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame) -> Timeline:
+        def spans(mask) -> np.ndarray:
+            part = frame[mask]
+            return np.column_stack([part["ts"].to_numpy(), (part["ts"] + part["dur"]).to_numpy()])
+
+        cat = frame["cat"].str.lower()
+        annotation = frame["cat"] == "user_annotation"
+        kernel = cat == "kernel"
+        nccl = kernel & frame["name"].str.lower().str.startswith("nccl")
+        copy = cat.isin(COPY_CATEGORIES)
+        on_gpu = bool(kernel.any() or copy.any())
+        steps = frame[annotation & frame["name"].str.startswith("ProfilerStep#")]
+        where = frame.attrs.get("path", "the trace")
+        if steps.empty:
+            raise PlanktonioError(f"{where}: no ProfilerStep ranges: was it written by `python -m profiling trace`?")
+        windows = sorted((s, s + d) for s, d in zip(steps["ts"], steps["dur"]) if d > 0)
+        if not windows:
+            raise PlanktonioError(f"{where}: all {len(steps)} ProfilerStep ranges have zero length, so no step "
+                                  f"was recorded (trace again, with --active 1 or more)")
+        ranges = {name: spans(annotation & (frame["name"] == name)) for name in RANGES}
+        if on_gpu:
+            compute, collective = spans(kernel & ~nccl), nccl
         else:
-            current_end = max(current_end, end)
-    if current_end is not None:
-        total += current_end - current_start
-    return total
+            compute = spans(annotation & frame["name"].isin(COMPUTE_RANGES))
+            collective = annotation & frame["name"].str.contains(COLLECTIVE_RANGE, regex=True)
+        copy_bytes = {}
+        for direction in COPY_DIRECTIONS:
+            part = frame[copy & frame["name"].str.contains(direction, regex=False)]
+            copy_bytes[direction] = np.column_stack([part["ts"].to_numpy(), part["bytes"].to_numpy()])
+        return cls(on_gpu, windows, len(steps) - len(windows), ranges, compute, spans(copy), spans(collective),
+                   copy_bytes, list(totals_by_name(frame[collective]).index[:3]))
+
+    @staticmethod
+    def _within(events: np.ndarray, start: float, end: float) -> list[tuple[float, float]]:
+        if not len(events):
+            return []
+        clipped = np.column_stack([np.maximum(events[:, 0], start), np.minimum(events[:, 1], end)])
+        return merge(map(tuple, clipped[clipped[:, 1] > clipped[:, 0]]))
+
+    def breakdown(self, start: float, end: float) -> dict[str, float]:
+        """Microseconds of [start, end] in each part of BREAKDOWN (they add up to end - start),
+        and in each host range, with the whole communication time and the bytes copied."""
+        compute = self._within(self.compute, start, end)
+        communication = self._within(self.communication, start, end)
+        copies = self._within(self.copies, start, end)
+        if self.on_gpu:  # kernels are real work: collectives and copies under them cost nothing extra
+            exposed_communication = subtract(communication, compute)
+            exposed_copies = subtract(subtract(copies, compute), communication)
+        else:  # the compute ranges enclose the blocking wait for a collective: the collective wins
+            exposed_communication, exposed_copies = communication, []
+            compute = subtract(compute, communication)
+        busy = merge(compute + exposed_communication + exposed_copies)
+        idle = subtract([(start, end)], busy)
+        data = self._within(self.ranges["data"], start, end)
+        idle_data = length(intersect(idle, data))
+        parts = {"compute": length(compute), "copies": length(exposed_copies),
+                 "communication": length(exposed_communication), "idle_data": idle_data,
+                 "idle_host": length(idle) - idle_data}
+        ranges = {name: length(self._within(events, start, end)) for name, events in self.ranges.items()}
+        moved = {direction: float(events[(events[:, 0] >= start) & (events[:, 0] < end), 1].sum())
+                 for direction, events in self.copy_bytes.items()}
+        return {**parts, "ranges": ranges, "communication_all": length(communication), "bytes": moved}
 
 
-def _top(frame: pd.DataFrame, n: int) -> list[dict]:
-    grouped = frame.groupby("name")["dur"].agg(["sum", "count"]).sort_values("sum", ascending=False).head(n)
-    return [{"name": name, "total_ms": row["sum"] / 1000, "calls": int(row["count"])}
-            for name, row in grouped.iterrows()]
+# ------------------------------------------------------------------ one trace
+
+
+def _top(events: pd.DataFrame, n: int, steps: int) -> list[dict]:
+    return [{"name": name, "total_ms": row["sum"] / 1000, "ms_per_step": row["sum"] / 1000 / steps,
+             "calls": int(row["count"])} for name, row in totals_by_name(events).head(n).iterrows()]
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else 0.0
 
 
 def analyse(frame: pd.DataFrame, top: int = 10) -> dict:
-    annotations = frame[frame["cat"] == "user_annotation"]
-    steps = annotations[annotations["name"].str.startswith("ProfilerStep#")]
-    if steps.empty:
-        raise PlanktonioError("trace has no ProfilerStep ranges: was it written by `python -m profiling trace`?")
-    span_start, span_end = steps["ts"].min(), (steps["ts"] + steps["dur"]).max()
-    span = span_end - span_start
-    step_time = steps["dur"].sum()
-    ranges = {name: annotations.loc[annotations["name"] == name, "dur"].sum()
-              for name in ("data", *COMPUTE_RANGES)}
-    kernels = frame[frame["cat"] == "kernel"]
-    has_gpu = not kernels.empty
-    busy_source = kernels if has_gpu else annotations[annotations["name"].isin(COMPUTE_RANGES)]
-    clipped = [(max(s, span_start), min(s + d, span_end)) for s, d in zip(busy_source["ts"], busy_source["dur"])]
-    busy = union_length([(s, e) for s, e in clipped if e > s])
+    """Every figure of one trace (a frame from load_events), per step and over its span, and a verdict."""
+    timeline = Timeline.of(frame)
+    steps = timeline.steps
+    per_step = [timeline.breakdown(start, end) for start, end in steps]
+    step_us = [end - start for start, end in steps]
+    step_time = sum(step_us)
+    n = len(steps)
+    span_start, span_end = steps[0][0], max(end for _, end in steps)
+    span = timeline.breakdown(span_start, span_end)
+    busy = span["compute"] + span["copies"] + span["communication"]
+    ranges = {name: sum(s["ranges"][name] for s in per_step) for name in RANGES}
+    cat = frame["cat"].str.lower()
+    kernels = frame[cat == "kernel"]
     result = {
-        "steps": int(len(steps)),
-        "span_ms": span / 1000,
+        "rank": frame.attrs.get("rank"),
+        "device": frame.attrs.get("device") or ("gpu" if timeline.on_gpu else "cpu"),
+        "steps": n,
+        "empty_steps_dropped": timeline.empty_steps,
+        "span_ms": (span_end - span_start) / 1000,
         "busy_ms": busy / 1000,
-        "idle_ms": (span - busy) / 1000,
-        "busy_source": "gpu kernels" if has_gpu else "cpu compute ranges",
-        "mean_step_ms": step_time / len(steps) / 1000,
-        "range_share_of_step": {name: value / step_time for name, value in ranges.items()},
-        "data_wait_share": ranges["data"] / step_time,
-        "top_operators": _top(frame[frame["cat"] == "cpu_op"], top),
-        "top_kernels": _top(kernels, top) if has_gpu else [],
+        "idle_ms": (span["idle_data"] + span["idle_host"]) / 1000,
+        "busy_source": "gpu kernels" if timeline.on_gpu else "cpu compute ranges",
+        "mean_step_ms": step_time / n / 1000,
+        "p95_step_ms": percentile(step_us, 95) / 1000,
+        "step_ms": [us / 1000 for us in step_us],
+        "range_share_of_step": {name: _share(value, step_time) for name, value in ranges.items()},
+        "ranges_ms_per_step": {name: value / n / 1000 for name, value in ranges.items()},
+        "data_wait_share": _share(ranges["data"], step_time),
+        "breakdown_ms_per_step": {part: sum(s[part] for s in per_step) / n / 1000 for part in BREAKDOWN},
+        "communication_share": _share(sum(s["communication_all"] for s in per_step), step_time),
+        "communication_ops": timeline.communication_ops,
+        "copy_bytes_per_step": ({d: sum(s["bytes"][d] for s in per_step) / n for d in COPY_DIRECTIONS}
+                                if timeline.on_gpu else None),
+        "top_operators": _top(frame[cat == "cpu_op"], top, n),
+        "top_kernels": _top(kernels, top, n) if timeline.on_gpu else [],
     }
     result["verdict"] = verdict(result)
     return result
+
+
+def shares_of_step(result: dict) -> dict[str, float]:
+    """The BREAKDOWN parts as shares of the mean step (they add up to 1)."""
+    return {part: _share(ms, result["mean_step_ms"]) for part, ms in result["breakdown_ms_per_step"].items()}
 
 
 def verdict(result: dict) -> str:
@@ -102,21 +310,46 @@ def verdict(result: dict) -> str:
     busy = result["busy_ms"] / result["span_ms"] if result["span_ms"] else 0.0
     if share > INPUT_BOUND_SHARE:
         return f"input-bound: {100 * share:.0f}% of step time waiting for data"
+    parts = shares_of_step(result) if "breakdown_ms_per_step" in result else {}
+    if parts.get("communication", 0.0) > COMM_BOUND_SHARE:
+        ops = ", ".join(result.get("communication_ops") or []) or "collectives"
+        return (f"communication-bound: {100 * parts['communication']:.0f}% of step time in {ops} "
+                f"(waiting for other ranks or transferring)")
     if result["busy_source"] == "gpu kernels" and busy < GPU_BUSY_FLOOR:
+        idle = (f"; idle waiting for data {100 * parts['idle_data']:.0f}%, for the host "
+                f"{100 * parts['idle_host']:.0f}% of the step" if parts else "")
         return (f"GPU underused: kernels busy {100 * busy:.0f}% of the span with only {100 * share:.0f}% "
-                f"waiting for data (launch- or CPU-bound step)")
+                f"waiting for data (launch- or CPU-bound step){idle}")
     return f"compute-bound: {100 * share:.0f}% of step time waiting for data, device busy {100 * busy:.0f}%"
 
 
+PART_LABELS = {"compute": "compute", "copies": "copies", "communication": "communication",
+               "idle_data": "idle waiting for data", "idle_host": "idle waiting for the host"}
+
+
+def format_breakdown(result: dict) -> str:
+    return ", ".join(f"{PART_LABELS[part]} {ms:.1f} ms" for part, ms in result["breakdown_ms_per_step"].items()
+                     if ms or part in ("compute", "idle_data", "idle_host"))
+
+
 def format_report(path: Path, result: dict) -> str:
-    lines = [f"{path}: {result['steps']} steps, {result['mean_step_ms']:.1f} ms each",
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["range_share_of_step"].items())
+    lines = [f"{path}: {result['steps']} steps, {result['mean_step_ms']:.1f} ms each "
+             f"(p95 {result['p95_step_ms']:.1f} ms)",
              f"busy {result['busy_ms']:.1f} ms + idle {result['idle_ms']:.1f} ms = span {result['span_ms']:.1f} ms "
              f"({result['busy_source']})",
-             "share of step time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["range_share_of_step"].items()),
-             "top operators (total ms, calls):"]
+             f"per step: {format_breakdown(result)}",
+             f"share of step time: {shares}"]
+    if result["copy_bytes_per_step"] is not None:
+        moved = result["copy_bytes_per_step"]
+        lines.append(f"copied per step: host-to-device {moved['HtoD'] / 1e6:.2f} MB, device-to-host "
+                     f"{moved['DtoH'] / 1e6:.2f} MB; communication (NCCL) {100 * result['communication_share']:.0f}% "
+                     f"of the step")
+    lines.append("top operators (total ms, calls):")
     lines += [f"  {op['total_ms']:9.2f} {op['calls']:6d}  {op['name']}" for op in result["top_operators"]]
     if result["top_kernels"]:
         lines.append("top GPU kernels (total ms, calls):")
         lines += [f"  {k['total_ms']:9.2f} {k['calls']:6d}  {k['name'][:100]}" for k in result["top_kernels"]]
     lines.append(f"verdict: {result['verdict']}")
     return "\n".join(lines)
+

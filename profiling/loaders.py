@@ -142,7 +142,7 @@ def run(bench: LoaderBenchmark) -> dict:
     if not real:
         raise PlanktonioError(f"--backends {','.join(bench.backends)}: name at least one loader backend "
                               f"({', '.join(runnable_backends(device))}); {UPPER_BOUND} only bounds them")
-    workers = bench.workers or available_cpus()
+    workers = available_cpus() if bench.workers is None else bench.workers
     transform = TRAIN_AUGMENT if bench.augment else EVAL_TRANSFORM
     output = Output(bench.dtype, bench.layout)
 
@@ -171,10 +171,14 @@ def run(bench: LoaderBenchmark) -> dict:
         if name in loaders:
             result.update(device_memory_added_mb=added_mb[name], pipelines_built=loaders[name].pipelines_built,
                           pipeline_build_seconds=loaders[name].build_seconds)
+            if hasattr(loaders[name], "decode_seconds"):  # the cache backend: its one decode, what it holds
+                cache = loaders[name]
+                result.update(cache_decode_seconds=cache.decode_seconds, cache_bytes=cache.cache_bytes,
+                              cache_bytes_per_image=cache.bytes_per_image, cache_placement=cache.placement)
     return {
         "kind": "loaders",
         "config": {**vars(bench), "backends": list(bench.backends), "workers": workers,
-                   "threads": bench.threads or workers, "device": str(device), "transform": transform.to_dict(),
+                   "threads": bench.threads or max(1, workers), "device": str(device), "transform": transform.to_dict(),
                    "batches_per_epoch": epoch_batches},
         "results": results,
     }

@@ -1,27 +1,31 @@
 """`python -m profiling trace`: a short training run under torch.profiler.
 
-The run is the training program's own (its Trainer, loaders and step, so
-the trace shows the "data", "forward", "backward" and "optimizer" ranges of
+The run is the training program's own (its Executor, optimizer, training
+loader, step and timed batches, so the trace shows the "data" range of
+train/timing.py and the "forward", "backward" and "optimizer" ranges of
 train/step.py) for wait + warmup + active steps, recorded only in the active
-ones. Every rank writes its own Chrome trace, OUT/trace-rank<R>.json.gz
+ones. Like the training loop, it never makes the host wait for the GPU
+between steps. Every rank writes its own Chrome trace, OUT/trace-rank<R>.json.gz
 (open it in Perfetto or chrome://tracing, or read it with `inspect`); with
 --memory also a memory timeline, OUT/memory-rank<R>.html.
 """
 
 from __future__ import annotations
 
+import gc
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from planktonio.errors import PlanktonioError
 from train import config as config_module
 from train import distributed
-from train.loop import Trainer
+from train.executor import Executor
 from train.model import set_train_mode
-from train.step import annotate, train_step
+from train.step import make_optimizer, make_scaler, train_step
+from train.timing import TimedBatches
 
 from .loaders import endless
 
@@ -43,8 +47,21 @@ def run_trace(config_file: Path | None, overrides: list[str], data: Path, out: P
     config = config_module.load(config_file, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, data, out)
-    rank, device = trainer.ctx.rank, trainer.device
+    try:
+        return _trace(config, data, out, options)
+    finally:
+        gc.collect()  # DistributedDataParallel first, the process group after it (see train/loop.py)
+        distributed.shutdown()
+
+
+def _trace(config, data: Path, out: Path, options: TraceOptions) -> list[Path]:
+    executor = Executor(config, data)  # the model; then only what a training step needs
+    rank, device = executor.ctx.rank, executor.device
+    o = config.optimizer
+    net = executor.training_net()
+    optimizer = make_optimizer(o.name, executor.model, device, o.lr, o.momentum, o.weight_decay)
+    scaler = make_scaler(executor.precision, device)
+    loader = executor.loader_for("train", config.loader.batch_size, True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     written = []
 
@@ -57,22 +74,17 @@ def run_trace(config_file: Path | None, overrides: list[str], data: Path, out: P
             prof.export_memory_timeline(str(memory), device=str(device) if device.type == "cuda" else None)
             written.append(memory)
 
-    set_train_mode(trainer.model)
-    batches = endless(trainer.train_loader)
-    nvtx = device.type == "cuda"
+    set_train_mode(executor.model)
+    steps = options.wait + options.warmup + options.active
+    batches = TimedBatches(itertools.islice(endless(loader), steps), device)
     try:
         with profile(activities=activities,
                      schedule=schedule(wait=options.wait, warmup=options.warmup, active=options.active),
                      on_trace_ready=export, record_shapes=options.memory, profile_memory=options.memory,
                      with_stack=options.memory) as prof:
-            for _ in range(options.wait + options.warmup + options.active):
-                with annotate("data", nvtx):
-                    images, labels = next(batches)
-                loss, _ = train_step(trainer.net, trainer.optimizer, trainer.scaler, images, labels,
-                                     device, trainer.amp_dtype)
-                loss.item()  # the training loop synchronises once per step too
+            for images, labels in batches:
+                train_step(net, optimizer, scaler, images, labels, device, executor.amp_dtype)
                 prof.step()
     finally:
-        trainer.train_loader.close()
-        distributed.shutdown()
+        loader.close()
     return written

@@ -28,6 +28,21 @@ RUN_DIR="$PLANKTONIO_RUNS/${RUN:-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}"
 mkdir -p "$RUN_DIR"
 echo "planktonio: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}, run $RUN_DIR"
 
+# What the job runs on, at the top of its log (and in $RUN_DIR/doctor-<job id>.json):
+# versions, CUDA builds, GPUs, CPUs, NCCL, on the job's first node. A stack that
+# cannot work here (a GPU torch has no kernels for, torch and DALI built for
+# different CUDA versions) stops the job now, with the reason, not at the first
+# kernel launch. A job given GPUs also stops when torch sees none, unless
+# PLANKTONIO_REQUIRE_GPU=0 (site.env).
+doctor_args=(--json "$RUN_DIR/doctor-$SLURM_JOB_ID.json")
+if [ -n "${SLURM_JOB_GPUS:-${SLURM_GPUS_ON_NODE:-}}" ] && [ "${PLANKTONIO_REQUIRE_GPU:-1}" = 1 ]; then
+    doctor_args+=(--require-gpu)
+fi
+if ! python -m planktonio doctor "${doctor_args[@]}"; then
+    echo "planktonio: job $SLURM_JOB_ID stopped: this environment cannot run here (the doctor's verdict above)" >&2
+    exit 1
+fi
+
 ddp_environment() {
     # torch.distributed's env:// rendezvous on the job's first node; each srun
     # task reads its rank from SLURM_PROCID (train/distributed.py).

@@ -240,20 +240,45 @@ def test_a_folder_prepared_before_plans_says_to_rerun_prepare(coloured, tmp_path
         make_loader("dali-cpu", old, "train", batch_size=2, device="cpu")
 
 
-def test_a_file_broken_after_prepare_is_skipped_and_reported(coloured, tmp_path, caplog):
-    """torchvision reports and skips it; the batch is one image short, the run goes on."""
+@pytest.fixture
+def copied(coloured, tmp_path):
+    """A private copy of the coloured set (source and prepared folder), free to damage."""
     import shutil
     prepared, _ = coloured
-    copy = tmp_path / "copy"
-    shutil.copytree(PreparedDataset.load(prepared).root, copy / "source")
-    shutil.copytree(prepared, copy / "prepared")
-    meta = (copy / "prepared" / "classes.json")
-    meta.write_text(meta.read_text().replace(str(PreparedDataset.load(prepared).root), str(copy / "source")))
-    victim, _ = PreparedDataset.load(copy / "prepared").entries("valid")[0]
-    (copy / "source" / victim).write_bytes(b"overwritten")
-    batches = list(loader("torchvision", copy / "prepared", "valid", batch_size=4))
-    assert sum(len(y) for _, y in batches) == 14
+    root = PreparedDataset.load(prepared).root
+    shutil.copytree(root, tmp_path / "source", copy_function=shutil.copy2)  # copy2 keeps mtimes
+    shutil.copytree(prepared, tmp_path / "prepared")
+    meta = tmp_path / "prepared" / "classes.json"
+    meta.write_text(meta.read_text().replace(str(root), str(tmp_path / "source")))
+    return tmp_path / "prepared", tmp_path / "source"
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_file_changed_after_prepare_is_named_before_the_run(copied, backend):
+    prepared, source = copied
+    victim, _ = PreparedDataset.load(prepared).entries("valid")[3]
+    _truncate(source / victim)
+    with pytest.raises(PlanktonioError, match=f"{victim}: changed since prepare.*rerun prepare"):
+        loader(backend, prepared, "valid", batch_size=4)
+
+
+def test_a_file_broken_during_a_run(copied, caplog):
+    """torchvision reports and skips it (the batch is one image short); DALI, which cannot skip,
+    stops with an error that names the file instead of a C++ message."""
+    prepared, source = copied
+    victim, _ = PreparedDataset.load(prepared).entries("valid")[9]
+    tv = loader("torchvision", prepared, "valid", batch_size=4)
+    dali = loader("dali-cpu", prepared, "valid", batch_size=4)
+    _truncate(source / victim)
+    assert sum(len(y) for _, y in tv) == 14
     assert victim in caplog.text and "cannot decode" in caplog.text
+    with pytest.raises(PlanktonioError, match=f"{victim}: truncated .*DALI stopped on it"):
+        list(dali)
 
 
 @pytest.mark.parametrize("transform", [TRAIN_AUGMENT, EVAL_TRANSFORM])
@@ -271,3 +296,25 @@ def test_gpu_pipeline_graphs_are_well_formed_without_a_gpu(coloured, transform, 
     # Sized for the 48 px test images: 2 x 48 x 48 x 3 bytes, rounded up to 1 MiB, per thread.
     assert decoder_hints(spec) == {"device_memory_padding": 1 << 20, "host_memory_padding": 1 << 20,
                                    "preallocate_width_hint": 48, "preallocate_height_hint": 48}
+
+
+@pytest.mark.parametrize("collect", [False, True])
+def test_a_dropped_torchvision_loader_ends_its_workers(coloured, collect):
+    """Workers ignore SIGTERM (the training process handles scancel's), so nothing but the loader
+    may stop them: dropped without close(), whether freed at once or by the cyclic garbage
+    collector, or still alive at exit, its workers end and the process exits."""
+    import subprocess
+    import sys
+    from .conftest import REPO
+    prepared, _ = coloured
+    code = ("import gc, sys; from planktonio import make_loader\n"
+            "def use():\n"
+            f"    loader = make_loader('torchvision', {str(prepared)!r}, 'train', batch_size=4, device='cpu', workers=2)\n"
+            "    next(iter(loader))\n"  # an epoch abandoned: batches of the next ones are in flight
+            "    return loader if sys.argv[1] == 'keep' else None\n"
+            "kept = use()\n"
+            "gc.collect()\n")
+    for mode in ("drop", "keep"):
+        result = subprocess.run([sys.executable, "-c", code if collect else code.replace("gc.collect()", ""), mode],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from planktonio import PlanktonioError, PreparedDataset, prepare
+from planktonio import PlanktonioError, PreparedDataset, make_loader, prepare
 from planktonio.dataset import SplitPlan, check_image
 
 from .conftest import REPO, jpeg_bytes, write_coloured_set
@@ -134,11 +134,11 @@ def test_prepared_dataset_reports_moved_files(coloured, tmp_path):
     meta = json.loads((prepared / "classes.json").read_text())
     moved = tmp_path / "moved"
     moved.mkdir()
-    for name in ("train.txt", "valid.txt", "test.txt"):
+    for name in ("train.txt", "valid.txt", "test.txt", "image_info.json"):
         (moved / name).write_text((prepared / name).read_text())
     (moved / "classes.json").write_text(json.dumps({**meta, "root": str(tmp_path / "gone")}))
     with pytest.raises(PlanktonioError, match="listed in .*valid.txt but missing"):
-        PreparedDataset.load(moved).check_files_exist("valid")
+        make_loader("torchvision", moved, "valid", batch_size=2, device="cpu", workers=0)
     with pytest.raises(PlanktonioError, match="classes.json: not found"):
         PreparedDataset.load(tmp_path)
 

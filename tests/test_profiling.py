@@ -50,7 +50,7 @@ def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
     out = tmp_path / "loaders.json"
     result = subprocess.run(
         [sys.executable, "-m", "profiling", "loaders", "--data", str(synthetic), "--backends",
-         "dali-cpu,torchvision,memory", "--batch-size", "16", "--batches", "12", "--warmup", "1",
+         "dali-cpu,torchvision,memory", "--batch-size", "16", "--epochs", "2", "--warmup", "1",
          "--repeats", "2", "--workers", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
@@ -58,14 +58,19 @@ def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
     for key in ("device", "torch", "torchvision", "dali", "cpu_count", "date", "command"):
         assert key in data["environment"]
     assert [r["backend"] for r in data["results"]] == ["dali-cpu", "torchvision", "memory"]
+    assert data["config"]["batches_per_epoch"] == 64 // 16
     for r in data["results"]:
         assert len(r["images_per_s"]["runs"]) == 2 and r["images_per_s"]["median"] > 0
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
+        assert r["epoch_boundary_ms"] > 0 and r["batch_ms"] > 0
+        assert r["boundary_vs_batch"] == pytest.approx(r["epoch_boundary_ms"] / r["batch_ms"])
         if r["backend"] == "memory":  # microseconds per batch: too short to measure CPU use
             assert r["cpu_util_percent"] is None
         else:
             assert 0 <= r["cpu_util_percent"] <= 100 * 1.5  # sampling can overshoot a little
-        assert r["peak_gpu_memory_mb"] is None and r["peak_device_memory_mb"] is None  # no GPU here
+        assert r["peak_gpu_memory_mb"] is None and r.get("device_memory_added_mb") is None  # no GPU here
+    dali = data["results"][0]
+    assert dali["pipelines_built"] == 1  # one DALI pipeline for the warm-up and every timed epoch
     assert "dali-cpu" in result.stdout and "vs torchvision" in result.stdout
 
 
@@ -86,7 +91,7 @@ def test_upper_bound_serves_batches_like_the_loader_it_bounds(synthetic):
             memory_format=torch.channels_last) is True
         assert y.dtype == y_real.dtype
     bench = run_loaders(LoaderBenchmark(data=str(synthetic), backends=("torchvision", "memory"), batch_size=8,
-                                        batches=2, warmup=1, repeats=1, workers=0, dtype="float16",
+                                        epochs=1, warmup=1, repeats=1, workers=0, dtype="float16",
                                         layout="NHWC"))
     assert {r["backend"] for r in bench["results"]} == {"torchvision", "memory"}
 
@@ -166,7 +171,8 @@ def test_report_renders_tables_and_plots(trace_file, synthetic, tmp_path):
     loaders = tmp_path / "loaders.json"
     loaders.write_text(json.dumps({
         "kind": "loaders", "environment": {"device": "cpu", "cpu_count": 2, "torch": "x", "date": "today"},
-        "config": {"workers": 2, "batch_size": 64, "split": "train", "repeats": 3, "batches": 10, "augment": True},
+        "config": {"workers": 2, "threads": 2, "batch_size": 64, "split": "train", "repeats": 3, "epochs": 1,
+                   "batches_per_epoch": 10, "augment": True},
         "results": [
             {"backend": name, "images_per_s": stats.summary(values), "latency_ms": stats.latency_summary([0.05]),
              "cpu_util_percent": 90.0, "peak_gpu_memory_mb": None}

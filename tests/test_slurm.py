@@ -57,6 +57,8 @@ def site(tmp_path_factory, synthetic):
         "PLANKTONIO_DATA": str(synthetic),
         "PLANKTONIO_RUNS": str(root / "runs"),
         "PLANKTONIO_CONFIG": str(config),
+        # The node's GPUs are /dev/null: let GPU jobs run on the CPU here.
+        "PLANKTONIO_REQUIRE_GPU": "0",
     }
 
 
@@ -89,7 +91,23 @@ def test_train_on_one_gpu(cluster, site):
     for name in ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "summary.json"):
         assert (run / name).is_file(), name
     assert [m["epoch"] for m in read_metrics(run)] == [0, 1]
-    assert f"planktonio: job {job}" in job_log(site, job)
+    log = job_log(site, job)
+    assert f"planktonio: job {job}" in log
+    # the doctor's report heads the log, and its JSON sits in the run folder
+    assert "doctor verdict: ok - no GPU visible" in log and log.index("doctor verdict") < log.index("epoch 0:")
+    doctor = json.loads((run / f"doctor-{job}.json").read_text())
+    assert doctor["ok"] and doctor["cpus"]["slurm"]["SLURM_JOB_ID"] == job
+
+
+def test_a_gpu_job_that_sees_no_gpu_stops_with_the_doctors_reason(cluster, site):
+    """Slurm gave the job a GPU, torch sees none: with PLANKTONIO_REQUIRE_GPU=1 (site.env's default) it stops."""
+    job = submit(cluster, site, "slurm/train-1gpu.sbatch", env={"PLANKTONIO_REQUIRE_GPU": "1"})
+    state = cluster.wait(job)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "1:0", state
+    log = job_log(site, job)
+    assert "doctor verdict: FAILED - a GPU is required (--require-gpu) but none is visible" in log
+    assert f"job {job} stopped" in log
+    assert not (Path(site["PLANKTONIO_RUNS"]) / job / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("script", ["slurm/train-node.sbatch", "slurm/train-nodes.sbatch"])
@@ -98,25 +116,30 @@ def test_data_parallel_training(cluster, site, script):
     job = submit(cluster, site, "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=gpu:2", script)
     finished(cluster, job)
     run = Path(site["PLANKTONIO_RUNS"]) / job
-    assert "2 process(es)" in job_log(site, job)
+    assert "2 process(es)" in job_log(site, job) and "doctor verdict: ok" in job_log(site, job)
     metrics = read_metrics(run)
     # 64 training images, 32 a rank in 2 steps of 16; 16 validation images, each seen once.
     assert all(m["train_images"] == 64 and m["val_images"] == 16 for m in metrics)
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
 
 
-def test_signal_before_the_limit_checkpoints_and_the_requeued_job_resumes(cluster, site):
-    job = submit(cluster, site, "slurm/train-1gpu.sbatch", "--set", "training.epochs=12")
+@pytest.mark.parametrize("signal_name, loader", [
+    ("USR1", []),  # what Slurm does at --signal=USR1@300: SIGUSR1 to the job's step processes
+    # scancel's SIGTERM to every process of the step, DataLoader workers included
+    ("TERM", ["--set", "loader.backend=torchvision", "--set", "loader.workers=2"]),
+])
+def test_signal_before_the_limit_checkpoints_and_the_requeued_job_resumes(cluster, site, signal_name, loader):
+    job = submit(cluster, site, "slurm/train-1gpu.sbatch", "--set", "training.epochs=12", *loader)
     run = Path(site["PLANKTONIO_RUNS"]) / job
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
-    # What Slurm does at --signal=USR1@300: SIGUSR1 to the job's step processes.
-    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
+    assert cluster.run("scancel", f"--signal={signal_name}", job).returncode == 0
     state = finished(cluster, job)
     assert state["Restarts"] == "1"
     log = job_log(site, job)
-    assert "stopping on SIGUSR1" in log and "requeueing job" in log and "resuming" in log
+    assert f"stopping on SIG{signal_name}" in log and "requeueing job" in log and "resuming" in log
+    assert "killed by signal" not in log
     assert [m["epoch"] for m in read_metrics(run)] == list(range(12))  # each epoch once
     assert json.loads((run / "summary.json").read_text())["epochs_run"] == 12
 

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", type=Path, required=True, help="a folder written by `python -m planktonio prepare`")
     fit.add_argument("--out", type=Path, required=True, help="the run folder (checkpoints, metrics)")
     fit.add_argument("--resume", action="store_true",
-                     help="continue from OUT/last.pt if it exists (else start)")
+                     help="continue from OUT/last.pt if it exists (else start); with --set "
+                          "training.epochs=N (or training.patience) a finished run continues too")
 
     ev = commands.add_parser("evaluate", help="score a run's checkpoint on a split")
     ev.add_argument("--run", type=Path, required=True)
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default="best", choices=["best", "last"])
     ev.add_argument("--data", type=Path, help="default: the data the run was trained on")
     ev.add_argument("--backend", help="loader backend (default: the run's)")
+    ev.add_argument("--other-data", action="store_true",
+                    help="score the run on --data although it is not the data the run was trained on")
     return parser
 
 
@@ -44,13 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fit":
             from . import config as config_module
             from .loop import fit
+            if args.config is None and args.resume and not (args.out / "config.yaml").is_file():
+                raise PlanktonioError(f"--resume: {args.out} holds no run (no config.yaml) and no --config was "
+                                      f"given; check --out, or pass --config to start a run there")
             if args.resume and (args.out / "config.yaml").exists() and args.config is None:
                 config = config_module.load(args.out / "config.yaml", args.overrides)
             else:
                 config = config_module.load(args.config, args.overrides)
             return fit(config, args.data, args.out, resume=args.resume)
         from .evaluate import evaluate_run
-        result = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.backend)
+        result = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.backend, args.other_data)
         print(f"{args.split}: accuracy {result['acc']:.4f}, top-5 {result['top5']:.4f}, "
               f"loss {result['loss']:.4f} over {result['images']} images")
         width = max(len(name) for name in result["per_class"])

@@ -9,6 +9,8 @@ the key, raised before a data set is opened or a model is built.
 from __future__ import annotations
 
 import copy
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,12 @@ from typing import Any
 import yaml
 
 from planktonio.errors import PlanktonioError
+from planktonio.loaders import backend_choices
 from planktonio.transforms import EVAL_TRANSFORM, Transform
 
 PRECISIONS = ("fp32", "amp-fp16", "amp-bf16", "amp")
 FREEZE = ("none", "features", "all-but-head")
-BACKENDS = ("dali", "dali-gpu", "dali-cpu", "torchvision")
+BACKENDS = backend_choices()  # from planktonio's one registry of loader backends
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 
@@ -37,7 +40,8 @@ class LoaderConfig:
     backend: str = "torchvision"    # dali (GPU if there is one) | dali-gpu | dali-cpu | torchvision
     batch_size: int = 24
     eval_batch_size: int | None = None  # default: batch_size
-    workers: int | None = None      # DALI threads / DataLoader processes; default: the CPUs this process may use
+    workers: int | None = None      # DataLoader processes; default: the CPUs this process may use
+    dali_threads: int | None = None  # DALI CPU threads; default: workers (dali-gpu needs only a few)
 
 
 @dataclass
@@ -59,6 +63,18 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     progress: bool = True           # a progress bar on rank 0
+    # Every check_every steps (and at each epoch's end) the loop waits for the
+    # GPU once to see whether the loss became NaN/inf and whether a signal
+    # asks it to stop; in between it never waits. The cost: a NaN is noticed
+    # up to check_every - 1 steps late (those steps are thrown away: the run
+    # exits 3 and last.pt stays the last good checkpoint), and a signal is
+    # obeyed up to check_every steps late. 1: a check after every step.
+    check_every: int = 50
+    # last.pt (and best.pt, kept in memory until then) is written at the first
+    # epoch end at least this many seconds after the previous checkpoint, and
+    # always on a signal, at early stopping and at the end. A crash loses at
+    # most this long plus one epoch. 0: after every epoch.
+    checkpoint_every_s: float = 300.0
 
 
 @dataclass
@@ -96,8 +112,8 @@ def _check_value(key: str, value: Any, annotation: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise PlanktonioError(f"config key {key}: expected an integer, got {value!r}")
     elif "float" in annotation:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PlanktonioError(f"config key {key}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PlanktonioError(f"config key {key}: expected a finite number, got {value!r}")
         value = float(value)
     elif "str" in annotation and not isinstance(value, str):
         raise PlanktonioError(f"config key {key}: expected a string, got {value!r}")
@@ -110,10 +126,9 @@ def _build_section(name: str, cls, values: Any):
     if not isinstance(values, dict):
         raise PlanktonioError(f"config section {name}: expected a mapping, got {values!r}")
     known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(repr(f"{name}.{k}") for k in set(values) - set(known))  # repr: any key prints on one line
     if unknown:
-        raise PlanktonioError(f"unknown config key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                              f"{name} has: {', '.join(known)}")
+        raise PlanktonioError(f"unknown config key(s) {', '.join(unknown)}; {name} has: {', '.join(known)}")
     section = cls()
     for key, value in values.items():
         setattr(section, key, _check_value(f"{name}.{key}", value, str(known[key].type)))
@@ -122,7 +137,9 @@ def _build_section(name: str, cls, values: Any):
 
 def from_dict(values: dict[str, Any]) -> Config:
     values = copy.deepcopy(values or {})
-    unknown = sorted(set(values) - set(SECTIONS) - {"augment"})
+    if not isinstance(values, dict):
+        raise PlanktonioError(f"a config is a mapping of sections, not {values!r}")
+    unknown = sorted(repr(k) for k in set(values) - set(SECTIONS) - {"augment"})
     if unknown:
         raise PlanktonioError(f"unknown config section(s) {', '.join(unknown)}; "
                               f"known: {', '.join([*SECTIONS, 'augment'])}")
@@ -144,14 +161,20 @@ def validate(config: Config) -> None:
         (config.loader.eval_batch_size is None or config.loader.eval_batch_size >= 1,
          "loader.eval_batch_size must be >= 1"),
         (config.loader.workers is None or config.loader.workers >= 0, "loader.workers must be >= 0"),
+        (config.loader.dali_threads is None or config.loader.dali_threads >= 1, "loader.dali_threads must be >= 1"),
         (config.optimizer.name in OPTIMIZERS, f"optimizer.name must be one of {', '.join(OPTIMIZERS)}"),
         (config.optimizer.schedule in SCHEDULES, f"optimizer.schedule must be one of {', '.join(SCHEDULES)}"),
         (config.optimizer.lr >= 0, "optimizer.lr must be >= 0"),
+        (0 <= config.optimizer.momentum < 1, "optimizer.momentum must be in [0, 1)"),
+        (config.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
+        (0 <= config.training.seed < 2**32, "training.seed must be in [0, 2**32)"),
         (config.training.epochs >= 1, "training.epochs must be >= 1"),
         (config.training.patience >= 1, "training.patience must be >= 1"),
+        (config.training.check_every >= 1, "training.check_every must be >= 1"),
+        (config.training.checkpoint_every_s >= 0, "training.checkpoint_every_s must be >= 0"),
         (config.training.precision in PRECISIONS, f"training.precision must be one of {', '.join(PRECISIONS)}"),
-        (config.training.device in ("auto", "cpu", "cuda") or config.training.device.startswith("cuda:"),
-         "training.device must be auto, cpu or cuda"),
+        (re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", config.training.device) is not None,
+         "training.device must be auto, cpu, cuda or cuda:N"),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:

@@ -58,6 +58,33 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def all_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks in place, on its device (no host synchronisation of its own)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP sends them before each training forward, but each rank then updates
+    its own copy from its own batch: evaluate with rank 0's, the ones it saves.
+    """
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); [obj] in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on one: ranks must agree to stop together."""
     return all_sum([float(flag)], device)[0] > 0

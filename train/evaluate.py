@@ -14,13 +14,14 @@ import torch
 
 from planktonio.errors import PlanktonioError
 
-from . import checkpoint, config as config_module
-from .loop import Trainer
+from . import checkpoint, config as config_module, distributed, run_record
+from .executor import Executor
 from .metrics import confusion_matrix, per_class_scores
 
 
 def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "best",
-                 backend: str | None = None) -> dict:
+                 backend: str | None = None, other_data: bool = False) -> dict:
+    """Score a checkpoint on a split of the run's own data (or, with other_data, of another prepared set)."""
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise PlanktonioError(f"{run}: no config.yaml; is it a folder written by `python -m train fit`?")
@@ -28,15 +29,23 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
     if backend:
         config.loader.backend = backend
     if data is None:
-        data = Path(json.loads((run / "run.json").read_text())["data"])
+        data = Path(run_record.read(run)["data"])
+    if not other_data:
+        run_record.check_same_data(run, data, "evaluate")
     state = checkpoint.load(run / f"{which}.pt")
-    trainer = Trainer(config, data, run)
-    if list(trainer.dataset.classes) != state["classes"]:
-        raise PlanktonioError(f"{data} has other classes than the run was trained on")
-    trainer.model.load_state_dict(state["model"])
-    batch = config.loader.eval_batch_size or config.loader.batch_size
-    stats, predictions, labels = trainer.evaluate(trainer.loader_for(split, batch, False), collect=True)
-    classes = list(trainer.dataset.classes)
+    executor = Executor(config, data)  # the model only: no optimizer, no training loader
+    try:
+        if list(executor.dataset.classes) != state["classes"]:
+            raise PlanktonioError(f"{data} has other classes than the run was trained on")
+        executor.model.load_state_dict(state["model"])
+        loader = executor.eval_loader(split)
+        try:
+            stats, predictions, labels = executor.evaluate(loader, collect=True)
+        finally:
+            loader.close()
+    finally:
+        distributed.shutdown()
+    classes = list(executor.dataset.classes)
     confusion = confusion_matrix(predictions, labels, len(classes))
     result = {
         "split": split,

@@ -2,7 +2,8 @@
 
 Slurm sends SIGTERM when it cancels or preempts a job, and a job script can
 ask for SIGUSR1 some minutes before its time limit (`--signal=USR1@300`).
-Either only raises a flag; the loop finishes its step, writes last.pt and
+Either only raises a flag; the loop sees it at its next check (every
+`training.check_every` steps, and at each epoch's end), writes last.pt and
 exits with EXIT_INTERRUPTED, so the requeued or resubmitted job resumes.
 """
 
@@ -12,7 +13,7 @@ import signal
 
 EXIT_OK = 0
 EXIT_USAGE = 2          # bad config, data or weights: fix the input
-EXIT_NON_FINITE = 3     # the loss became NaN or infinite; last.pt holds the last good epoch
+EXIT_NON_FINITE = 3     # the loss became NaN or infinite; last.pt holds the last good checkpoint
 EXIT_INTERRUPTED = 75   # EX_TEMPFAIL: stopped by a signal, resume with --resume
 
 HANDLED = (signal.SIGTERM, signal.SIGUSR1)

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..dataset import PreparedDataset
 from ..errors import PlanktonioError
+from ..shards import ShardSet
 from ..transforms import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, Transform
 from . import sharding
 from .base import Loader, LoaderSpec
@@ -54,6 +56,11 @@ def _torchvision(spec: LoaderSpec) -> Loader:
     return TorchvisionLoader(spec)
 
 
+def _cache(spec: LoaderSpec) -> Loader:
+    from .cache_loader import CacheLoader
+    return CacheLoader(spec, budget_bytes=spec.cache_budget_bytes, overflow=spec.cache_overflow)
+
+
 # The one list of backends: make_loader, the training config's choices and
 # `profiling loaders --backends auto` all read it.
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
@@ -61,6 +68,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             _dali("gpu")),
     Backend("dali-cpu", "DALI, the whole pipeline on CPU threads", False, _dali("cpu")),
     Backend("torchvision", "torchvision decode + transforms in DataLoader worker processes", False, _torchvision),
+    Backend("cache", "decode once (DALI) into uint8 images kept on the device; crops and resizes as tensor ops",
+            False, _cache),
 )}
 # Names that stand for a backend chosen by the device.
 ALIASES = {"dali": "DALI on the GPU where there is one (dali-gpu), else on the CPU (dali-cpu)"}
@@ -120,6 +129,8 @@ def make_loader(
     workers: int | None = None,
     threads: int | None = None,
     seed: int = 0,
+    cache_budget_bytes: int | None = None,
+    cache_overflow: str = "host",
 ) -> Loader:
     """A loader over one split of a prepared dataset; see Loader for what it yields.
 
@@ -128,6 +139,10 @@ def make_loader(
     workers: torchvision worker processes; defaults to the CPUs this process may use.
     threads: DALI CPU threads; defaults to `workers`. With dali-gpu the GPU decodes and a few
         threads suffice, while the torchvision baseline wants every core: set them apart.
+    cache_budget_bytes: the cache backend keeps its decoded images on the device up to this many
+        bytes (default: no limit on the CPU, half the GPU's memory on cuda); past it,
+        cache_overflow="host" keeps them in (pinned) host memory and copies each batch over,
+        cache_overflow="error" refuses with the size needed.
     """
     dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
     device = resolve_device(device)
@@ -138,8 +153,17 @@ def make_loader(
         raise PlanktonioError(f"workers must be >= 0 and threads >= 1, not {workers} and {threads}")
     sharding.check_shard(shard_index, shard_count)
     entries = dataset.entries(split)
-    dataset.check_files_exist(split, entries)
-    widths, heights = dataset.image_sizes(split, len(entries))
+    if not entries:
+        raise PlanktonioError(f"{dataset.manifest(split)}: the {split} split has no images; prepare it with "
+                              f"images in every split (--per-class / --fractions)")
+    info = dataset.image_info(split, len(entries))
+    shards = ShardSet.open(dataset, split, entries)  # verified here: a damaged shard fails before training
+    if shards is None:
+        dataset.check_files_unchanged(split, entries, info)
+    elif not np.array_equal(shards.size, info.bytes):  # prepare rerun on changed files since the pack
+        raise PlanktonioError(f"{dataset.path / 'shards'}: the {split} shards hold other bytes than prepare "
+                              f"recorded for the same files; pack again (python -m planktonio pack --data "
+                              f"{dataset.path})")
     workers = available_cpus() if workers is None else workers
     is_train_split = split == "train"
     spec = LoaderSpec(
@@ -156,8 +180,11 @@ def make_loader(
         threads=max(1, workers) if threads is None else threads,
         seed=seed,
         entries=entries,
-        widths=widths,
-        heights=heights,
+        widths=info.width,
+        heights=info.height,
+        cache_budget_bytes=cache_budget_bytes,
+        cache_overflow=cache_overflow,
+        shards=shards,
     )
     if spec.train and len(entries) // shard_count < batch_size:
         raise PlanktonioError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -11,6 +12,7 @@ import torch
 
 from ..dataset import PreparedDataset
 from ..plans import Plan, make_plan
+from ..shards import ShardSet
 from ..transforms import Output, Transform
 from . import sharding
 
@@ -34,6 +36,9 @@ class LoaderSpec:
     entries: list[tuple[str, int]]  # the split's manifest: (relative path, label), read once
     widths: np.ndarray   # each entry's image size, as prepare recorded it (EXIF orientation applied)
     heights: np.ndarray
+    cache_budget_bytes: int | None = None  # cache backend: decoded bytes it may keep on the device
+    cache_overflow: str = "host"           # cache backend past the budget: "host" memory or "error"
+    shards: ShardSet | None = None         # the split's packed shards where prepared has them, else loose files
 
 
 @dataclass(frozen=True)
@@ -57,9 +62,16 @@ class BatchStream:
     """
 
     def __init__(self, loader: "Loader"):
-        self.loader = loader
+        # A weak reference: the loader owns its stream (and, through its pipeline or
+        # DataLoader, what feeds from it); no cycle back keeps a dropped loader from being
+        # freed at once, its worker processes with it.
+        self._loader = weakref.ref(loader)
         self.next_batch = (0, 0)   # (epoch, index) that advance() hands out next
         self.in_flight: deque[tuple[int, int]] = deque()
+
+    @property
+    def loader(self) -> "Loader":
+        return self._loader()
 
     def upcoming(self) -> tuple[int, int]:
         """The batch the consumer would receive next."""

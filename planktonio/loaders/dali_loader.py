@@ -35,6 +35,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import PlanktonioError
 from .base import BatchStream, Loader, LoaderSpec
 
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the consumer
@@ -74,7 +75,8 @@ def build_pipeline(spec: LoaderSpec, decode: str, feed):
     @pipeline_def
     def pipeline():
         names, labels, anchors, shapes, flips = fn.external_source(source=feed, num_outputs=5, batch=True)
-        encoded = fn.io.file.read(names)
+        # From packed shards the feed hands over the images' bytes themselves, not file names.
+        encoded = names if spec.shards is not None else fn.io.file.read(names)
         # anchor = (x, y), shape = (width, height) in source pixels: the plan's box.
         images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", device=decoder_device,
                                          output_type=types.RGB, **hints)
@@ -111,11 +113,13 @@ class PlanFeed:
         root = str(loader.spec.dataset.root)
         self.names = [np.frombuffer(f"{root}/{path}".encode(), dtype=np.uint8) for path, _ in loader.spec.entries]
         self.labels = np.array([label for _, label in loader.spec.entries], dtype=np.int32)
+        self.shards = loader.spec.shards
 
     def __call__(self):
         batch = self.stream.advance()
         plan, positions = batch.plan, batch.positions
-        return ([self.names[p] for p in positions.tolist()],
+        read = self.names.__getitem__ if self.shards is None else self.shards.read  # name, or the bytes
+        return ([read(p) for p in positions.tolist()],
                 self.labels[positions].reshape(-1, 1),
                 np.stack([plan.x, plan.y], axis=1).astype(np.int32),
                 np.stack([plan.width, plan.height], axis=1).astype(np.int32),
@@ -144,14 +148,17 @@ class DaliLoader(Loader):
             self.feed.stream.redirect(epoch, index)
             pipe = build_pipeline(self.spec, self.decode, self.feed)
             # size=-1: an endless stream; this loader counts the batches of an epoch.
-            self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False)
+            # prepare_first_batch=False: the first batch, too, is decoded in _next_output,
+            # where a broken file is named.
+            self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False,
+                                                 prepare_first_batch=False)
             self.build_seconds += time.perf_counter() - start
             self.pipelines_built += 1
         elif self.feed.stream.upcoming() != (epoch, index):
             stream = self.feed.stream
             stale = stream.redirect(epoch, index)
             for _ in range(stale):  # already being decoded: read and drop them
-                next(self._iterator)
+                self._next_output()
                 stream.received(*stream.in_flight[0])
             self.batches_dropped += stale
         return self._iterator
@@ -159,9 +166,9 @@ class DaliLoader(Loader):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, first = self.epoch, self.skip_batches
         if first < len(self):  # else nothing is left of this epoch (a resume that skips all of it)
-            outputs = self._batches_from(epoch, first)
+            self._batches_from(epoch, first)
             for index in range(first, len(self)):
-                batch = next(outputs)[0]
+                batch = self._next_output()
                 self.feed.stream.received(epoch, index)
                 images, labels = batch["images"], batch["labels"]
                 if self.spec.output.layout == "NHWC":
@@ -169,5 +176,28 @@ class DaliLoader(Loader):
                 yield images, labels.view(-1).long()
         self._end_epoch()
 
+    def _next_output(self) -> dict:
+        """The pipeline's next batch; a file that broke since prepare is named, not left to a C++ message."""
+        try:
+            return next(self._iterator)[0]
+        except RuntimeError:
+            in_flight = list(self.feed.stream.in_flight)
+            self.close()  # a DALI pipeline that failed cannot go on
+            if self.spec.shards is not None:
+                raise  # the bytes came from verified shards: not a file that changed since prepare
+            # DALI cannot skip a bad file and says only "Failed to decode sample #k":
+            # decode the files of every batch in flight again to find the culprit.
+            from ..dataset import inspect_image
+            root, entries = self.spec.dataset.root, self.spec.entries
+            suspects = [root / entries[p][0] for epoch, index in in_flight
+                        for p in self.batch_plan(epoch, index).positions.tolist()]
+            broken = [(path, problem) for path in suspects if (problem := inspect_image(path).problem)]
+            if not broken:
+                raise
+            path, (reason, detail) = broken[0]
+            raise PlanktonioError(f"{path}: {reason} ({detail}) since prepare checked it; DALI stopped on it. "
+                                  f"Rerun prepare, then resume") from None
+
     def close(self) -> None:
         self._iterator = None
+        self.feed.stream.in_flight.clear()  # a new pipeline starts with nothing in flight

@@ -15,8 +15,12 @@ workers, their persistence, or on whether the run was resumed mid-way.
 
 from __future__ import annotations
 
+import atexit
+import io
 import logging
 import os
+import signal
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -59,14 +63,16 @@ class Normalizer:
         return images.to(self.out.torch_dtype).contiguous(memory_format=self.out.memory_format)
 
 
-def decode_rgb(path: str) -> torch.Tensor:
+def decode_rgb(path: str, data: np.ndarray | None = None) -> torch.Tensor:
     """Decode to uint8 3 x H x W with its EXIF orientation applied, as DALI's decoders do.
 
-    torchvision.io (libjpeg-turbo) for JPEG/PNG, PIL for TIFF/BMP.
+    torchvision.io (libjpeg-turbo) for JPEG/PNG, PIL for TIFF/BMP. data: the
+    file's bytes when they come from a packed shard (path then names the format).
     """
     if os.path.splitext(path)[1].lower() in TORCHVISION_DECODES:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    with Image.open(path) as image:
+        encoded = read_file(path) if data is None else torch.from_numpy(np.array(data))
+        return decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    with Image.open(path if data is None else io.BytesIO(data.tobytes())) as image:
         upright = ImageOps.exif_transpose(image).convert("RGB")
         return torch.from_numpy(np.asarray(upright).copy()).permute(2, 0, 1).contiguous()
 
@@ -74,8 +80,9 @@ def decode_rgb(path: str) -> torch.Tensor:
 class ManifestDataset(Dataset):
     """Images listed in a manifest, each fetched with its plan: key = (position, (x, y, w, h, flip))."""
 
-    def __init__(self, root, entries: list[tuple[str, int]], widths, heights, size: int):
+    def __init__(self, root, entries: list[tuple[str, int]], widths, heights, size: int, shards=None):
         self.root = str(root)
+        self.shards = shards  # a ShardSet: read each image's bytes from its shard, not its file
         self.entries = entries
         self.sizes = list(zip(widths.tolist(), heights.tolist()))
         self.size = size
@@ -88,17 +95,23 @@ class ManifestDataset(Dataset):
         path, label = self.entries[position]
         full_path = f"{self.root}/{path}"
         try:
-            image = decode_rgb(full_path)
+            image = decode_rgb(full_path, None if self.shards is None else self.shards.read(position))
         except (RuntimeError, OSError) as error:
             # prepare() rejects bad files; one that went bad since is reported
             # and skipped, not allowed to end a run hours in.
-            log.warning("skipping %s: cannot decode (%s)", full_path, error)
+            log.warning("skipping %s: cannot decode (%s)", self._where(position, full_path), error)
             return None
         if (image.shape[2], image.shape[1]) != self.sizes[position]:
             log.warning("skipping %s: %d x %d px, but prepare recorded %d x %d (the file changed since; "
-                        "rerun prepare)", full_path, image.shape[2], image.shape[1], *self.sizes[position])
+                        "rerun prepare)", self._where(position, full_path), image.shape[2], image.shape[1],
+                        *self.sizes[position])
             return None
         return apply_plan(image, box, self.size), label
+
+
+    def _where(self, position: int, full_path: str) -> str:
+        """Where a sample came from, for a warning: its file, or its shard and offset."""
+        return full_path if self.shards is None else self.shards.describe(position)
 
 
 def collate_skipping_bad(samples):
@@ -107,6 +120,19 @@ def collate_skipping_bad(samples):
     if not good:
         return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
     return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good], dtype=torch.long)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In each DataLoader worker: leave SIGTERM and SIGUSR1 to the training process.
+
+    scancel, preemption and a time limit signal every process of a job step.
+    A worker killed by it makes the DataLoader raise in the main process
+    ("worker killed by signal") before the training loop can finish its step
+    and checkpoint; ignoring the signal here lets the main process stop
+    cleanly (exit 75), and its shutdown ends the workers.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class PlannedBatches(Sampler):
@@ -136,18 +162,22 @@ class TorchvisionLoader(Loader):
         self.stream = BatchStream(self)
         self.normalize = Normalizer(spec.transform, spec.output, spec.device)
         self.dataloader = DataLoader(
-            ManifestDataset(spec.dataset.root, spec.entries, spec.widths, spec.heights, spec.transform.size),
+            ManifestDataset(spec.dataset.root, spec.entries, spec.widths, spec.heights, spec.transform.size,
+                            spec.shards),
             batch_sampler=PlannedBatches(self.stream),
             num_workers=spec.workers,
             collate_fn=collate_skipping_bad,
             pin_memory=spec.device.type == "cuda",  # page-locked buffers make the copy asynchronous
             persistent_workers=spec.workers > 0,
             prefetch_factor=PREFETCH_FACTOR if spec.workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
             # Its own generator: the DataLoader must not draw its workers' base
             # seed from the global RNG, which dropout uses and a resumed run restores.
             generator=torch.Generator(),
         )
         self._batches = None
+        if spec.workers > 0:
+            _open_loaders.add(self)
 
     def _host_batches(self, epoch: int, first: int):
         """Batches first..n-1 of `epoch` as uint8 on the host (a batch whose every file broke is left out)."""
@@ -197,6 +227,22 @@ class TorchvisionLoader(Loader):
             yield images, labels
 
     def close(self) -> None:
-        # Ends persistent workers now rather than at interpreter exit.
+        """End the worker processes now: they ignore SIGTERM, so nothing else may be left to stop them."""
+        if self._batches is not None and hasattr(self._batches, "_shutdown_workers"):
+            self._batches._shutdown_workers()  # asks each worker to exit and joins it
         self._batches = None
         self.dataloader = None
+        _open_loaders.discard(self)
+
+
+# Loaders whose workers are alive. At interpreter exit multiprocessing would
+# stop them with SIGTERM, which they ignore (ignore_stop_signals), and then
+# wait for ever: close them first. atexit runs handlers last-registered
+# first, so this runs before both multiprocessing's and torch's own.
+_open_loaders: "weakref.WeakSet[TorchvisionLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_open_loaders):
+        loader.close()

@@ -1,0 +1,370 @@
+"""The cache backend: decode a split once, keep the uint8 images on the device, augment with tensor operations.
+
+Where a batch is decoded: nowhere. On first use the loader decodes every
+image it will ever read (the whole split for training, its evaluation
+shard's range otherwise) with one DALI pipeline: the "mixed" decoder
+(nvJPEG, the hardware decoder on A100/H100/H200) when the device is cuda,
+DALI's CPU decoder otherwise. DALI on both devices, not torchvision.io on
+the CPU, so that the CPU path CI runs is the GPU path's code but for one
+argument, and the pipeline takes encoded bytes (fn.external_source), so
+loose files and packed shards feed it alike. The images stay as uint8
+C x H x W tensors (`ImageStore`):
+- on the device when they fit `budget_bytes` (default: no limit on the CPU,
+  half the GPU's memory on cuda);
+- past it, by the user's choice (`overflow`): in host memory (pinned when
+  the device is cuda), each batch gathered there and copied over, or a
+  PlanktonioError saying how much is needed.
+
+Where a batch is augmented: on the device, from the plan
+(planktonio/plans.py) as every backend: crop the box, resize to
+size x size, flip, normalise, with torch operations on the device's tensors.
+- On a GPU, equal-size images (the study's 255 x 255 set): one
+  N x 3 x H x W tensor, and crop, resize and flip of a whole batch are two
+  batched matrix products (one kernel each, however large the batch). On a
+  CPU the loader resizes each image's uint8 box with torch's vectorised
+  antialiased kernel instead (the torchvision backend's own, faster there
+  than float matrix products over whole images); the batched path is still
+  tested on the CPU against it (`fast_path=True`).
+- The batched path: two matrix products
+  with per-image weight matrices (`resize_weights`): each row holds the
+  weights torch's antialiased bilinear interpolation (the kernel behind
+  torchvision's resize) gives that output pixel, over the box's pixels and
+  zero elsewhere; a flip reverses the rows. The same arithmetic as
+  torchvision, not an approximation of it (roi_align and grid_sample sample
+  a few points per output pixel instead of the triangle filter, which
+  aliases when shrinking a large box). Where a run allows TF32 matmuls on
+  the GPU (torch.backends.cuda.matmul.allow_tf32), the products carry about
+  1e-3 relative error: a pixel now and then a level off after rounding.
+- Images of different sizes (raw NDSB: 21-428 px): stored flat with
+  offsets; each image's box is cut out and resized one image at a time
+  (F.interpolate(antialias=True) on a GPU, the uint8 kernel on a CPU).
+Resized pixels are rounded to whole levels, as the uint8 resizes of the
+torchvision and DALI backends do, then normalised.
+
+Randomness: none here; sharding, order and plans come from Loader.batch_plan.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+from torchvision.transforms.v2 import functional as TVF
+
+from ..dataset import check_image
+from ..errors import PlanktonioError
+from . import sharding
+from .base import BatchPlan, Loader, LoaderSpec
+from .torchvision_loader import Normalizer
+
+DECODE_BATCH = 64     # images per DALI decode run
+OVERFLOWS = ("host", "error")
+GPU_SHARE = 0.5       # default budget on cuda: this share of the GPU's memory
+
+
+def default_budget(device: torch.device) -> int | None:
+    """No limit on the CPU (the cache is host memory either way); half the GPU's memory on cuda."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory * GPU_SHARE)
+
+
+# ---------------------------------------------------------------- resizing
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, source: int, size: int) -> torch.Tensor:
+    """N x size x source: the antialiased bilinear weights of resizing [start, start + length) to size pixels.
+
+    The filter of torch's _upsample_bilinear2d_aa (align_corners=False, PIL's
+    algorithm): output pixel i is centred at scale * (i + 0.5) in the box,
+    scale = length / size; the triangle filter is stretched by scale when
+    shrinking (antialiasing) and is the plain linear interpolation when
+    enlarging; the weights of each output pixel are normalised to sum to 1.
+    Pixels outside the box get weight 0, which is how the crop happens.
+    """
+    length = length.to(torch.float32).view(-1, 1, 1)
+    scale = length / size
+    support = scale.clamp(min=1.0)                      # filter half-width, in source pixels
+    centre = scale * (torch.arange(size, dtype=torch.float32, device=start.device).view(1, -1, 1) + 0.5)
+    pixel = torch.arange(source, dtype=torch.float32, device=start.device).view(1, 1, -1) - start.view(-1, 1, 1)
+    inside = (pixel >= 0) & (pixel < length)
+    weights = (1 - ((pixel + 0.5 - centre) / support).abs()).clamp(min=0) * inside
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def crop_resize_flip_equal(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Float N x 3 x H x W (all one size) -> N x 3 x size x size: each image's box, resized and flipped.
+
+    boxes: int64 N x 5 on the images' device, rows (x, y, width, height, flip).
+    """
+    x, y, w, h, flip = boxes.unbind(1)
+    rows = resize_weights(y, h, images.shape[2], size)             # N x size x H
+    columns = resize_weights(x, w, images.shape[3], size)          # N x size x W
+    columns = torch.where(flip.view(-1, 1, 1).bool(), columns.flip(1), columns)
+    out = torch.matmul(rows.unsqueeze(1), images)                  # N x 3 x size x W
+    return torch.matmul(out, columns.transpose(1, 2).unsqueeze(1))  # N x 3 x size x size
+
+
+def resize_flip_one(crop: torch.Tensor, flip: int, size: int) -> torch.Tensor:
+    """Float 3 x h x w (a plan's box) -> 3 x size x size: resized (antialiased bilinear), flipped if planned."""
+    resized = TF.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False,
+                             antialias=True)[0]
+    return resized.flip(-1) if flip else resized
+
+
+def resize_flip_uint8(crop: torch.Tensor, flip: int, size: int) -> torch.Tensor:
+    """uint8 3 x h x w (a plan's box) -> uint8 3 x size x size, as the torchvision backend's apply_plan does."""
+    resized = TVF.resize(crop, [size, size], interpolation=TVF.InterpolationMode.BILINEAR, antialias=True)
+    return resized.flip(-1) if flip else resized
+
+
+# ---------------------------------------------------------------- the store
+
+
+class ImageStore:
+    """Decoded uint8 3 x h x w images, by slot: one stacked tensor if all are one size, else flat with offsets."""
+
+    def __init__(self, widths: np.ndarray, heights: np.ndarray, device: torch.device, pin: bool):
+        self.widths, self.heights = widths, heights
+        self.equal = len(widths) > 0 and len(set(widths.tolist())) == 1 and len(set(heights.tolist())) == 1
+        sizes = 3 * widths * heights
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.device = device
+        if self.equal:
+            shape = (len(widths), 3, int(heights[0]), int(widths[0]))
+        else:
+            shape = (int(self.offsets[-1]),)
+        self.data = torch.empty(shape, dtype=torch.uint8, device=device, pin_memory=pin)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def image(self, slot: int) -> torch.Tensor:
+        if self.equal:
+            return self.data[slot]
+        start, end = int(self.offsets[slot]), int(self.offsets[slot + 1])
+        return self.data[start:end].view(3, int(self.heights[slot]), int(self.widths[slot]))
+
+    def put(self, slot: int, image_hwc: torch.Tensor) -> None:
+        self.image(slot).copy_(image_hwc.permute(2, 0, 1))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def loose_files(spec: LoaderSpec):
+    """encoded(position) for a prepared folder of loose files: the file's bytes."""
+    root = spec.dataset.root
+
+    def encoded(position: int) -> np.ndarray:
+        return np.fromfile(f"{root}/{spec.entries[position][0]}", dtype=np.uint8)
+    return encoded
+
+
+def build_decoder(spec: LoaderSpec):
+    """A DALI pipeline that decodes fed batches of encoded images to uint8 H x W x 3 RGB (EXIF applied)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from .dali_loader import decoder_hints
+
+    on_gpu = spec.device.type == "cuda"
+
+    @pipeline_def
+    def decoder():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        return fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                                 **(decoder_hints(spec) if on_gpu else {}))
+
+    pipe = decoder(batch_size=DECODE_BATCH, num_threads=spec.threads,
+                   device_id=(spec.device.index or 0) if on_gpu else None, prefetch_queue_depth=1)
+    pipe.build()
+    return pipe
+
+
+def decode_into(store: ImageStore, spec: LoaderSpec, positions: np.ndarray, encoded) -> None:
+    """Decode the images at `positions` (slot i holds positions[i]) into the store, checking their sizes."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    pipe = build_decoder(spec)
+    decode_device = spec.device if spec.device.type == "cuda" else torch.device("cpu")
+    stream = torch.cuda.current_stream(spec.device) if spec.device.type == "cuda" else None
+    for first in range(0, len(positions), DECODE_BATCH):
+        chunk = positions[first:first + DECODE_BATCH].tolist()
+        pipe.feed_input("encoded", [encoded(p) for p in chunk])
+        try:
+            (images,) = pipe.run()
+        except RuntimeError as error:
+            raise _decode_error(spec, chunk, error) from None
+        for i, position in enumerate(chunk):
+            shape = images[i].shape()
+            expected = [int(spec.heights[position]), int(spec.widths[position]), 3]
+            if list(shape) != expected:
+                raise PlanktonioError(
+                    f"{spec.dataset.root / spec.entries[position][0]}: decoded {shape[1]} x {shape[0]} px, "
+                    f"but prepare recorded {expected[1]} x {expected[0]} (the file changed since; rerun prepare)")
+            decoded = torch.empty(shape, dtype=torch.uint8, device=decode_device)
+            feed_ndarray(images[i], decoded, cuda_stream=stream)
+            store.put(first + i, decoded)
+        if stream is not None:
+            stream.synchronize()  # the copies out of DALI's buffers are done before the next run reuses them
+
+
+def _decode_error(spec: LoaderSpec, chunk: list[int], error: Exception) -> PlanktonioError:
+    """Name the file that failed: prepare's own check, run on each file of the failing batch."""
+    for position in chunk if spec.shards is None else ():  # shards: their bytes passed sha256 checks
+        path = spec.dataset.root / spec.entries[position][0]
+        problem = check_image(path)
+        if problem is not None:
+            return PlanktonioError(f"{path}: cannot decode ({problem[0]}: {problem[1]}); the file changed "
+                                   f"since prepare: restore it or rerun prepare")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return PlanktonioError(f"{spec.dataset.path}: decoding images {chunk[0]}-{chunk[-1]} of the {spec.split} "
+                           f"manifest failed ({first_line}); rerun prepare")
+
+
+# ---------------------------------------------------------------- the loader
+
+
+class CacheLoader(Loader):
+    """Decode once into an ImageStore, then every batch from the plan with tensor operations on the device.
+
+    After the first iteration: decode_seconds (the one decode, pipeline
+    build included), cache_bytes (what the store holds), bytes_per_image,
+    placement ("device", or "host" past the budget) and device_bytes (the
+    share of cache_bytes on the device).
+    """
+
+    backend = "cache"
+    prefetch_depth = 0  # batches are made on demand; on a GPU the kernels queue asynchronously
+
+    def __init__(self, spec: LoaderSpec, *, budget_bytes: int | None = None, overflow: str = "host",
+                 encoded=None, fast_path: bool | None = None):
+        super().__init__(spec)
+        if overflow not in OVERFLOWS:
+            raise PlanktonioError(f"cache overflow must be one of {', '.join(OVERFLOWS)}, not {overflow!r}")
+        if budget_bytes is not None and budget_bytes < 0:
+            raise PlanktonioError(f"cache budget must be >= 0 bytes, not {budget_bytes}")
+        self.budget_bytes = default_budget(spec.device) if budget_bytes is None else budget_bytes
+        self.overflow = overflow
+        self.encoded = encoded or (spec.shards.read if spec.shards is not None else loose_files(spec))
+        # None: batched on a GPU when all images are one size, per image (uint8 kernel) on a CPU;
+        # True/False force a GPU's paths anywhere: batched, or per image in float (tests compare them)
+        self.fast_path = fast_path
+        # The images this loader will ever read: all of them for training (each epoch a new permutation of
+        # the whole manifest), the contiguous shard range for evaluation.
+        if spec.train:
+            self.cached_positions = np.arange(self.manifest_size, dtype=np.int64)
+        else:
+            shard = sharding.eval_shard_range(self.manifest_size, spec.shard_index, spec.shard_count)
+            self.cached_positions = np.arange(shard.start, shard.stop, dtype=np.int64)
+        self.slot_of = np.full(self.manifest_size, -1, dtype=np.int64)
+        self.slot_of[self.cached_positions] = np.arange(len(self.cached_positions))
+        self.needed_bytes = int((3 * spec.widths[self.cached_positions] * spec.heights[self.cached_positions]).sum())
+        self.placement = self._placement()
+        self.labels = torch.tensor([label for _, label in spec.entries], dtype=torch.long, device=spec.device)
+        self.store: ImageStore | None = None
+        self.decode_seconds = 0.0
+        self.cache_bytes = 0  # what the store holds; kept after close() for the benchmark's report
+        self.normalize = Normalizer(spec.transform, spec.output, spec.device)
+
+    def _placement(self) -> str:
+        if self.budget_bytes is None or self.needed_bytes <= self.budget_bytes:
+            return "device"
+        if self.overflow == "error":
+            raise PlanktonioError(
+                f"cache: the {self.spec.split} split needs {self.needed_bytes / 2**20:.1f} MiB decoded, over the "
+                f"budget of {self.budget_bytes / 2**20:.1f} MiB on {self.spec.device}; raise cache_budget_bytes, "
+                f"or set cache_overflow='host' to keep it in host memory")
+        return "host"
+
+    # ------------------------------------------------------------ what it holds
+
+    @property
+    def device_bytes(self) -> int:
+        return self.cache_bytes if self.placement == "device" else 0
+
+    @property
+    def bytes_per_image(self) -> float:
+        return self.cache_bytes / len(self.cached_positions) if len(self.cached_positions) else 0.0
+
+    def decode(self) -> None:
+        """Decode every image this loader reads into the store (done by the first iteration)."""
+        if self.store is not None:
+            return
+        start = time.perf_counter()
+        s = self.spec
+        on_device = self.placement == "device"
+        store_device = s.device if on_device else torch.device("cpu")
+        pin = not on_device and s.device.type == "cuda"  # page-locked: the per-batch copy is asynchronous
+        store = ImageStore(s.widths[self.cached_positions], s.heights[self.cached_positions], store_device, pin)
+        decode_into(store, s, self.cached_positions, self.encoded)
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)
+        self.store, self.cache_bytes = store, store.nbytes
+        self.decode_seconds = time.perf_counter() - start
+        self.build_seconds += self.decode_seconds
+        self.pipelines_built += 1
+
+    # ------------------------------------------------------------ batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.skip_batches < len(self):
+            self.decode()
+            for index in range(self.skip_batches, len(self)):
+                yield self.make_batch(self.batch_plan(self.epoch, index))
+        self._end_epoch()
+
+    def make_batch(self, batch: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch, as the plan says: crop, resize, flip, round to levels, normalise."""
+        device, size = self.spec.device, self.spec.transform.size
+        slots = self.slot_of[batch.positions]
+        # The batch's small arrays go to the device as one pinned, asynchronous copy: a plain
+        # copy per array would make the host wait for the GPU's queued work each time.
+        plan = batch.plan
+        small = torch.from_numpy(np.stack([slots, batch.positions, plan.x, plan.y, plan.width, plan.height,
+                                           plan.flip]).astype(np.int64))
+        if device.type == "cuda":
+            small = small.pin_memory()
+        small = small.to(device, non_blocking=True)
+        device_slots, positions, boxes = small[0], small[1], small[2:].t()
+        # Batched where it pays: one pair of matrix products for the whole batch on a GPU. On a
+        # CPU, torch's vectorised uint8 resize per image (the torchvision backend's own kernel)
+        # is faster than float matrix products over whole images.
+        batched = self.fast_path if self.fast_path is not None else device.type == "cuda"
+        if self.store.equal and batched:
+            images = self._gather(torch.from_numpy(slots), device_slots).float()
+            resized = crop_resize_flip_equal(images, boxes, size)
+        else:
+            boxes = [batch.plan.box(i) for i in range(len(slots))]
+            if device.type == "cpu" and self.fast_path is None:
+                resized = torch.stack([resize_flip_uint8(self._crop(slot, box), box[4], size)
+                                       for slot, box in zip(slots.tolist(), boxes)]).float()
+            else:
+                resized = torch.stack([resize_flip_one(self._crop(slot, box).float(), box[4], size)
+                                       for slot, box in zip(slots.tolist(), boxes)])
+        resized = resized.round_().clamp_(0, 255)
+        labels = self.labels[positions]
+        return self.normalize(resized), labels
+
+    def _gather(self, slots: torch.Tensor, device_slots: torch.Tensor) -> torch.Tensor:
+        """The batch's whole images (equal sizes), on the device: copied from host memory past the budget."""
+        data, device = self.store.data, self.spec.device
+        if self.placement == "device":
+            return data.index_select(0, device_slots)
+        staging = torch.empty((len(slots), *data.shape[1:]), dtype=torch.uint8,
+                              pin_memory=device.type == "cuda")  # the caching host allocator reuses these
+        torch.index_select(data, 0, slots, out=staging)
+        return staging.to(device, non_blocking=True)
+
+    def _crop(self, slot: int, box) -> torch.Tensor:
+        """One image's box (variable sizes), on the device."""
+        x, y, w, h, _ = box
+        crop = self.store.image(slot)[:, y:y + h, x:x + w]
+        return crop if self.placement == "device" else crop.to(self.spec.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.store = None

@@ -1,0 +1,189 @@
+"""`python -m planktonio doctor`, and the environment `make` builds: one CUDA 12 stack with Volta kernels."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from planktonio import doctor
+from planktonio.doctor import cuda_major, dali_can_run, has_hardware_jpeg_decoder, torch_can_run
+
+from .conftest import REPO
+
+# torch._C._cuda_getArchFlags() of torch 2.14.1 (CUDA 13.0), the pin before
+# issue 8, and of torch 2.10.0 (CUDA 12.8), the pin since.
+CUDA13_TORCH = "sm_75 sm_80 sm_86 sm_90 sm_100 sm_120".split()
+CUDA12_TORCH = "sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120".split()
+V100, A100, RTX4090, H100, RTX5090 = (7, 0), (8, 0), (8, 9), (9, 0), (12, 0)
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without a GPU")
+
+
+# ------------------------------------------------------------------ the environment
+
+
+@pytest.mark.skipif(sys.prefix != str(REPO / ".venv"),
+                    reason=f"checks the environment `make venv` builds ({REPO / '.venv'}), not {sys.prefix}")
+def test_the_environment_make_builds_runs_on_volta_with_one_cuda_major_version():
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.lstrip().startswith("#"))
+    installed = {name: importlib.metadata.version(name).split("+")[0] for name in pins}
+    assert installed == pins, "the .venv is not the one constraints.txt pins: run `make venv`"
+
+    torch_info, dali, vision = doctor.torch_facts(), doctor.dali_facts(), doctor.torchvision_facts()
+    assert "sm_70" in torch_info["arch_list"], torch_info["arch_list"]
+    assert torch_can_run(torch_info["arch_list"], V100).ok
+    assert cuda_major(torch_info["cuda"]) == dali["cuda_major"] == cuda_major(vision["cuda"]) == 12
+
+
+# ------------------------------------------------------------------ the rules
+
+
+@pytest.mark.parametrize("arch_list, capability, ok, says", [
+    (CUDA13_TORCH, V100, False, "needs sm_70"),         # the old pin on Cirrus: no kernel image
+    (CUDA12_TORCH, V100, True, "sm_70 kernels"),
+    (CUDA12_TORCH, H100, True, "sm_90 kernels"),
+    (CUDA13_TORCH, H100, True, "sm_90 kernels"),
+    (CUDA12_TORCH, A100, True, "sm_80 kernels"),
+    (CUDA12_TORCH, RTX4090, True, "sm_86 kernels (binary compatible"),  # 8.9 runs 8.6 cubins
+    (CUDA12_TORCH, RTX5090, True, "sm_120 kernels"),
+    (["sm_80"], V100, False, "needs sm_70"),             # cubins never run on an older GPU
+    (["sm_90a"], (10, 0), False, "needs sm_100"),        # arch-specific cubins run on exactly one
+    (["compute_70"], H100, True, "PTX compute_70"),      # PTX only: the driver compiles it
+    (["compute_80"], V100, False, "needs sm_70"),        # PTX for a newer GPU does not help
+    ([], V100, False, "CPU-only build"),
+])
+def test_which_gpus_a_torch_build_can_run_on(arch_list, capability, ok, says):
+    verdict = torch_can_run(arch_list, capability)
+    assert verdict.ok is ok
+    assert says in verdict.reason
+
+
+def test_which_gpus_a_dali_build_can_run_on():
+    assert dali_can_run(12, V100).ok is True
+    assert dali_can_run(13, V100).ok is False and "SM 7.5" in dali_can_run(13, V100).reason
+    assert dali_can_run(13, H100).ok is True
+    assert dali_can_run(None, V100).ok is None
+
+
+@pytest.mark.parametrize("name, hardware", [
+    ("NVIDIA A100-SXM4-80GB", True), ("NVIDIA A30", True), ("NVIDIA H100 80GB HBM3", True),
+    ("NVIDIA H200", True), ("NVIDIA GH200 480GB", True), ("NVIDIA B200", True),
+    ("Tesla V100-SXM2-16GB", False), ("Tesla T4", False), ("NVIDIA A40", False),
+    ("NVIDIA GeForce RTX 4090", False), ("NVIDIA RTX A3000 Laptop GPU", False),
+])
+def test_hardware_jpeg_decoder_by_gpu(name, hardware):
+    assert has_hardware_jpeg_decoder(name) is hardware
+
+
+# ------------------------------------------------------------------ the command here
+
+
+def run_doctor(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "planktonio", "doctor", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@no_gpu
+def test_doctor_here_says_there_is_no_gpu_and_passes(tmp_path):
+    result = run_doctor("--json", str(tmp_path / "doctor.json"))
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("doctor verdict: ok - no GPU visible"), last
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    assert report["ok"] is True and report["gpus"] == [] and report["verdict"] == last
+    assert {"python", "torch", "torchvision", "dali", "nccl", "cpus", "driver", "cuda_visible_devices", "gpus",
+            "problems", "notes", "ok", "verdict", "host", "time"} <= report.keys()
+    assert report["torch"].keys() >= {"version", "cuda", "arch_list"} and report["torch"]["arch_list"]
+    assert report["torchvision"].keys() >= {"version", "cuda"} and report["torchvision"]["version"]
+    assert report["dali"].keys() >= {"version", "cuda", "cuda_major", "distribution"} and report["dali"]["version"]
+    assert report["nccl"].keys() >= {"available", "version"}
+    assert report["cpus"]["usable"] >= 1 and report["cpus"]["node"] >= report["cpus"]["usable"]
+    assert report["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
+
+
+@no_gpu
+def test_doctor_fails_when_a_gpu_is_required_and_none_is_visible():
+    result = run_doctor("--require-gpu")
+    assert result.returncode == 1
+    assert "doctor verdict: FAILED - a GPU is required (--require-gpu) but none is visible" in result.stderr
+
+
+# ------------------------------------------------------------------ simulated machines
+
+
+def fake_gpus(monkeypatch, *gpus):
+    """torch sees these (name, (major, minor)) GPUs; nothing else in torch.cuda is touched."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    props = [SimpleNamespace(name=name, major=cap[0], minor=cap[1], total_memory=16 * 2**30) for name, cap in gpus]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props[index])
+
+
+def test_a_v100_node_with_the_cuda13_torch_fails_with_the_reason(monkeypatch, capsys):
+    fake_gpus(monkeypatch, ("Tesla V100-SXM2-16GB", V100), ("Tesla V100-SXM2-16GB", V100))
+    monkeypatch.setattr(doctor, "torch_facts",
+                        lambda: {"version": "2.14.1+cu130", "cuda": "13.0", "arch_list": CUDA13_TORCH})
+    assert doctor.run_doctor() == 1
+    err = capsys.readouterr().err
+    assert "doctor verdict: FAILED - GPUs 0,1 (Tesla V100-SXM2-16GB, compute capability 7.0): torch 2.14.1" in err
+    assert "needs sm_70" in err
+    # the other half of the old environment: a CUDA 13 torch beside DALI's cuda120 build
+    assert "torch is built for CUDA 13.0 but DALI for CUDA 12" in err
+
+
+def test_a_v100_node_with_this_torch_passes_without_a_hardware_decoder(monkeypatch, capsys, tmp_path):
+    fake_gpus(monkeypatch, ("Tesla V100-SXM2-16GB", V100))
+    assert doctor.run_doctor(tmp_path / "doctor.json") == 0
+    out = capsys.readouterr().out
+    assert "doctor verdict: ok - 1 GPU(s) (Tesla V100-SXM2-16GB) usable by torch" in out
+    assert "no hardware JPEG decoder" in out
+    gpu = json.loads((tmp_path / "doctor.json").read_text())["gpus"][0]
+    assert gpu["capability"] == "7.0" and gpu["memory_bytes"] == 16 * 2**30
+    assert gpu["torch"] == {"ok": True, "reason": "sm_70 kernels"} and gpu["dali"]["ok"] is True
+    assert gpu["hardware_jpeg_decoder"] is False
+
+
+def test_an_h100_has_the_hardware_decoder(monkeypatch):
+    fake_gpus(monkeypatch, ("NVIDIA H100 80GB HBM3", H100))
+    report = doctor.diagnose()
+    assert report["ok"] and report["gpus"][0]["hardware_jpeg_decoder"] is True
+    assert "hardware JPEG decoder (NVJPG)" in doctor.format_report(report)
+
+
+def test_missing_torchvision_and_dali_are_reported_not_fatal(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` now fails as if absent
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    report = doctor.diagnose()
+    assert report["torchvision"]["version"] is None and report["dali"]["version"] is None
+    assert report["dali"]["cuda_major"] is None
+    assert any(n.startswith("torchvision is not installed") for n in report["notes"])
+    assert any(n.startswith("DALI is not installed") for n in report["notes"])
+    assert report["ok"], report["problems"]
+    assert "DALI         not installed" in doctor.format_report(report)
+
+
+def test_a_torchvision_that_fails_to_import_is_a_problem(monkeypatch, tmp_path):
+    broken = tmp_path / "torchvision"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    report = doctor.diagnose()
+    assert not report["ok"]
+    assert "torchvision: import failed: RuntimeError: operator torchvision::nms does not exist" in report["verdict"]
+
+
+def test_a_gpu_torch_cannot_start_is_a_problem(monkeypatch):
+    def fail(index):
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", fail)
+    report = doctor.diagnose()
+    assert not report["ok"]
+    assert "torch cannot start CUDA: The NVIDIA driver on your system is too old" in report["verdict"]

@@ -1,0 +1,98 @@
+"""What a run is made of before any optimisation: processes, device, precision, data set, model.
+
+`Executor` builds them and runs the model forward (evaluation). `fit`
+(train/loop.py) adds the optimizer, the training loader and the epochs on
+top; `python -m train evaluate` and `python -m profiling trace` build only
+what they use, so evaluating a run never needs its training split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from planktonio import PreparedDataset, make_loader
+from planktonio.loaders import resolve_device
+
+from . import checkpoint, distributed
+from .config import Config
+from .metrics import EpochStats, RunningSums
+from .model import build_model
+from .step import AMP_DTYPES, autocast, model_input, resolve_precision
+
+
+class Executor:
+    def __init__(self, config: Config, data: Path):
+        self.config = config
+        t = config.training
+        device = resolve_device(t.device)
+        self.ctx = distributed.init(device)
+        if device.type == "cuda" and self.ctx.distributed:
+            device = torch.device("cuda", self.ctx.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if device.type == "cuda":
+            # Fixed-size batches: let cuDNN time its algorithms once and keep the fastest
+            # (results then vary in the last bits between runs; resume is bitwise on CPUs only).
+            torch.backends.cudnn.benchmark = True
+        self.precision = resolve_precision(t.precision, device)
+        self.amp_dtype = AMP_DTYPES[self.precision]
+        self.output = model_input(self.precision, device, t.channels_last)  # what loaders emit
+        self.dataset = PreparedDataset.load(data)
+
+        torch.manual_seed(t.seed)  # the same initial head on every rank (DDP also broadcasts it)
+        m = config.model
+        memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        self.model = build_model(m.name, self.dataset.num_classes, m.weights, m.freeze).to(
+            device, memory_format=memory_format)
+        self.net = torch.compile(self.model) if t.compile else self.model
+        checkpoint.seed_rank(t.seed, self.ctx.rank)  # from here on, each rank its own dropout masks
+        self._ddp = None
+
+    def training_net(self) -> torch.nn.Module:
+        """The model to train: wrapped in DistributedDataParallel when there are several ranks."""
+        if not self.ctx.distributed:
+            return self.net
+        if self._ddp is None:
+            self._ddp = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return self._ddp
+
+    def loader_for(self, split: str, batch_size: int, train: bool):
+        c = self.config
+        return make_loader(
+            c.loader.backend, self.dataset, split, batch_size=batch_size,
+            transform=c.transform("train" if train else "eval"), output=self.output, device=self.device,
+            train=train, shard_index=self.ctx.rank, shard_count=self.ctx.world_size,
+            workers=c.loader.workers, threads=c.loader.dali_threads, seed=c.training.seed)
+
+    def eval_loader(self, split: str):
+        loader = self.config.loader
+        return self.loader_for(split, loader.eval_batch_size or loader.batch_size, False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp_dtype):
+            return self.net(images)
+
+    @torch.no_grad()
+    def evaluate(self, loader, collect: bool = False):
+        """Loss, accuracy and top-5 over a whole split (every image once across ranks).
+
+        collect: also return this rank's predictions and labels (CPU tensors).
+        """
+        self.model.eval()
+        distributed.broadcast_buffers(self.model)
+        sums, predictions, targets = RunningSums(self.device), [], []
+        for images, labels in loader:
+            logits = self.forward(images).float()
+            sums.add(F.cross_entropy(logits, labels), logits, labels)
+            if collect:
+                predictions.append(logits.argmax(dim=1))
+                targets.append(labels)
+        stats: EpochStats = sums.read().reduced(self.device)
+        if collect:
+            return stats, torch.cat(predictions).cpu(), torch.cat(targets).cpu()
+        return stats
