@@ -41,7 +41,7 @@ demo: $(STAMP)
 		--set model.weights=$(DEMO)/pretrain-run/best.pt --set model.freeze=features \
 		--set optimizer.lr=0.01 --set training.epochs=8
 	$(PY) -m train evaluate --run $(DEMO)/finetune-run --split test
-	$(PY) -m profiling suite --data $(DEMO)/prepared --out $(DEMO)/suite --minutes 3
+	$(PY) -m profiling suite --data $(DEMO)/prepared --out $(DEMO)/suite --minutes 5
 	@echo; cat $(DEMO)/suite/report/report.md
 	@echo; echo "demo outputs in $(DEMO)/: suite/report/report.md (the report above, with its plots)," \
 		"suite/ (each measurement's JSON, logs/, train/, trace/), finetune-run/ (metrics.jsonl," \

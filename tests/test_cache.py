@@ -91,12 +91,13 @@ def test_train_batches_match_torchvision_for_the_same_plans(synthetic):
     """Measure: |cache - torchvision| in grey levels, two epochs of random crops and flips.
     Bound: mean < 0.3, every value within 2.
 
-    Why not 0: on a CPU the cache resizes with torchvision's own uint8 kernel, so
-    what remains is the JPEG decoders (DALI's against torchvision's libjpeg-turbo
-    build); on a GPU, the batched path's weights are torch's antialiased bilinear
-    filter exactly (resize_weights; equal to F.interpolate within 1e-4), but the
-    uint8 kernel rounds after each of its two passes where the cache rounds once.
-    Measured here: mean 0.18, max 1 (the same as dali-cpu against torchvision).
+    Why the bound is not 0: on a CPU the cache resizes with torchvision's own uint8
+    kernel and DALI's CPU decoder decodes whole images with libjpeg-turbo, as
+    torchvision does, so the batches come out identical here (measured: max 0), but
+    another libjpeg-turbo build may round a level apart; on a GPU, the batched path's
+    weights are torch's antialiased bilinear filter exactly (resize_weights; equal to
+    F.interpolate within 1e-4), but the uint8 kernel rounds after each of its two
+    passes where the cache rounds once (mean 0.18, max 1).
     """
     cache = loader("cache", synthetic, "train", batch_size=5, seed=3, transform=TRAIN_AUGMENT)
     tv = loader("torchvision", synthetic, "train", batch_size=5, seed=3, transform=TRAIN_AUGMENT)
