@@ -420,3 +420,17 @@ def test_config_validation_gives_a_config_or_a_one_line_error(data):
         assert str(error).strip() and "\n" not in str(error)
         return
     config_module.validate(config)
+
+
+def test_an_unreadable_class_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    """Tests run as root, who reads everything: the folder's permission error is simulated."""
+    import planktonio.dataset as dataset
+    source = tmp_path / "source"
+    write_coloured_set(source, classes=2, per_class=2, size=8)
+
+    def walk(top, onerror=None):
+        onerror(PermissionError(13, "Permission denied", str(top)))
+        return iter(())
+    monkeypatch.setattr(dataset.os, "walk", walk)
+    with pytest.raises(PlanktonioError, match="class0: cannot be read \\(Permission denied\\); fix its permissions"):
+        prepare(source, tmp_path / "prepared", workers=1)
