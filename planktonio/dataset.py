@@ -473,8 +473,7 @@ class PreparedDataset:
             try:
                 stat = os.stat(self.root / path)
             except FileNotFoundError:
-                raise PlanktonioError(f"{self.root / path}: listed in {self.manifest(split)} but missing; "
-                                      f"rerun prepare if the source moved") from None
+                raise self._missing(split, path) from None
             except OSError as error:
                 raise PlanktonioError(f"{self.root / path}: cannot be read ({error.strerror})") from None
             if stat.st_size != info.bytes[i] or stat.st_mtime_ns != info.mtime_ns[i]:
@@ -495,8 +494,11 @@ class PreparedDataset:
         """Fail early, naming the file, if one listed is gone (moved or deleted since `prepare`)."""
         for path, _ in entries:
             if not (self.root / path).is_file():
-                raise PlanktonioError(f"{self.root / path}: listed in {self.manifest(split)} but missing; "
-                                      f"rerun prepare if the source moved")
+                raise self._missing(split, path)
+
+    def _missing(self, split: str, path: str) -> PlanktonioError:
+        return PlanktonioError(f"{self.root / path}: listed in {self.manifest(split)} but missing; "
+                               f"rerun prepare if the source moved")
 
     def image_sizes(self, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
         """(widths, heights) of a split's images in manifest order."""

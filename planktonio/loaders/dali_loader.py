@@ -139,8 +139,8 @@ class DaliLoader(Loader):
         self._iterator = None
         self.batches_dropped = 0  # read and thrown away after a redirect (resume, abandoned epoch)
 
-    def _batches_from(self, epoch: int, index: int):
-        """The pipeline's output iterator, positioned so that its next batch is (epoch, index)."""
+    def _position(self, epoch: int, index: int) -> None:
+        """Build the pipeline on first use, or redirect it: its next output is batch (epoch, index)."""
         if self._iterator is None:
             from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -161,12 +161,11 @@ class DaliLoader(Loader):
                 self._next_output()
                 stream.received(*stream.in_flight[0])
             self.batches_dropped += stale
-        return self._iterator
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, first = self.epoch, self.skip_batches
         if first < len(self):  # else nothing is left of this epoch (a resume that skips all of it)
-            self._batches_from(epoch, first)
+            self._position(epoch, first)
             for index in range(first, len(self)):
                 batch = self._next_output()
                 self.feed.stream.received(epoch, index)
