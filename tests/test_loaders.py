@@ -281,6 +281,22 @@ def test_a_file_broken_during_a_run(copied, caplog):
         list(dali)
 
 
+def test_a_training_batch_whose_every_file_broke_stops_the_torchvision_loader(copied):
+    """Skipping the whole batch would leave out a training step: a resume would then start one
+    batch late, and under DDP the other ranks would wait for this one in all-reduce."""
+    prepared, source = copied
+    tv = loader("torchvision", prepared, "train", batch_size=2, transform=TRAIN_AUGMENT)
+    entries = tv.spec.entries
+    victims = [entries[p][0] for p in tv.batch_plan(0, 1).positions.tolist()]
+    for victim in victims:
+        _truncate(source / victim)
+    batches = iter(tv)
+    images, labels = next(batches)  # batch 0 is whole
+    assert len(labels) == 2
+    with pytest.raises(PlanktonioError, match=f"{victims[0]} and the other 1 file.* batch 1 of epoch 0.*rerun prepare"):
+        next(batches)
+
+
 @pytest.mark.parametrize("transform", [TRAIN_AUGMENT, EVAL_TRANSFORM])
 @pytest.mark.parametrize("decode", ["gpu", "cpu"])
 def test_gpu_pipeline_graphs_are_well_formed_without_a_gpu(coloured, transform, decode):

@@ -31,6 +31,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
 from ..dataset import TORCHVISION_DECODES
+from ..errors import PlanktonioError
 from ..transforms import Output, Transform
 from .base import BatchStream, Loader, LoaderSpec
 
@@ -180,7 +181,7 @@ class TorchvisionLoader(Loader):
             _open_loaders.add(self)
 
     def _host_batches(self, epoch: int, first: int):
-        """Batches first..n-1 of `epoch` as uint8 on the host (a batch whose every file broke is left out)."""
+        """Batches first..n-1 of `epoch` as uint8 on the host; a bad file leaves its batch one image short."""
         if self._batches is None or self.stream.upcoming() != (epoch, first):
             self.stream.redirect(epoch, first)
             self.stream.in_flight.clear()  # a new iterator drops what the workers had prepared
@@ -190,6 +191,19 @@ class TorchvisionLoader(Loader):
             self.stream.received(epoch, index)
             if labels.numel():
                 yield images, labels
+            elif self.spec.train:
+                # Not left out: a training step fewer would put a resume at the wrong
+                # batch and, under DDP, leave the other ranks waiting in all-reduce.
+                # Every file of a batch gone bad is a storage failure; stop and say so.
+                raise PlanktonioError(self._all_bad_message(epoch, index))
+
+    def _all_bad_message(self, epoch: int, index: int) -> str:
+        positions = self.batch_plan(epoch, index).positions.tolist()
+        shards, first = self.spec.shards, positions[0]
+        first = shards.describe(first) if shards else self.spec.dataset.root / self.spec.entries[first][0]
+        return (f"{first} and the other {len(positions) - 1} file(s) of training batch {index} of epoch {epoch} "
+                f"cannot be decoded since prepare checked them (the warnings above name each); restore "
+                f"them and rerun prepare, then resume")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._host_batches(self.epoch, self.skip_batches)
