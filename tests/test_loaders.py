@@ -293,7 +293,7 @@ def test_a_training_batch_whose_every_file_broke_stops_the_torchvision_loader(co
     batches = iter(tv)
     images, labels = next(batches)  # batch 0 is whole
     assert len(labels) == 2
-    with pytest.raises(PlanktonioError, match=f"{victims[0]} and the other 1 file.* batch 1 of epoch 0.*rerun prepare"):
+    with pytest.raises(PlanktonioError, match=f"{victims[0]} and the other 1 file.* batch 1 of epoch 0 broke.*rerun prepare"):
         next(batches)
 
 

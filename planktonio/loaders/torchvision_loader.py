@@ -200,9 +200,9 @@ class TorchvisionLoader(Loader):
     def _all_bad_message(self, epoch: int, index: int) -> str:
         positions = self.batch_plan(epoch, index).positions.tolist()
         shards, first = self.spec.shards, positions[0]
-        first = shards.describe(first) if shards else self.spec.dataset.root / self.spec.entries[first][0]
+        first = self.spec.dataset.root / self.spec.entries[first][0] if shards is None else shards.describe(first)
         return (f"{first} and the other {len(positions) - 1} file(s) of training batch {index} of epoch {epoch} "
-                f"cannot be decoded since prepare checked them (the warnings above name each); restore "
+                f"broke or changed since prepare checked them (the warnings above name each); restore "
                 f"them and rerun prepare, then resume")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
