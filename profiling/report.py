@@ -103,8 +103,7 @@ def loaders_section(index: int, source: Path, result: dict, out: Path) -> tuple[
 
     goals = []
     if base and config.get("augment", True):  # the goals are about the training pipeline
-        on_gpu = env.get("device") not in (None, "cpu")
-        name, target = ("dali-gpu", 10.0) if on_gpu else ("dali-cpu", 2.0)
+        name, target = ("dali-gpu", 10.0) if _on_gpu(env) else ("dali-cpu", 2.0)
         if name in by_name:
             goals.append(_goal(f"{name} >= {target:g}x torchvision images/s ({env.get('device')}, "
                                f"{config['workers']} workers)", by_name[name] / base, target, source))
@@ -143,10 +142,8 @@ def amp_section(index: int, source: Path, result: dict, out: Path) -> tuple[list
                title=f"AMP vs FP32, {config['model']}, {env.get('device')}", line=1.0)
     lines += ["", f"![AMP speed-up]({chart.name})", ""]
     goals = []
-    on_gpu = env.get("device") not in (None, "cpu")
     full = [r for r in rows if r["freeze"] == "none" and r["precision"] != "fp32"]
-    if on_gpu and full:
-        best = max(full, key=lambda r: r["speedup_vs_fp32"])
+    if best := _best_on_gpu(env, full, key=lambda r: r["speedup_vs_fp32"]):
         goals.append(_goal(f"AMP >= 2x FP32, full fine-tuning ({best['precision']}"
                            f"{', channels_last' if best['channels_last'] else ''}, {env.get('device')})",
                            best["speedup_vs_fp32"], 2.0, source))
@@ -161,8 +158,7 @@ def amp_section(index: int, source: Path, result: dict, out: Path) -> tuple[list
                    title="waiting for data, end to end", line=5.0)
         lines += ["", f"![data wait]({chart.name})", ""]
         dali_amp = [r for r in result["end_to_end"] if r["loader"] == "dali-gpu" and r["precision"] != "fp32"]
-        if on_gpu and dali_amp:
-            best = min(dali_amp, key=lambda r: r["data_wait_fraction"])
+        if best := _best_on_gpu(env, dali_amp, key=lambda r: r["data_wait_fraction"], lowest=True):
             goals.append(_goal(f"data wait < 5% of step time, DALI + AMP ({best['precision']}, {env.get('device')})",
                                best["data_wait_fraction"] * 100, 5.0, source, lower_is_better=True, unit="%"))
     lines += [f"Measured with: {environment_line(env)}", ""]
@@ -279,10 +275,8 @@ def training_section(index: int, source: Path, result: dict, out: Path) -> tuple
         lines += ["", f"![end-to-end training]({chart.name})"]
     lines += ["", f"Measured with: {environment_line(env)}", ""]
     goals = []
-    on_gpu = env.get("device") not in (None, "cpu")
     dali_amp = [r for r in measured if r["loader"] == "dali-gpu" and r["precision"] != "fp32"]
-    if on_gpu and dali_amp:
-        best = max(dali_amp, key=lambda r: r["images_per_s"])
+    if best := _best_on_gpu(env, dali_amp, key=lambda r: r["images_per_s"]):
         goals.append(_goal(f"end to end, DALI GPU + AMP ({best['precision']}, {env.get('device')}): >= 16,000 "
                            f"images/s", best["images_per_s"], 16000, source, unit=" img/s"))
         goals.append(_goal(f"end to end, DALI GPU + AMP: data wait < 5% ({best['precision']})",
@@ -311,6 +305,17 @@ def suite_section(source: Path, result: dict) -> tuple[list[str], list[str]]:
         lines += ["GPU tests: not run (no GPU).", ""]
     lines += ["Each stage's output: `../logs/<stage>.log` (from this report's folder).", ""]
     return lines, []
+
+
+def _on_gpu(env: dict) -> bool:
+    return env.get("device") not in (None, "cpu")
+
+
+def _best_on_gpu(env: dict, rows: list[dict], key, lowest: bool = False) -> dict | None:
+    """The best of `rows` by `key`, for a goal about GPUs; None where nothing was measured on one."""
+    if not _on_gpu(env) or not rows:
+        return None
+    return (min if lowest else max)(rows, key=key)
 
 
 def _goal(text: str, measured: float, target: float, source: Path, lower_is_better=False, unit="x") -> str:

@@ -198,6 +198,32 @@ def test_report_renders_tables_and_plots(trace_file, synthetic, tmp_path):
         assert f"({png})" in text
 
 
+def test_gpu_goals_take_the_best_gpu_row_and_are_not_checked_on_a_cpu(tmp_path):
+    """The AMP goal takes the fastest mixed-precision row, the data-wait goal the lowest wait."""
+    def row(precision, channels_last, images_per_s):
+        return {"freeze": "none", "precision": precision, "channels_last": channels_last, "peak_memory_mb": None,
+                "step_ms": stats.summary([1.0]), "images_per_s": stats.summary([images_per_s])}
+
+    def wait(precision, fraction):
+        return {"loader": "dali-gpu", "precision": precision, "images_per_s": stats.summary([1.0]),
+                "data_wait_fraction": fraction}
+
+    amp = {"kind": "amp", "environment": {"device": "NVIDIA H100 80GB HBM3"},
+           "config": {"model": "alexnet", "batch_size": 256, "image_size": 224, "repeats": 1, "steps": 1},
+           "compute": [row("fp32", False, 1000.0), row("amp-fp16", False, 1900.0), row("amp-bf16", True, 2300.0)],
+           "end_to_end": [wait("fp32", 0.01), wait("amp-fp16", 0.08), wait("amp-bf16", 0.03)]}
+    on_gpu, on_cpu = tmp_path / "gpu.json", tmp_path / "cpu.json"
+    on_gpu.write_text(json.dumps(amp))
+    on_cpu.write_text(json.dumps({**amp, "environment": {"device": "cpu"}}))
+    goals = [line for line in report.write_report([on_gpu], tmp_path / "a").read_text().splitlines()
+             if line.startswith("- ")]
+    assert goals == [
+        "- met: AMP >= 2x FP32, full fine-tuning (amp-bf16, channels_last, NVIDIA H100 80GB HBM3): "
+        "measured 2.30x (gpu.json)",
+        "- met: data wait < 5% of step time, DALI + AMP (amp-bf16, NVIDIA H100 80GB HBM3): measured 3.00% (gpu.json)"]
+    assert "## Goals" not in report.write_report([on_cpu], tmp_path / "b").read_text()
+
+
 def test_report_says_by_how_much_a_goal_was_missed(tmp_path):
     line = report._goal("dali-gpu >= 10x torchvision", 7.5, 10.0, tmp_path / "r.json")
     assert line == "- MISSED: dali-gpu >= 10x torchvision: measured 7.50x, 2.50x short of 10x (r.json)"
