@@ -59,6 +59,8 @@ def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
         assert key in data["environment"]
     assert [r["backend"] for r in data["results"]] == ["dali-cpu", "torchvision", "memory"]
     assert data["config"]["batches_per_epoch"] == 64 // 16
+    config = data["config"]
+    timed_images = config["epochs"] * config["batches_per_epoch"] * config["batch_size"]  # per timed turn
     for r in data["results"]:
         assert len(r["images_per_s"]["runs"]) == 2 and r["images_per_s"]["median"] > 0
         assert r["latency_ms"]["p50"] <= r["latency_ms"]["p95"] <= r["latency_ms"]["p99"]
@@ -66,7 +68,7 @@ def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
         assert r["boundary_vs_batch"] == pytest.approx(r["epoch_boundary_ms"] / r["batch_ms"])
         # CPU use is measured only over timed windows long enough for the OS's
         # 10 ms CPU-time ticks; how long a window was follows from its speed.
-        windows_s = [2 * 64 / ips for ips in r["images_per_s"]["runs"]]
+        windows_s = [timed_images / ips for ips in r["images_per_s"]["runs"]]
         if any(w >= MIN_CPU_WINDOW for w in windows_s):
             assert 0 <= r["cpu_util_percent"] <= 100 * 1.5  # sampling can overshoot a little
         else:  # e.g. the memory backend: microseconds per batch
