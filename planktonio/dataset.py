@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import PlanktonioError
+from .files import write_atomic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 TORCHVISION_DECODES = {".jpg", ".jpeg", ".png"}
@@ -177,11 +178,6 @@ def inspect_image(path: str | os.PathLike) -> ImageCheck:
     return ImageCheck(None, width, height)
 
 
-def check_image(path: str | os.PathLike) -> tuple[str, str] | None:
-    """None if the file is a usable image, else (reason, detail)."""
-    return inspect_image(path).problem
-
-
 def _inspect_chunk(paths: list[str]) -> list[ImageCheck]:
     return [inspect_image(p) for p in paths]
 
@@ -318,10 +314,10 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
 
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        _write_atomic(out / f"{split}.txt", "".join(f"{p} {l}\n" for p, l in splits[split]))
-    _write_atomic(out / "rejected.csv", _rejected_csv(source, rejected))
-    _write_atomic(out / "skipped.csv", _skipped_csv(source, scan.skipped))
-    _write_atomic(out / IMAGE_INFO, json.dumps(_image_info(source, splits, checks)) + "\n")
+        write_atomic(out / f"{split}.txt", "".join(f"{p} {l}\n" for p, l in splits[split]))
+    write_atomic(out / "rejected.csv", _rejected_csv(source, rejected))
+    write_atomic(out / "skipped.csv", _skipped_csv(source, scan.skipped))
+    write_atomic(out / IMAGE_INFO, json.dumps(_image_info(source, splits, checks)) + "\n")
     meta = {
         "format": FORMAT,
         "root": str(source),
@@ -337,7 +333,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
         "seed": seed,
         **plan.describe(),
     }
-    _write_atomic(out / "classes.json", json.dumps(meta, indent=2) + "\n")
+    write_atomic(out / "classes.json", json.dumps(meta, indent=2) + "\n")
     return PrepareResult(out, kept, splits, rejected, {n: len(usable[n]) for n in kept}, dropped, scan.skipped)
 
 
@@ -377,13 +373,6 @@ def _rejected_csv(source: Path, rejected: dict[str, tuple[str, str]]) -> str:
     for path, (reason, detail) in sorted(rejected.items()):
         writer.writerow([str(source / path), reason, detail])
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------- reading it back
@@ -489,12 +478,6 @@ class PreparedDataset:
             digest.update(f"\0{split}\0".encode())
             digest.update(manifest.read_bytes() if manifest.is_file() else b"")
         return digest.hexdigest()
-
-    def check_files_exist(self, split: str, entries: list[tuple[str, int]]) -> None:
-        """Fail early, naming the file, if one listed is gone (moved or deleted since `prepare`)."""
-        for path, _ in entries:
-            if not (self.root / path).is_file():
-                raise self._missing(split, path)
 
     def _missing(self, split: str, path: str) -> PlanktonioError:
         return PlanktonioError(f"{self.root / path}: listed in {self.manifest(split)} but missing; "

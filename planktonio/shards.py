@@ -42,6 +42,7 @@ import numpy as np
 
 from .dataset import SPLITS, PreparedDataset
 from .errors import PlanktonioError
+from .files import atomic_file, write_atomic
 
 SHARDS_DIR = "shards"
 FORMAT = 1
@@ -101,8 +102,8 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
 def write_shard(path: Path, root: Path, entries: list[tuple[str, int]], positions: list[int]) -> dict:
     """Write one shard (via a temporary file and a rename) and return its record: samples with offsets."""
     samples = {"position": [], "offset": [], "size": [], "sha256": []}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_file(path, "wb", durable=True) as raw, \
+            tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for position in positions:
             relpath, label = entries[position]
             data = (root / relpath).read_bytes()
@@ -114,9 +115,6 @@ def write_shard(path: Path, root: Path, entries: list[tuple[str, int]], position
             for field, value in (("position", position), ("offset", offset), ("size", len(data)),
                                  ("sha256", hashlib.sha256(data).hexdigest())):
                 samples[field].append(value)
-    with open(tmp, "rb+") as done:
-        os.fsync(done.fileno())
-    os.replace(tmp, path)
     return {"name": path.name, "bytes": path.stat().st_size, "samples": samples}
 
 
@@ -163,12 +161,12 @@ def pack(data: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE) -> list[
             record = _record_if_complete(path, positions, sizes)
             if record is None:
                 record = write_shard(path, dataset.root, entries, positions)
-                _write_atomic(path.with_suffix(".json"), json.dumps(record))
+                write_atomic(path.with_suffix(".json"), json.dumps(record))
             else:
                 reused += 1
             records.append(record)
         index = _split_index(split, entries, records)
-        _write_atomic(out / f"{split}.json", json.dumps(index))
+        write_atomic(out / f"{split}.json", json.dumps(index))
         ShardSet(dataset, split, index).verify()  # read back every member before saying it is done
         results.append(PackResult(split, len(entries), len(records), reused,
                                   sum(r["bytes"] for r in records)))
@@ -184,12 +182,6 @@ def _split_index(split: str, entries: list[tuple[str, int]], records: list[dict]
         for field in ("offset", "size", "sha256"):
             index[field] += samples[field]
     return index
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- reading

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from planktonio import PlanktonioError, PreparedDataset, make_loader, prepare
-from planktonio.dataset import SplitPlan, check_image
+from planktonio.dataset import SplitPlan, inspect_image
 
 from .conftest import REPO, jpeg_bytes, write_coloured_set
 
@@ -90,11 +90,11 @@ def test_bad_files_are_rejected_with_reasons(source, tmp_path):
     assert len(listed) == 90
 
 
-def test_check_image_accepts_good_formats(tmp_path):
+def test_inspect_image_accepts_good_formats(tmp_path):
     from PIL import Image
     for ext in ("png", "bmp", "tif", "jpeg"):
         Image.new("RGB", (9, 7), (1, 2, 3)).save(tmp_path / f"ok.{ext}")
-        assert check_image(tmp_path / f"ok.{ext}") is None
+        assert inspect_image(tmp_path / f"ok.{ext}").problem is None
 
 
 @pytest.mark.parametrize("setup, kwargs, message", [

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as TF
 from torchvision.transforms.v2 import functional as TVF
 
-from ..dataset import check_image
+from ..dataset import inspect_image
 from ..errors import PlanktonioError
 from . import sharding
 from .base import BatchPlan, Loader, LoaderSpec
@@ -217,7 +217,7 @@ def _decode_error(spec: LoaderSpec, chunk: list[int], error: Exception) -> Plank
     """Name the file that failed: prepare's own check, run on each file of the failing batch."""
     for position in chunk if spec.shards is None else ():  # shards: their bytes passed sha256 checks
         path = spec.dataset.root / spec.entries[position][0]
-        problem = check_image(path)
+        problem = inspect_image(path).problem
         if problem is not None:
             return PlanktonioError(f"{path}: cannot decode ({problem[0]}: {problem[1]}); the file changed "
                                    f"since prepare: restore it or rerun prepare")
