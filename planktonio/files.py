@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def temporary_path(path: Path) -> Path:
+    """Where atomic_file writes `path` first (what a process killed half-way leaves behind)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", *, durable: bool = False) -> Iterator[IO]:
     """Open a temporary file for writing; on a clean exit it replaces `path`, on an error it is removed.
@@ -25,7 +30,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, durable: bool = Fa
     crashes right after the rename must not come back with an empty file).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode) as f:
             yield f

@@ -13,6 +13,7 @@ import torch
 from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, make_loader
 from planktonio.__main__ import main
 from planktonio.dataset import SPLITS, PreparedDataset
+from planktonio.files import temporary_path
 from planktonio import shards as shards_module
 from planktonio.shards import SHARDS_DIR, ShardSet, pack, parse_size
 
@@ -126,7 +127,7 @@ def test_an_interrupted_pack_completes_when_rerun(coloured, tmp_path, monkeypatc
     def dies_on_the_third_shard(path, *args):
         calls.append(path.name)
         if len(calls) == 3:
-            path.with_name(path.name + ".tmp").write_bytes(b"half a shard")
+            temporary_path(path).write_bytes(b"half a shard")  # what a killed pack leaves
             raise KeyboardInterrupt
         return real_write(path, *args)
 
