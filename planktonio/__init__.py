@@ -9,14 +9,25 @@ The library: `make_loader` (loaders/), one `Transform` description for every
 backend (transforms.py), dataset preparation (dataset.py).
 """
 
-from .dataset import PreparedDataset, SplitPlan, prepare
-from .errors import PlanktonioError
-from .loaders import BACKENDS, Loader, make_loader
-from .transforms import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, Transform
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BACKENDS", "EVAL_TRANSFORM", "Loader", "Output", "PlanktonioError", "PreparedDataset",
-    "SplitPlan", "TRAIN_AUGMENT", "Transform", "make_loader", "prepare",
-]
+# Where each public name lives. Imported on first use (PEP 562): `import planktonio.errors`
+# or `planktonio.files` stays light (no torch), which lets `profiling report` render
+# results without importing torch.
+_EXPORTS = {
+    "PreparedDataset": ".dataset", "SplitPlan": ".dataset", "prepare": ".dataset",
+    "PlanktonioError": ".errors",
+    "BACKENDS": ".loaders", "Loader": ".loaders", "make_loader": ".loaders",
+    "DEFAULT_TRANSFORMS": ".transforms", "EVAL_TRANSFORM": ".transforms", "Output": ".transforms",
+    "TRAIN_AUGMENT": ".transforms", "Transform": ".transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

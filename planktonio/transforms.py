@@ -1,10 +1,10 @@
 """One description of the image transforms, read by every loader backend.
 
-A comparison of loaders is fair only if they do the same work, so neither
-backend has its own augmentation settings: both build their pipelines from a
-`Transform` (what happens to each image) and an `Output` (what the batch
-looks like). See loaders/dali_loader.py and loaders/torchvision_loader.py for
-the two readings of it.
+A comparison of loaders is fair only if they do the same work, so no
+backend has augmentation settings of its own: every one builds its batches
+from a `Transform` (what happens to each image, made into one plan per image
+by planktonio/plans.py) and an `Output` (what the batch looks like). The
+backends in planktonio/loaders/ are its readings.
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ class Transform:
 # deterministic resize-256 / centre-crop-224 evaluation transform.
 TRAIN_AUGMENT = Transform(crop="random_resized", hflip=0.5)
 EVAL_TRANSFORM = Transform(crop="center")
+# What a split gets when nothing says otherwise, wherever a transform is chosen (make_loader, the
+# training config): the usual training augmentation for training, the fixed transform to evaluate.
+DEFAULT_TRANSFORMS = {"train": TRAIN_AUGMENT, "eval": EVAL_TRANSFORM}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 LAYOUTS = ("NCHW", "NHWC")

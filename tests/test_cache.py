@@ -17,13 +17,14 @@ from PIL import Image
 from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, PlanktonioError, make_loader, prepare
 from planktonio.dataset import PreparedDataset, SplitPlan
 from planktonio.loaders import BACKENDS, runnable_backends
-from planktonio.loaders.cache_loader import CacheLoader
+from planktonio.loaders.cache_loader import CacheLoader, CacheOptions
 
 from .conftest import NDSB, batch_indices, colour_of
 
 
 def loader(backend, prepared, split, **kwargs):
-    kwargs.setdefault("workers", 0 if backend == "torchvision" else 2)
+    kwargs.setdefault("workers", 0)
+    kwargs.setdefault("threads", 2)
     return make_loader(backend, prepared, split, device="cpu", **kwargs)
 
 
@@ -87,25 +88,6 @@ def test_eval_batches_match_dali_cpu(synthetic):
     assert diff.mean() < 0.3 and diff.max() <= 2.001, (diff.mean(), diff.max())
 
 
-def test_train_batches_match_torchvision_for_the_same_plans(synthetic):
-    """Measure: |cache - torchvision| in grey levels, two epochs of random crops and flips.
-    Bound: mean < 0.3, every value within 2.
-
-    Why the bound is not 0: on a CPU the cache resizes with torchvision's own uint8
-    kernel and DALI's CPU decoder decodes whole images with libjpeg-turbo, as
-    torchvision does, so the batches come out identical here (measured: max 0), but
-    another libjpeg-turbo build may round a level apart; on a GPU, the batched path's
-    weights are torch's antialiased bilinear filter exactly (resize_weights; equal to
-    F.interpolate within 1e-4), but the uint8 kernel rounds after each of its two
-    passes where the cache rounds once (mean 0.18, max 1).
-    """
-    cache = loader("cache", synthetic, "train", batch_size=5, seed=3, transform=TRAIN_AUGMENT)
-    tv = loader("torchvision", synthetic, "train", batch_size=5, seed=3, transform=TRAIN_AUGMENT)
-    diff = differences(cache, tv, TRAIN_AUGMENT, epochs=2)
-    assert diff.numel() == 2 * 60 * 3 * 224 * 224
-    assert diff.mean() < 0.3 and diff.max() <= 2.001, (diff.mean(), diff.max())
-
-
 def test_the_batched_fast_path_equals_the_per_image_path(synthetic):
     """Two batched matrix products per batch (equal sizes) against F.interpolate per image:
     at most one level apart (a value at x.5 rounded either way), almost never."""
@@ -115,16 +97,6 @@ def test_the_batched_fast_path_equals_the_per_image_path(synthetic):
     assert fast.store is None and slow.store is None
     diff = differences(fast, slow, TRAIN_AUGMENT)
     assert fast.store.equal and diff.max() <= 1.001 and (diff > 0.5).float().mean() < 1e-3
-
-
-@pytest.mark.parametrize("output", [Output("float32", "NCHW"), Output("float16", "NHWC")])
-def test_batch_shape_dtype_layout(synthetic, output):
-    batches = list(loader("cache", synthetic, "train", batch_size=6, output=output, transform=TRAIN_AUGMENT))
-    assert len(batches) == 64 // 6
-    for images, labels in batches:
-        assert images.shape == (6, 3, 224, 224) and images.dtype == output.torch_dtype
-        assert images.is_contiguous(memory_format=output.memory_format)
-        assert labels.shape == (6,) and labels.dtype == torch.int64
 
 
 def test_variable_sizes_take_the_slow_path_and_agree_with_torchvision(mixed_sizes):
@@ -154,43 +126,83 @@ def test_every_eval_image_exactly_once_with_its_label(mixed_sizes, shards):
     assert sorted(seen) == sorted(index_by_path[p] for p, _ in entries)
 
 
-def test_a_resumed_epoch_reads_what_the_whole_epoch_read(synthetic):
-    whole = loader("cache", synthetic, "train", batch_size=4, seed=3, transform=TRAIN_AUGMENT)
-    whole.set_epoch(2)
-    batches = [x for x, _ in whole]
-    resumed = loader("cache", synthetic, "train", batch_size=4, seed=3, transform=TRAIN_AUGMENT)
-    resumed.set_epoch(2, skip_batches=11)
-    rest = [x for x, _ in resumed]
-    assert len(rest) == 5 and all(torch.equal(a, b) for a, b in zip(batches[11:], rest, strict=True))
-
-
 def test_reported_memory_is_what_it_holds(synthetic, mixed_sizes):
     cache = loader("cache", synthetic, "train", batch_size=8)
     assert cache.cache_bytes == 0  # nothing decoded before the first iteration
     next(iter(cache))
-    assert cache.placement == "device" and cache.decode_seconds > 0
-    assert cache.cache_bytes == cache.device_bytes == cache.store.data.nbytes == 64 * 3 * 255 * 255
-    assert cache.bytes_per_image == 3 * 255 * 255
+    stats = cache.stats()
+    assert stats["placement"] == "device" and stats["decode_seconds"] > 0
+    assert stats["cache_bytes"] == stats["device_bytes"] == cache.store.nbytes == 64 * 3 * 255 * 255
+    assert stats["bytes_per_image"] == 3 * 255 * 255
     prepared, _ = mixed_sizes
     mixed = loader("cache", prepared, "train", batch_size=4)
     next(iter(mixed))
     sizes = PreparedDataset.load(prepared).image_sizes("train", 18)
-    assert mixed.cache_bytes == mixed.store.data.nbytes == int((3 * sizes[0] * sizes[1]).sum())
+    assert mixed.cache_bytes == mixed.store.nbytes == int((3 * sizes[0] * sizes[1]).sum())
 
 
 def test_a_budget_too_small_keeps_the_images_in_host_memory_or_refuses(synthetic):
     kwargs = dict(batch_size=8, seed=1, transform=TRAIN_AUGMENT)
     needed = 64 * 3 * 255 * 255
-    within = loader("cache", synthetic, "train", cache_budget_bytes=needed, **kwargs)
-    over = loader("cache", synthetic, "train", cache_budget_bytes=needed - 1, cache_overflow="host", **kwargs)
+    within = loader("cache", synthetic, "train", options={"budget_bytes": needed}, **kwargs)
+    over = loader("cache", synthetic, "train", options={"budget_bytes": needed - 1, "overflow": "host"}, **kwargs)
     assert within.placement == "device" and over.placement == "host"
     for (a, _), (b, _) in zip(within, over, strict=True):  # the same batches, gathered and copied per batch
         assert torch.equal(a, b)
     assert over.device_bytes == 0 and over.cache_bytes == needed
-    with pytest.raises(PlanktonioError, match=r"needs 11\.9 MiB decoded, over the budget of 11\.9 MiB"):
-        loader("cache", synthetic, "train", cache_budget_bytes=needed - 1, cache_overflow="error", **kwargs)
-    with pytest.raises(PlanktonioError, match="cache overflow must be one of host, error"):
-        loader("cache", synthetic, "train", cache_overflow="disk", **kwargs)
+    with pytest.raises(PlanktonioError, match=r"needs 11\.9 MiB decoded, over the budget left of 11\.9 MiB"):
+        loader("cache", synthetic, "train", options={"budget_bytes": needed - 1, "overflow": "error"}, **kwargs)
+    with pytest.raises(PlanktonioError, match="loader.options.overflow must be one of host, error, not 'disk'"):
+        loader("cache", synthetic, "train", options={"overflow": "disk"}, **kwargs)
+    with pytest.raises(PlanktonioError, match="loader backend cache: unknown key 'loader.options.budget'"):
+        loader("cache", synthetic, "train", options={"budget": 1}, **kwargs)
+
+
+def test_one_budget_is_shared_by_a_process_s_cache_loaders(synthetic):
+    """A run's train, valid and test loaders together stay within the budget: the train split (64 images)
+    fits, the valid split (16) still fits what is left, the test split (16) does not and goes to host
+    memory; a closed loader gives its share back."""
+    image = 3 * 255 * 255
+    options = {"budget_bytes": (64 + 16 + 8) * image, "overflow": "host"}
+    train = loader("cache", synthetic, "train", batch_size=8, options=options)
+    valid = loader("cache", synthetic, "valid", batch_size=8, options=options)
+    test = loader("cache", synthetic, "test", batch_size=8, options=options)
+    assert (train.placement, valid.placement, test.placement) == ("device", "device", "host")
+    assert train.budget is valid.budget is test.budget and train.budget.left == 8 * image
+    valid.close()
+    assert loader("cache", synthetic, "test", batch_size=8, options=options).placement == "device"
+
+
+def test_host_stores_are_allocated_in_chunks_of_a_power_of_two():
+    """torch's pinned allocator rounds each allocation up to a power of two: a 9 GB store in one piece
+    would pin 16 GB. In chunks of 256 MiB, what is pinned (each chunk rounded up) stays within one
+    chunk of what is needed, and every image lies wholly inside one chunk."""
+    from planktonio.loaders.cache_loader import CHUNK_BYTES, plan_chunks
+    image = 3 * 255 * 255
+    item_bytes = np.full(9 * 2**30 // image, image, dtype=np.int64)  # 9 GiB of 255 px images
+    chunk_of, offset, sizes = plan_chunks(item_bytes, CHUNK_BYTES)
+    pinned = sum(1 << (size - 1).bit_length() for size in sizes)  # each allocation rounded up
+    assert max(sizes) <= CHUNK_BYTES and pinned - item_bytes.sum() < CHUNK_BYTES
+    assert 1 << (int(item_bytes.sum()) - 1).bit_length() == 16 * 2**30  # what one allocation would pin
+    assert np.all(offset + item_bytes <= np.asarray(sizes)[chunk_of])  # no image crosses a chunk
+    varied = np.array([100, 300, 50, 400, 10])
+    chunk_of, offset, sizes = plan_chunks(varied, 400)
+    assert chunk_of.tolist() == [0, 0, 1, 2, 3] and offset.tolist() == [0, 100, 0, 0, 0]
+    assert sizes == [400, 50, 400, 10]
+
+
+def test_a_store_in_several_chunks_gives_the_batches_of_one_in_one_piece(synthetic, monkeypatch):
+    """Host placement, chunks of 5 images: gathering a batch across chunks gives the same batches."""
+    from planktonio.loaders import cache_loader
+    kwargs = dict(batch_size=8, seed=1, transform=TRAIN_AUGMENT)
+    whole = CacheLoader(loader("cache", synthetic, "train", **kwargs).spec, fast_path=True)
+    monkeypatch.setattr(cache_loader, "CHUNK_BYTES", 5 * 3 * 255 * 255)
+    chunked = loader("cache", synthetic, "train", options={"budget_bytes": 0}, **kwargs)
+    chunked = CacheLoader(chunked.spec, CacheOptions(budget_bytes=0), fast_path=True)
+    assert chunked.placement == "host"
+    for (a, _), (b, _) in zip(whole, chunked, strict=True):
+        assert torch.equal(a, b)
+    assert len(chunked.store.chunks) == 13 and chunked.store.nbytes == 64 * 3 * 255 * 255
 
 
 def test_a_file_broken_after_prepare_is_an_error_naming_it(coloured, tmp_path):
@@ -237,18 +249,29 @@ def test_raw_ndsb_images_of_many_sizes(ndsb_sample, split, transform):
 
 @pytest.mark.gpu
 def test_the_gpu_cache_matches_the_cpu_cache(synthetic):
-    """Same plans, DALI's mixed decoder and cuda tensors: within a level of the CPU cache (decoders differ)."""
+    """Same plans, DALI's mixed decoder and cuda tensors against DALI's CPU decoder and the CPU paths.
+
+    Bound: mean < 1 grey level, 99.9% of values within 8, as test_gpu.py's
+    decoder comparison. The causes: the decoders differ (nvJPEG's CUDA IDCT
+    and chroma upsampling, or the hardware decoder on A100/H100/H200, against
+    libjpeg-turbo: a few levels at sharp edges), and the GPU takes the batched
+    matrix-product resize (rounded once) where the CPU takes torch's uint8
+    kernel (rounded per pass; on the CPU alone the two differ by up to 1-2).
+    A bound of 2 on every value, as for two CPU paths, would fail on the decoders alone.
+    """
     kwargs = dict(batch_size=8, seed=3, transform=TRAIN_AUGMENT, workers=2)
     gpu = make_loader("cache", synthetic, "train", device="cuda", **kwargs)
     cpu = make_loader("cache", synthetic, "train", device="cpu", **kwargs)
+    diffs = []
     for (xg, yg), (xc, yc) in zip(gpu, cpu, strict=True):
         assert xg.is_cuda and torch.equal(yg.cpu(), yc)
-        diff = grey_levels(xg.cpu(), xc, TRAIN_AUGMENT)
-        assert diff.mean() < 0.3 and diff.max() <= 2.001
+        diffs.append(grey_levels(xg.cpu(), xc, TRAIN_AUGMENT).flatten())
+    diff = torch.cat(diffs)
+    assert diff.mean() < 1.0 and torch.quantile(diff[:: max(1, diff.numel() // 1_000_000)], 0.999) < 8
     assert gpu.placement == "device" and gpu.device_bytes == 64 * 3 * 255 * 255
-    host = make_loader("cache", synthetic, "train", device="cuda", cache_budget_bytes=0, **kwargs)
+    host = make_loader("cache", synthetic, "train", device="cuda", options={"budget_bytes": 0}, **kwargs)
     gpu.set_epoch(0)
-    assert torch.equal(next(iter(host))[0], next(iter(gpu))[0]) and host.store.data.is_pinned()
+    assert torch.equal(next(iter(host))[0], next(iter(gpu))[0]) and host.store.is_pinned()
 
 
 def test_the_loader_benchmark_reports_the_decode_and_the_memory(synthetic):

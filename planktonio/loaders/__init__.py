@@ -1,4 +1,4 @@
-"""One interface over every loader backend: `make_loader(backend=..., ...)`.
+"""One interface over every loader backend: `make_loader(backend=..., ...)`, and the registry of backends.
 
     loader = make_loader("dali-gpu", "runs/prepared", "train", batch_size=256,
                          transform=TRAIN_AUGMENT, device="cuda")
@@ -7,18 +7,21 @@
         for images, labels in loader:   # already on the device, normalised
             ...
 
-Backends are looked up in BACKENDS, the one registry: a new one (a
-GPU-resident cache of decoded images, packed shard files) is one more entry
-there, and reaches the training config's choices and `profiling loaders
---backends auto` without further edits.
+The registry is BACKEND_MODULES below. Each backend module declares, in a
+`BACKENDS` tuple of `Backend`s (loaders/backend.py), everything the rest of
+the code asks about it: its name, devices, role in a comparison, options,
+goals and how to build it. So adding a backend is one new module and one
+entry here: make_loader, the training config's choices and `loader.options`,
+`profiling loaders --backends auto`, the report's rows and goals, the
+accuracy arms and the loader contract tests all iterate the registry.
+Backends import shared pieces (base.py, ops.py, workers.py, dali_graph.py),
+never each other.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,63 +29,48 @@ import torch
 from ..dataset import PreparedDataset
 from ..errors import PlanktonioError
 from ..shards import ShardSet
-from ..transforms import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, Transform
-from . import sharding
+from ..transforms import DEFAULT_TRANSFORMS, Output, Transform
+from . import cache_loader, dali_loader, memory_loader, sharding, torchvision_loader
+from .backend import ROLES, Backend, Goal
 from .base import Loader, LoaderSpec
 
+# The registry: one entry per backend module, in the order tables list them.
+BACKEND_MODULES = (
+    dali_loader,
+    torchvision_loader,
+    cache_loader,
+    memory_loader,
+)
 
-@dataclass(frozen=True)
-class Backend:
-    """One loader backend: how to build it and where it can run."""
-
-    name: str
-    summary: str
-    needs_gpu: bool
-    build: Callable[[LoaderSpec], Loader]
-
-    def runs_on(self, device: torch.device) -> bool:
-        return device.type == "cuda" or not self.needs_gpu
-
-
-def _dali(decode: str) -> Callable[[LoaderSpec], Loader]:
-    def build(spec: LoaderSpec) -> Loader:
-        from .dali_loader import DaliLoader
-        return DaliLoader(spec, decode)
-    return build
+BACKENDS: dict[str, Backend] = {b.name: b for module in BACKEND_MODULES for b in module.BACKENDS}
+# Names that stand for a backend chosen by the device: the first of their list that runs there.
+ALIASES: dict[str, tuple[str, ...]] = {alias: names for module in BACKEND_MODULES
+                                       for alias, names in getattr(module, "ALIASES", {}).items()}
 
 
-def _torchvision(spec: LoaderSpec) -> Loader:
-    from .torchvision_loader import TorchvisionLoader
-    return TorchvisionLoader(spec)
+def backend_choices(training: bool = False) -> tuple[str, ...]:
+    """Every name make_loader accepts (the aliases, then the backends); training: those a run may use."""
+    return (*ALIASES, *(name for name, b in BACKENDS.items() if b.trains or not training))
 
 
-def _cache(spec: LoaderSpec) -> Loader:
-    from .cache_loader import CacheLoader
-    return CacheLoader(spec, budget_bytes=spec.cache_budget_bytes, overflow=spec.cache_overflow)
+def runnable_backends(device: torch.device, roles: tuple[str, ...] = tuple(ROLES)) -> list[str]:
+    """The backends this machine can run for `device`, in registry order (only those of `roles`)."""
+    return [name for name, b in BACKENDS.items() if b.runs_on(device) and b.role in roles]
 
 
-# The one list of backends: make_loader, the training config's choices and
-# `profiling loaders --backends auto` all read it.
-BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("dali-gpu", "DALI, JPEG decode on the GPU (mixed decoder: nvJPEG / hardware decoder)", True,
-            _dali("gpu")),
-    Backend("dali-cpu", "DALI, the whole pipeline on CPU threads", False, _dali("cpu")),
-    Backend("torchvision", "torchvision decode + transforms in DataLoader worker processes", False, _torchvision),
-    Backend("cache", "decode once (DALI) into uint8 images kept on the device; crops and resizes as tensor ops",
-            False, _cache),
-)}
-# Names that stand for a backend chosen by the device.
-ALIASES = {"dali": "DALI on the GPU where there is one (dali-gpu), else on the CPU (dali-cpu)"}
+def in_comparison_order(names) -> list[str]:
+    """Backend names ordered by role (reference, baselines, candidates, the bound), registry order within."""
+    order = list(ROLES)
+    return sorted(names, key=lambda name: order.index(BACKENDS[name].role))
 
 
-def backend_choices() -> tuple[str, ...]:
-    """Every name make_loader accepts: the aliases, then the backends."""
-    return (*ALIASES, *BACKENDS)
-
-
-def runnable_backends(device: torch.device) -> list[str]:
-    """The backends this machine can run for `device`, in registry order."""
-    return [name for name, backend in BACKENDS.items() if backend.runs_on(device)]
+def backend_of(name: str) -> Backend:
+    """The backend a name stands for, without a device: an alias is read as its first backend."""
+    if name in ALIASES:
+        name = ALIASES[name][0]
+    if name not in BACKENDS:
+        raise PlanktonioError(f"unknown loader backend {name!r}; choose from {', '.join(backend_choices())}")
+    return BACKENDS[name]
 
 
 def available_cpus() -> int:
@@ -94,15 +82,28 @@ def available_cpus() -> int:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"dali" means dali-gpu where there is a GPU and dali-cpu elsewhere."""
-    if backend == "dali":
-        return "dali-gpu" if device.type == "cuda" else "dali-cpu"
+    """The backend a name means on `device`: an alias picks the first of its backends that runs there."""
+    if backend in ALIASES:
+        return next(name for name in ALIASES[backend] if BACKENDS[name].runs_on(device))
     if backend not in BACKENDS:
         raise PlanktonioError(f"unknown loader backend {backend!r}; choose from {', '.join(backend_choices())}")
     if not BACKENDS[backend].runs_on(device):
-        raise PlanktonioError(f"backend {backend} needs device cuda ({BACKENDS[backend].summary}); "
-                              f"choose one of {', '.join(runnable_backends(device))} on a machine without a GPU")
+        raise PlanktonioError(f"backend {backend} needs device {' or '.join(BACKENDS[backend].devices)} "
+                              f"({BACKENDS[backend].summary}); choose one of "
+                              f"{', '.join(runnable_backends(device))} on this machine")
     return backend
+
+
+def check_loader_sizes(batch_size: int, workers: int | None, threads: int | None) -> list[str]:
+    """What is wrong with a loader's batch size, worker and thread counts: the one place they are checked."""
+    problems = []
+    if batch_size < 1:
+        problems.append(f"batch_size must be >= 1, not {batch_size}")
+    if workers is not None and workers < 0:
+        problems.append(f"workers must be >= 0, not {workers}")
+    if threads is not None and threads < 1:
+        problems.append(f"threads must be >= 1, not {threads}")
+    return problems
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -129,28 +130,25 @@ def make_loader(
     workers: int | None = None,
     threads: int | None = None,
     seed: int = 0,
-    cache_budget_bytes: int | None = None,
-    cache_overflow: str = "host",
+    options: dict | None = None,
 ) -> Loader:
     """A loader over one split of a prepared dataset; see Loader for what it yields.
 
-    transform: defaults to TRAIN_AUGMENT for the train split, EVAL_TRANSFORM otherwise.
+    transform: defaults to DEFAULT_TRANSFORMS["train"] for the train split, ["eval"] otherwise.
     train: shuffle each epoch and drop the last partial batch; defaults to split == "train".
-    workers: torchvision worker processes; defaults to the CPUs this process may use.
+    workers: DataLoader worker processes; defaults to the CPUs this process may use.
     threads: DALI CPU threads; defaults to `workers`. With dali-gpu the GPU decodes and a few
-        threads suffice, while the torchvision baseline wants every core: set them apart.
-    cache_budget_bytes: the cache backend keeps its decoded images on the device up to this many
-        bytes (default: no limit on the CPU, half the GPU's memory on cuda); past it,
-        cache_overflow="host" keeps them in (pinned) host memory and copies each batch over,
-        cache_overflow="error" refuses with the size needed.
+        threads suffice, while the worker-pool backends want every core: set them apart.
+    options: the backend's own settings (its `options` dataclass, e.g. the cache's budget_bytes
+        and overflow), as a mapping; an unknown key is an error naming the backend.
     """
     dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
     device = resolve_device(device)
-    backend = resolve_backend(backend, device)
-    if batch_size < 1:
-        raise PlanktonioError(f"batch size must be >= 1, not {batch_size}")
-    if (workers is not None and workers < 0) or (threads is not None and threads < 1):
-        raise PlanktonioError(f"workers must be >= 0 and threads >= 1, not {workers} and {threads}")
+    chosen = BACKENDS[resolve_backend(backend, device)]
+    parsed_options = chosen.parse_options(options)
+    problems = check_loader_sizes(batch_size, workers, threads)
+    if problems:
+        raise PlanktonioError("loader: " + "; ".join(problems))
     sharding.check_shard(shard_index, shard_count)
     entries = dataset.entries(split)
     if not entries:
@@ -170,7 +168,7 @@ def make_loader(
         dataset=dataset,
         split=split,
         batch_size=batch_size,
-        transform=transform or (TRAIN_AUGMENT if is_train_split else EVAL_TRANSFORM),
+        transform=transform or DEFAULT_TRANSFORMS["train" if is_train_split else "eval"],
         output=output or Output(),
         device=device,
         train=is_train_split if train is None else train,
@@ -182,16 +180,15 @@ def make_loader(
         entries=entries,
         widths=info.width,
         heights=info.height,
-        cache_budget_bytes=cache_budget_bytes,
-        cache_overflow=cache_overflow,
         shards=shards,
     )
     if spec.train and len(entries) // shard_count < batch_size:
         raise PlanktonioError(
             f"{dataset.manifest(split)}: {len(entries)} images over {shard_count} shard(s) "
             f"make no full batch of {batch_size}; lower the batch size")
-    return BACKENDS[backend].build(spec)
+    return chosen.build(spec, parsed_options)
 
 
-__all__ = ["ALIASES", "BACKENDS", "Backend", "Loader", "LoaderSpec", "available_cpus", "backend_choices",
+__all__ = ["ALIASES", "BACKENDS", "BACKEND_MODULES", "Backend", "Goal", "Loader", "LoaderSpec", "ROLES",
+           "available_cpus", "backend_choices", "backend_of", "check_loader_sizes", "in_comparison_order",
            "make_loader", "resolve_backend", "resolve_device", "runnable_backends"]

@@ -30,15 +30,13 @@ class LoaderSpec:
     train: bool          # shuffle every epoch and drop the last partial batch
     shard_index: int
     shard_count: int
-    workers: int         # torchvision worker processes
-    threads: int         # DALI CPU threads
+    workers: int         # DataLoader worker processes (backends that decode in workers)
+    threads: int         # DALI CPU threads (backends that decode with DALI)
     seed: int
     entries: list[tuple[str, int]]  # the split's manifest: (relative path, label), read once
     widths: np.ndarray   # each entry's image size, as prepare recorded it (EXIF orientation applied)
     heights: np.ndarray
-    cache_budget_bytes: int | None = None  # cache backend: decoded bytes it may keep on the device
-    cache_overflow: str = "host"           # cache backend past the budget: "host" memory or "error"
-    shards: ShardSet | None = None         # the split's packed shards where prepared has them, else loose files
+    shards: ShardSet | None = None  # the split's packed shards where prepared has them, else loose files
 
 
 @dataclass(frozen=True)
@@ -176,6 +174,10 @@ class Loader:
 
     def _end_epoch(self) -> None:
         self.set_epoch(self.epoch + 1)
+
+    def stats(self) -> dict:
+        """Figures of the backend's own, for benchmarks to report (the cache: its decode and memory)."""
+        return {}
 
     # ------------------------------------------------------------ iteration and lifetime
 

@@ -9,10 +9,15 @@ the CPU, so that the CPU path CI runs is the GPU path's code but for one
 argument, and the pipeline takes encoded bytes (fn.external_source), so
 loose files and packed shards feed it alike. The images stay as uint8
 C x H x W tensors (`ImageStore`):
-- on the device when they fit `budget_bytes` (default: no limit on the CPU,
-  half the GPU's memory on cuda);
+- on the device when they fit the process's cache budget (`CacheBudget`: one
+  per process and device, shared by its cache loaders, so that the train,
+  valid and test loaders of a run together stay within it; the option
+  `budget_bytes`, default: no limit on the CPU, half the GPU's free memory
+  when the first cache loader is made on cuda);
 - past it, by the user's choice (`overflow`): in host memory (pinned when
-  the device is cuda), each batch gathered there and copied over, or a
+  the device is cuda, allocated in chunks of a power of two: torch's pinned
+  allocator rounds every allocation up to one, which would pin 16 GB for a
+  9 GB store), each batch gathered there and copied over, or a
   PlanktonioError saying how much is needed.
 
 Where a batch is augmented: on the device, from the plan
@@ -36,7 +41,7 @@ size x size, flip, normalise, with torch operations on the device's tensors.
   the GPU (torch.backends.cuda.matmul.allow_tf32), the products carry about
   1e-3 relative error: a pixel now and then a level off after rounding.
 - Images of different sizes (raw NDSB: 21-428 px): stored flat with
-  offsets; each image's box is cut out and resized one image at a time
+  offsets (in chunks); each image's box is cut out and resized one image at a time
   (F.interpolate(antialias=True) on a GPU, the uint8 kernel on a CPU).
 Resized pixels are rounded to whole levels, as the uint8 resizes of the
 torchvision and DALI backends do, then normalised.
@@ -47,29 +52,88 @@ Randomness: none here; sharding, order and plans come from Loader.batch_plan.
 from __future__ import annotations
 
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as TF
-from torchvision.transforms.v2 import functional as TVF
 
 from ..dataset import inspect_image
+from ..declared import setting
 from ..errors import PlanktonioError
 from . import sharding
+from .backend import Backend, Goal
 from .base import BatchPlan, Loader, LoaderSpec
-from .torchvision_loader import Normalizer
+from .dali_graph import decode, device_id
+from .ops import Normalizer, resize_flip
 
 DECODE_BATCH = 64     # images per DALI decode run
-OVERFLOWS = ("host", "error")
-GPU_SHARE = 0.5       # default budget on cuda: this share of the GPU's memory
+GPU_SHARE = 0.5       # default budget on cuda: this share of the GPU's free memory
+CHUNK_BYTES = 1 << 28  # host stores are allocated in chunks of 256 MiB (a power of two: see ImageStore)
 
 
-def default_budget(device: torch.device) -> int | None:
-    """No limit on the CPU (the cache is host memory either way); half the GPU's memory on cuda."""
-    if device.type != "cuda":
-        return None
-    return int(torch.cuda.get_device_properties(device).total_memory * GPU_SHARE)
+@dataclass(frozen=True)
+class CacheOptions:
+    """The cache backend's own settings (the training config's `loader.options`)."""
+
+    budget_bytes: int | None = setting(None, help="decoded bytes the process's cache loaders may keep on the "
+                                                  "device together (default: no limit on a CPU, half the "
+                                                  "GPU's free memory on cuda)")
+    overflow: str = setting("host", choices=("host", "error"),
+                            help="past the budget: keep the images in (pinned) host memory and copy each batch "
+                                 "over, or refuse with the size needed")
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.budget_bytes is not None and self.budget_bytes < 0:
+            return [("budget_bytes", f"budget_bytes must be >= 0, not {self.budget_bytes}")]
+        return []
+
+
+# ---------------------------------------------------------------- the budget
+
+
+class CacheBudget:
+    """The device bytes a process's cache loaders may hold together, on one device.
+
+    One budget per (device, budget_bytes option) in a process: a training run's
+    train, valid and test loaders share one, so together they stay within it
+    (per loader, three loaders could take 150% of the GPU before the model).
+    The default is measured from the device's free memory (not its total:
+    the model, other processes and DALI's pools are already there) when the
+    first cache loader asks.
+    """
+
+    _budgets: dict[tuple[str, int | None], "CacheBudget"] = {}
+
+    def __init__(self, limit: int | None):
+        self.limit, self.reserved = limit, 0
+
+    @classmethod
+    def of(cls, device: torch.device, budget_bytes: int | None) -> "CacheBudget":
+        key = (str(device), budget_bytes)
+        if key not in cls._budgets:
+            limit = budget_bytes
+            if limit is None and device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                limit = int(free * GPU_SHARE)
+            cls._budgets[key] = cls(limit)
+        return cls._budgets[key]
+
+    @property
+    def left(self) -> int | None:
+        return None if self.limit is None else self.limit - self.reserved
+
+    def reserve(self, size: int) -> bool:
+        """Take `size` bytes if they fit what is left; whether they did."""
+        if self.limit is not None and size > self.left:
+            return False
+        self.reserved += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.reserved -= size
 
 
 # ---------------------------------------------------------------- resizing
@@ -115,42 +179,89 @@ def resize_flip_one(crop: torch.Tensor, flip: int, size: int) -> torch.Tensor:
     return resized.flip(-1) if flip else resized
 
 
-def resize_flip_uint8(crop: torch.Tensor, flip: int, size: int) -> torch.Tensor:
-    """uint8 3 x h x w (a plan's box) -> uint8 3 x size x size, as the torchvision backend's apply_plan does."""
-    resized = TVF.resize(crop, [size, size], interpolation=TVF.InterpolationMode.BILINEAR, antialias=True)
-    return resized.flip(-1) if flip else resized
-
-
 # ---------------------------------------------------------------- the store
 
 
-class ImageStore:
-    """Decoded uint8 3 x h x w images, by slot: one stacked tensor if all are one size, else flat with offsets."""
+def plan_chunks(item_bytes: np.ndarray, chunk_bytes: int | None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Pack items, in order, into chunks of at most chunk_bytes (an item larger than that gets a chunk of its own).
 
-    def __init__(self, widths: np.ndarray, heights: np.ndarray, device: torch.device, pin: bool):
+    Returns each item's chunk and its byte offset there, and each chunk's size.
+    chunk_bytes None: one chunk for everything.
+    """
+    chunk_of = np.zeros(len(item_bytes), dtype=np.int64)
+    offset = np.zeros(len(item_bytes), dtype=np.int64)
+    sizes, used = [], 0
+    for i, size in enumerate(item_bytes.tolist()):
+        if sizes and (chunk_bytes is None or used + size <= chunk_bytes):
+            offset[i], used = used, used + size
+        else:
+            if sizes:
+                sizes[-1] = used
+            offset[i], used = 0, size
+            sizes.append(0)
+        chunk_of[i] = len(sizes) - 1
+    if sizes:
+        sizes[-1] = used
+    return chunk_of, offset, sizes
+
+
+class ImageStore:
+    """Decoded uint8 3 x h x w images, by slot, in one or more flat chunks.
+
+    On the device: one chunk. In host memory: chunks of CHUNK_BYTES, because
+    torch's caching host allocator rounds every pinned allocation up to a
+    power of two (PowerOf2Ceil in ATen's CachingHostAllocator.h, no setting
+    turns it off): one 9 GB tensor would pin 16 GB, chunks of a power of two
+    waste at most part of the last one.
+    """
+
+    def __init__(self, widths: np.ndarray, heights: np.ndarray, device: torch.device, pin: bool,
+                 chunk_bytes: int | None = None):
         self.widths, self.heights = widths, heights
         self.equal = len(widths) > 0 and len(set(widths.tolist())) == 1 and len(set(heights.tolist())) == 1
-        sizes = 3 * widths * heights
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.device = device
-        if self.equal:
-            shape = (len(widths), 3, int(heights[0]), int(widths[0]))
-        else:
-            shape = (int(self.offsets[-1]),)
-        self.data = torch.empty(shape, dtype=torch.uint8, device=device, pin_memory=pin)
+        sizes = (3 * widths * heights).astype(np.int64)
+        self.chunk_of, self.offset, chunk_sizes = plan_chunks(sizes, chunk_bytes)
+        self.sizes = sizes
+        self.chunks = [torch.empty(n, dtype=torch.uint8, device=device, pin_memory=pin) for n in chunk_sizes]
+        if self.equal:  # each chunk seen as a stack of equal images, for batched gathers
+            shape = (3, int(heights[0]), int(widths[0]))
+            self.stacks = [c.view(-1, *shape) for c in self.chunks]
+            self.index_in_chunk = self.offset // int(sizes[0])
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return sum(c.numel() for c in self.chunks)
+
+    def is_pinned(self) -> bool:
+        return all(c.is_pinned() for c in self.chunks)
 
     def image(self, slot: int) -> torch.Tensor:
-        if self.equal:
-            return self.data[slot]
-        start, end = int(self.offsets[slot]), int(self.offsets[slot + 1])
-        return self.data[start:end].view(3, int(self.heights[slot]), int(self.widths[slot]))
+        start = int(self.offset[slot])
+        flat = self.chunks[int(self.chunk_of[slot])][start:start + int(self.sizes[slot])]
+        return flat.view(3, int(self.heights[slot]), int(self.widths[slot]))
 
     def put(self, slot: int, image_hwc: torch.Tensor) -> None:
         self.image(slot).copy_(image_hwc.permute(2, 0, 1))
+
+    def gather(self, slots: np.ndarray, device_slots: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Equal sizes: the images of `slots` as one N x 3 x H x W tensor (on the store's device).
+
+        device_slots: the same slots as a tensor on the store's device (one
+        chunk: a single index_select there); out: a tensor to gather into.
+        """
+        if len(self.stacks) == 1:
+            index = device_slots if device_slots is not None else torch.from_numpy(slots)
+            return torch.index_select(self.stacks[0], 0, index, out=out) if out is not None else \
+                self.stacks[0].index_select(0, index)
+        if out is None:
+            out = torch.empty((len(slots), *self.stacks[0].shape[1:]), dtype=torch.uint8)
+        chunks = self.chunk_of[slots]
+        for chunk in np.unique(chunks).tolist():
+            rows = np.flatnonzero(chunks == chunk)
+            out[torch.from_numpy(rows)] = self.stacks[chunk].index_select(
+                0, torch.from_numpy(self.index_in_chunk[slots[rows]]))
+        return out
 
 
 # ---------------------------------------------------------------- decoding
@@ -165,22 +276,19 @@ def loose_files(spec: LoaderSpec):
     return encoded
 
 
-def build_decoder(spec: LoaderSpec):
+def build_decoder(spec: LoaderSpec, positions: np.ndarray):
     """A DALI pipeline that decodes fed batches of encoded images to uint8 H x W x 3 RGB (EXIF applied)."""
     from nvidia.dali import fn, pipeline_def, types
-
-    from .dali_loader import decoder_hints
 
     on_gpu = spec.device.type == "cuda"
 
     @pipeline_def
     def decoder():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        return fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
-                                 **(decoder_hints(spec) if on_gpu else {}))
+        return decode(encoded, spec.widths[positions], spec.heights[positions], on_gpu)
 
-    pipe = decoder(batch_size=DECODE_BATCH, num_threads=spec.threads,
-                   device_id=(spec.device.index or 0) if on_gpu else None, prefetch_queue_depth=1)
+    pipe = decoder(batch_size=DECODE_BATCH, num_threads=spec.threads, device_id=device_id(spec.device),
+                   prefetch_queue_depth=1)
     pipe.build()
     return pipe
 
@@ -189,7 +297,7 @@ def decode_into(store: ImageStore, spec: LoaderSpec, positions: np.ndarray, enco
     """Decode the images at `positions` (slot i holds positions[i]) into the store, checking their sizes."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    pipe = build_decoder(spec)
+    pipe = build_decoder(spec, positions)
     decode_device = spec.device if spec.device.type == "cuda" else torch.device("cpu")
     stream = torch.cuda.current_stream(spec.device) if spec.device.type == "cuda" else None
     for first in range(0, len(positions), DECODE_BATCH):
@@ -232,24 +340,19 @@ def _decode_error(spec: LoaderSpec, chunk: list[int], error: Exception) -> Plank
 class CacheLoader(Loader):
     """Decode once into an ImageStore, then every batch from the plan with tensor operations on the device.
 
-    After the first iteration: decode_seconds (the one decode, pipeline
-    build included), cache_bytes (what the store holds), bytes_per_image,
-    placement ("device", or "host" past the budget) and device_bytes (the
-    share of cache_bytes on the device).
+    stats() after the first iteration: decode_seconds (the one decode,
+    pipeline build included), cache_bytes (what the store holds),
+    bytes_per_image, placement ("device", or "host" past the budget) and
+    device_bytes (the share of cache_bytes on the device).
     """
 
     backend = "cache"
     prefetch_depth = 0  # batches are made on demand; on a GPU the kernels queue asynchronously
 
-    def __init__(self, spec: LoaderSpec, *, budget_bytes: int | None = None, overflow: str = "host",
-                 encoded=None, fast_path: bool | None = None):
+    def __init__(self, spec: LoaderSpec, options: CacheOptions = CacheOptions(), *, encoded=None,
+                 fast_path: bool | None = None):
         super().__init__(spec)
-        if overflow not in OVERFLOWS:
-            raise PlanktonioError(f"cache overflow must be one of {', '.join(OVERFLOWS)}, not {overflow!r}")
-        if budget_bytes is not None and budget_bytes < 0:
-            raise PlanktonioError(f"cache budget must be >= 0 bytes, not {budget_bytes}")
-        self.budget_bytes = default_budget(spec.device) if budget_bytes is None else budget_bytes
-        self.overflow = overflow
+        self.options = options
         self.encoded = encoded or (spec.shards.read if spec.shards is not None else loose_files(spec))
         # None: batched on a GPU when all images are one size, per image (uint8 kernel) on a CPU;
         # True/False force a GPU's paths anywhere: batched, or per image in float (tests compare them)
@@ -264,7 +367,10 @@ class CacheLoader(Loader):
         self.slot_of = np.full(self.manifest_size, -1, dtype=np.int64)
         self.slot_of[self.cached_positions] = np.arange(len(self.cached_positions))
         self.needed_bytes = int((3 * spec.widths[self.cached_positions] * spec.heights[self.cached_positions]).sum())
+        self.budget = CacheBudget.of(spec.device, options.budget_bytes)
         self.placement = self._placement()
+        if self.placement == "device":  # given back when the loader is closed or dropped
+            self._release = weakref.finalize(self, self.budget.release, self.needed_bytes)
         self.labels = torch.tensor([label for _, label in spec.entries], dtype=torch.long, device=spec.device)
         self.store: ImageStore | None = None
         self.decode_seconds = 0.0
@@ -272,13 +378,14 @@ class CacheLoader(Loader):
         self.normalize = Normalizer(spec.transform, spec.output, spec.device)
 
     def _placement(self) -> str:
-        if self.budget_bytes is None or self.needed_bytes <= self.budget_bytes:
+        if self.budget.reserve(self.needed_bytes):
             return "device"
-        if self.overflow == "error":
+        if self.options.overflow == "error":
             raise PlanktonioError(
                 f"cache: the {self.spec.split} split needs {self.needed_bytes / 2**20:.1f} MiB decoded, over the "
-                f"budget of {self.budget_bytes / 2**20:.1f} MiB on {self.spec.device}; raise cache_budget_bytes, "
-                f"or set cache_overflow='host' to keep it in host memory")
+                f"budget left of {self.budget.left / 2**20:.1f} MiB on {self.spec.device} (of "
+                f"{self.budget.limit / 2**20:.1f} MiB for the process's cache loaders); raise "
+                f"loader.options.budget_bytes, or set loader.options.overflow=host to keep it in host memory")
         return "host"
 
     # ------------------------------------------------------------ what it holds
@@ -291,6 +398,11 @@ class CacheLoader(Loader):
     def bytes_per_image(self) -> float:
         return self.cache_bytes / len(self.cached_positions) if len(self.cached_positions) else 0.0
 
+    def stats(self) -> dict:
+        return {"decode_seconds": self.decode_seconds, "cache_bytes": self.cache_bytes,
+                "bytes_per_image": self.bytes_per_image, "placement": self.placement,
+                "device_bytes": self.device_bytes}
+
     def decode(self) -> None:
         """Decode every image this loader reads into the store (done by the first iteration)."""
         if self.store is not None:
@@ -300,7 +412,8 @@ class CacheLoader(Loader):
         on_device = self.placement == "device"
         store_device = s.device if on_device else torch.device("cpu")
         pin = not on_device and s.device.type == "cuda"  # page-locked: the per-batch copy is asynchronous
-        store = ImageStore(s.widths[self.cached_positions], s.heights[self.cached_positions], store_device, pin)
+        store = ImageStore(s.widths[self.cached_positions], s.heights[self.cached_positions], store_device, pin,
+                           chunk_bytes=None if on_device else CHUNK_BYTES)
         decode_into(store, s, self.cached_positions, self.encoded)
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)
@@ -336,12 +449,12 @@ class CacheLoader(Loader):
         # is faster than float matrix products over whole images.
         batched = self.fast_path if self.fast_path is not None else device.type == "cuda"
         if self.store.equal and batched:
-            images = self._gather(torch.from_numpy(slots), device_slots).float()
+            images = self._gather(slots, device_slots).float()
             resized = crop_resize_flip_equal(images, boxes, size)
         else:
             boxes = [batch.plan.box(i) for i in range(len(slots))]
             if device.type == "cpu" and self.fast_path is None:
-                resized = torch.stack([resize_flip_uint8(self._crop(slot, box), box[4], size)
+                resized = torch.stack([resize_flip(self._crop(slot, box), box[4], size)
                                        for slot, box in zip(slots.tolist(), boxes)]).float()
             else:
                 resized = torch.stack([resize_flip_one(self._crop(slot, box).float(), box[4], size)
@@ -350,15 +463,14 @@ class CacheLoader(Loader):
         labels = self.labels[positions]
         return self.normalize(resized), labels
 
-    def _gather(self, slots: torch.Tensor, device_slots: torch.Tensor) -> torch.Tensor:
+    def _gather(self, slots: np.ndarray, device_slots: torch.Tensor) -> torch.Tensor:
         """The batch's whole images (equal sizes), on the device: copied from host memory past the budget."""
-        data, device = self.store.data, self.spec.device
+        device = self.spec.device
         if self.placement == "device":
-            return data.index_select(0, device_slots)
-        staging = torch.empty((len(slots), *data.shape[1:]), dtype=torch.uint8,
+            return self.store.gather(slots, device_slots)
+        staging = torch.empty((len(slots), *self.store.stacks[0].shape[1:]), dtype=torch.uint8,
                               pin_memory=device.type == "cuda")  # the caching host allocator reuses these
-        torch.index_select(data, 0, slots, out=staging)
-        return staging.to(device, non_blocking=True)
+        return self.store.gather(slots, out=staging).to(device, non_blocking=True)
 
     def _crop(self, slot: int, box) -> torch.Tensor:
         """One image's box (variable sizes), on the device."""
@@ -368,3 +480,13 @@ class CacheLoader(Loader):
 
     def close(self) -> None:
         self.store = None
+        if self.placement == "device":
+            self._release()
+
+
+BACKENDS = (
+    Backend("cache", "decode once (DALI) into uint8 images kept on the device; crops and resizes as tensor "
+            "operations there", devices=("cpu", "cuda"), role="candidate", options=CacheOptions,
+            build=lambda spec, options: CacheLoader(spec, options),
+            goals=(Goal("candidates", 1.0, "any", "nothing is decoded after the first epoch"),)),
+)

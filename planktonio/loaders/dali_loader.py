@@ -6,10 +6,10 @@ each batch the file names, labels, crop boxes and flips of its images, as
 small per-batch arrays computed from the shared plans (planktonio/plans.py).
 Inside the pipeline, all in C++:
 - fn.io.file.read reads the files;
-- where a batch is decoded: fn.decoders.image_slice decodes only the planned
-  box (a region-of-interest decode; decode="gpu" uses DALI's "mixed"
-  decoder: nvJPEG on the GPU, and the hardware JPEG decoder on
-  A100/H100/H200);
+- where a batch is decoded: dali_graph.decode, fn.decoders.image_slice: only
+  the planned box (a region-of-interest decode); dali-gpu uses DALI's "mixed"
+  decoder (nvJPEG on the GPU, and the hardware JPEG decoder on
+  A100/H100/H200), dali-cpu the CPU decoder;
 - where it is augmented: fn.resize to size x size, then
   fn.crop_mirror_normalize flips (per the plan) and normalises.
 
@@ -25,6 +25,10 @@ be replayed exactly, which is what makes resume exact.
 Evaluation uses the same pipeline shape: batch k of shard i is a slice of
 the shard's contiguous range of the manifest (sharding.py), the last one
 short, so every image is seen exactly once per epoch across the shards.
+
+The outputs reach torch without the host waiting for the GPU
+(dali_graph.PipelineOutputs: bound to torch's stream, kept alive until
+torch's work on them is done).
 """
 
 from __future__ import annotations
@@ -36,41 +40,18 @@ import numpy as np
 import torch
 
 from ..errors import PlanktonioError
+from .backend import Backend, Goal
 from .base import BatchStream, Loader, LoaderSpec
-
+from .dali_graph import PipelineOutputs, decode, device_id
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the consumer
 
 
-def decoder_hints(spec: LoaderSpec) -> dict:
-    """Preallocation for the mixed decoder, sized for this split's largest image.
-
-    Without it nvJPEG's buffers grow batch by batch to a high-water mark. DALI's
-    ResNet-50 example reserves 211 MB of device and 2 x 140 MB of pinned host
-    memory per thread for ImageNet's largest images; a 255 x 255 plankton image
-    is 195 KB decoded. The paddings are per thread, so this keeps a 16-thread
-    process at a few MB instead of about 3.4 GB of GPU memory. Twice the
-    largest image leaves room for nvJPEG's row pitch and alignment.
-    """
-    largest = int((spec.widths * spec.heights).max()) * 3 if len(spec.widths) else 0
-    padding = max(2 * largest, 1 << 20)
-    return {
-        "device_memory_padding": padding,
-        "host_memory_padding": padding,
-        "preallocate_width_hint": int(spec.widths.max()) if len(spec.widths) else 0,
-        "preallocate_height_hint": int(spec.heights.max()) if len(spec.heights) else 0,
-    }
-
-
-def build_pipeline(spec: LoaderSpec, decode: str, feed):
+def build_pipeline(spec: LoaderSpec, decode_on_gpu: bool, feed):
     """The DALI pipeline: read, ROI-decode, resize, flip and normalise each fed batch."""
-    # Imported here so that `import planktonio` stays light and DALI's start-up
-    # cost is paid only by runs that use it.
     from nvidia.dali import fn, pipeline_def, types
 
     t, out = spec.transform, spec.output
     on_gpu = spec.device.type == "cuda"
-    decoder_device = "mixed" if decode == "gpu" else "cpu"
-    hints = decoder_hints(spec) if decode == "gpu" else {}
 
     @pipeline_def
     def pipeline():
@@ -78,10 +59,9 @@ def build_pipeline(spec: LoaderSpec, decode: str, feed):
         # From packed shards the feed hands over the images' bytes themselves, not file names.
         encoded = names if spec.shards is not None else fn.io.file.read(names)
         # anchor = (x, y), shape = (width, height) in source pixels: the plan's box.
-        images = fn.decoders.image_slice(encoded, anchors, shapes, axis_names="WH", device=decoder_device,
-                                         output_type=types.RGB, **hints)
+        images = decode(encoded, spec.widths, spec.heights, decode_on_gpu, box=(anchors, shapes))
         images = fn.resize(images, resize_x=t.size, resize_y=t.size, antialias=True)
-        if on_gpu and decoder_device == "cpu":
+        if on_gpu and not decode_on_gpu:
             images = images.gpu()  # DALI CPU decode, normalise on the GPU, as torchvision does
         images = fn.crop_mirror_normalize(
             images,
@@ -92,11 +72,10 @@ def build_pipeline(spec: LoaderSpec, decode: str, feed):
             output_layout="HWC" if out.layout == "NHWC" else "CHW",
         )
         if on_gpu:
-            labels = labels.gpu()
+            labels = labels.gpu()  # a pinned CPU output would make handing it to torch wait on the host
         return images, labels
 
-    return pipeline(batch_size=spec.batch_size, num_threads=spec.threads,
-                    device_id=(spec.device.index or 0) if on_gpu else None,
+    return pipeline(batch_size=spec.batch_size, num_threads=spec.threads, device_id=device_id(spec.device),
                     prefetch_queue_depth=PREFETCH_DEPTH)
 
 
@@ -127,31 +106,27 @@ class PlanFeed:
 
 
 class DaliLoader(Loader):
-    """Batches from one DALI pipeline; decode="gpu" (mixed decoder) or "cpu"."""
+    """Batches from one DALI pipeline; decode_on_gpu: the mixed decoder (dali-gpu), else the CPU one."""
 
     prefetch_depth = PREFETCH_DEPTH
 
-    def __init__(self, spec: LoaderSpec, decode: str):
+    def __init__(self, spec: LoaderSpec, decode_on_gpu: bool):
         super().__init__(spec)
-        self.decode = decode
-        self.backend = f"dali-{decode}"
+        self.decode_on_gpu = decode_on_gpu
+        self.backend = "dali-gpu" if decode_on_gpu else "dali-cpu"
         self.feed = PlanFeed(self)
-        self._iterator = None
+        self._outputs: PipelineOutputs | None = None
         self.batches_dropped = 0  # read and thrown away after a redirect (resume, abandoned epoch)
 
     def _position(self, epoch: int, index: int) -> None:
         """Build the pipeline on first use, or redirect it: its next output is batch (epoch, index)."""
-        if self._iterator is None:
-            from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
+        if self._outputs is None:
             start = time.perf_counter()
             self.feed.stream.redirect(epoch, index)
-            pipe = build_pipeline(self.spec, self.decode, self.feed)
-            # size=-1: an endless stream; this loader counts the batches of an epoch.
-            # prepare_first_batch=False: the first batch, too, is decoded in _next_output,
-            # where a broken file is named.
-            self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False,
-                                                 prepare_first_batch=False)
+            pipe = build_pipeline(self.spec, self.decode_on_gpu, self.feed)
+            pipe.build()
+            # The first batch, too, is decoded in _next_output, where a broken file is named.
+            self._outputs = PipelineOutputs(pipe, self.spec.device)
             self.build_seconds += time.perf_counter() - start
             self.pipelines_built += 1
         elif self.feed.stream.upcoming() != (epoch, index):
@@ -167,18 +142,17 @@ class DaliLoader(Loader):
         if first < len(self):  # else nothing is left of this epoch (a resume that skips all of it)
             self._position(epoch, first)
             for index in range(first, len(self)):
-                batch = self._next_output()
+                images, labels = self._next_output()
                 self.feed.stream.received(epoch, index)
-                images, labels = batch["images"], batch["labels"]
                 if self.spec.output.layout == "NHWC":
                     images = images.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last
                 yield images, labels.view(-1).long()
         self._end_epoch()
 
-    def _next_output(self) -> dict:
+    def _next_output(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pipeline's next batch; a file that broke since prepare is named, not left to a C++ message."""
         try:
-            return next(self._iterator)[0]
+            return self._outputs.next()
         except RuntimeError:
             in_flight = list(self.feed.stream.in_flight)
             self.close()  # a DALI pipeline that failed cannot go on
@@ -198,5 +172,19 @@ class DaliLoader(Loader):
                                   f"Rerun prepare, then resume") from None
 
     def close(self) -> None:
-        self._iterator = None
+        self._outputs = None
         self.feed.stream.in_flight.clear()  # a new pipeline starts with nothing in flight
+
+
+BACKENDS = (
+    Backend("dali-gpu", "DALI: region-of-interest JPEG decode on the GPU (mixed decoder: nvJPEG, or the "
+            "hardware decoder), resize and normalise there", devices=("cuda",), role="candidate",
+            build=lambda spec, options: DaliLoader(spec, decode_on_gpu=True),
+            goals=(Goal("reference", 10.0, "cuda", "decoding on the GPU removes the CPU bottleneck"),)),
+    Backend("dali-cpu", "DALI: the same pipeline on CPU threads (region-of-interest decode, C++ resize)",
+            devices=("cpu", "cuda"), role="candidate",
+            build=lambda spec, options: DaliLoader(spec, decode_on_gpu=False),
+            goals=(Goal("reference", 2.0, "cpu", "C++ threads and decoding only the crop"),)),
+)
+# A name that stands for a backend chosen by the device.
+ALIASES = {"dali": ("dali-gpu", "dali-cpu")}
