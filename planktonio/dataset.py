@@ -16,6 +16,13 @@ Layout written to OUT:
     rejected.csv                     path,reason,detail for every bad file
     skipped.csv                      path,reason for every file that is not a
                                      candidate (other extensions, top-level files)
+    duplicates.csv                   group,sha256,class,path,split for every file
+                                     whose bytes another file also has
+
+Byte-identical copies (found by the sha256 each decode check also takes):
+copies within one class are kept, all in the split of their first copy, so
+no picture is trained on and tested on at once; copies under two or more
+classes are dropped (why: see the comment in `prepare`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import json
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +126,13 @@ def scan_classes(source: Path) -> Scan:
 
 @dataclass(frozen=True)
 class ImageCheck:
-    """What decoding one file found: a problem (reason, detail), or its size as every loader sees it."""
+    """What decoding one file found: a problem (reason, detail), or its size as every loader sees it;
+    and the sha256 of the bytes it decoded (empty when they could not be read)."""
 
     problem: tuple[str, str] | None
     width: int = 0
     height: int = 0
+    sha256: str = ""
 
 
 # PIL modes of more than 8 bits per channel, which prepare refuses (square converts them).
@@ -137,16 +146,26 @@ EXIF_ORIENTATION = 0x0112
 
 
 def inspect_image(path: str | os.PathLike) -> ImageCheck:
-    """Decode one file fully: its size (EXIF orientation applied), or why it is unusable.
+    """Decode one file fully: its size (EXIF orientation applied) and sha256, or why it is unusable.
 
-    Reasons: "empty", "truncated", "not an image", "unreadable". Decoded with
-    PIL, and JPEG/PNG again with torchvision.io (libjpeg-turbo), since a file
-    must decode in every loader backend.
+    Reasons: "empty", "truncated", "not an image", "unreadable". The file is
+    read once: the digest is of exactly the bytes that were decoded. Decoded
+    with PIL, and JPEG/PNG again with torchvision.io (libjpeg-turbo), since a
+    file must decode in every loader backend.
     """
     try:
-        if os.path.getsize(path) == 0:
-            return ImageCheck(("empty", "file has 0 bytes"))
-        with Image.open(path) as image:
+        data = Path(path).read_bytes()
+    except OSError as error:  # permissions, I/O errors
+        return ImageCheck(("unreadable", str(error) or type(error).__name__))
+    check = _decode_check(path, data)
+    return replace(check, sha256=hashlib.sha256(data).hexdigest())
+
+
+def _decode_check(path: str | os.PathLike, data: bytes) -> ImageCheck:
+    if not data:
+        return ImageCheck(("empty", "file has 0 bytes"))
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()  # a full decode: header checks alone miss truncation
             width, height = image.size
             if width < 1 or height < 1:
@@ -162,17 +181,16 @@ def inspect_image(path: str | os.PathLike) -> ImageCheck:
         return ImageCheck(("not an image", "no known image format"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         detail = str(error) or type(error).__name__
-        if isinstance(error, OSError) and error.errno is not None:
-            return ImageCheck(("unreadable", detail))  # permissions, I/O errors: errno set by the OS
         if "truncat" in detail.lower():  # PIL: "image file is truncated", "Truncated File Read"
             return ImageCheck(("truncated", detail))
         return ImageCheck(("unreadable", detail))
     # libjpeg-turbo, through torchvision, refuses some corrupt JPEGs that PIL
     # decodes with a warning; the torchvision loader would then drop them.
     if Path(path).suffix.lower() in TORCHVISION_DECODES:
-        from torchvision.io import decode_image, read_file
+        import torch
+        from torchvision.io import decode_image
         try:
-            decode_image(read_file(str(path)))
+            decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         except RuntimeError as error:
             return ImageCheck(("unreadable", f"corrupt data: {str(error).splitlines()[0]}"))
     return ImageCheck(None, width, height)
@@ -183,7 +201,7 @@ def _inspect_chunk(paths: list[str]) -> list[ImageCheck]:
 
 
 def inspect_images(root: Path, relpaths: list[str], workers: int | None = None) -> dict[str, ImageCheck]:
-    """Decode every file in parallel; {relpath: ImageCheck}."""
+    """Decode and hash every file in parallel; {relpath: ImageCheck}."""
     if not relpaths:
         return {}
     workers = workers or os.cpu_count() or 1
@@ -222,20 +240,61 @@ class SplitPlan:
         return {"fractions": dict(zip(SPLITS, self.fractions))}
 
 
-def split_class(files: list[str], counts: tuple[int, int, int], seed: int, class_name: str) -> dict[str, list[str]]:
-    """Shuffle one class reproducibly and cut it into train/valid/test.
+def split_class(images: list[str], counts: tuple[int, int, int], seed: int, class_name: str,
+                copies: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Shuffle one class's distinct images reproducibly and cut them into train/valid/test.
 
-    The generator is seeded by (seed, class name), so one class's split does
-    not change when other classes are added or dropped.
+    images: one path per distinct image (its first copy); copies: first copy
+    -> its other copies in this class, which go wherever it goes. The counts
+    (from --per-class, or --fractions of the distinct images) are therefore met
+    exactly in distinct images, and a split's file count exceeds them by the
+    extra copies it received. Without copies this is the plain seeded shuffle
+    and cut it always was. The generator is seeded by (seed, class name), so
+    one class's split does not change when other classes are added or dropped.
     """
-    shuffled = sorted(files)
+    shuffled = sorted(images)
     random.Random(f"{seed}:{class_name}").shuffle(shuffled)
     n_train, n_valid, n_test = counts
-    return {
-        "train": sorted(shuffled[:n_train]),
-        "valid": sorted(shuffled[n_train:n_train + n_valid]),
-        "test": sorted(shuffled[n_train + n_valid:n_train + n_valid + n_test]),
-    }
+    chosen = {"train": shuffled[:n_train], "valid": shuffled[n_train:n_train + n_valid],
+              "test": shuffled[n_train + n_valid:n_train + n_valid + n_test]}
+    copies = copies or {}
+    return {split: sorted(path for first in firsts for path in (first, *copies.get(first, ())))
+            for split, firsts in chosen.items()}
+
+
+@dataclass(frozen=True)
+class CopyGroup:
+    """Usable files with identical bytes: (class, relative path) pairs sorted by path."""
+
+    sha256: str
+    files: tuple[tuple[str, str], ...]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({name for name, _ in self.files})
+
+
+def find_copies(files_by_class: dict[str, list[str]], checks: dict[str, ImageCheck]) -> list[CopyGroup]:
+    """Every group of two or more byte-identical files, in the order of their first paths."""
+    by_digest: dict[str, list[tuple[str, str]]] = {}
+    for name, files in files_by_class.items():
+        for path in files:
+            by_digest.setdefault(checks[path].sha256, []).append((name, path))
+    groups = [CopyGroup(digest, tuple(sorted(files, key=lambda f: f[1])))
+              for digest, files in by_digest.items() if len(files) > 1]
+    return sorted(groups, key=lambda group: group.files[0][1])
+
+
+def _in_other_classes(group: CopyGroup, name: str, path: str) -> str:
+    """rejected.csv's detail for one copy of an image filed under several classes."""
+    others = [p for _, p in group.files if p != path]
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f"also in {', '.join(c for c in group.classes if c != name)}: the same bytes as {shown} "
+            f"(sha256 {group.sha256[:16]}...); put the image in its one right class folder")
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 # --------------------------------------------------------------- preparing
@@ -250,6 +309,7 @@ class PrepareResult:
     usable: dict[str, int]
     dropped_classes: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    copy_groups: list[CopyGroup] = field(default_factory=list)
 
     def summary(self) -> str:
         """A short table: one line per kept class, then totals."""
@@ -268,6 +328,17 @@ class PrepareResult:
             f"{len(self.classes)} classes kept, {len(self.dropped_classes)} dropped (too few images), "
             f"{len(self.rejected)} files rejected (see {self.out / 'rejected.csv'}), "
             f"{len(self.skipped)} skipped as not images (see {self.out / 'skipped.csv'})")
+        within = [g for g in self.copy_groups if len(g.classes) == 1]
+        across = [g for g in self.copy_groups if len(g.classes) > 1]
+        said = []
+        if within:
+            said.append(f"{_count(sum(len(g.files) - 1 for g in within), 'extra copy', 'extra copies')} of "
+                        f"{_count(len(within), 'image')} kept in the split of their first copy")
+        if across:
+            said.append(f"{_count(sum(len(g.files) for g in across), 'file')} of {_count(len(across), 'image')} "
+                        f"found in more than one class dropped (see rejected.csv)")
+        if said:
+            lines.append(f"byte-identical files (see {self.out / 'duplicates.csv'}): " + "; ".join(said))
         return "\n".join(lines)
 
 
@@ -292,23 +363,44 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     rejected = {**unsafe, **{path: check.problem for path, check in checks.items() if check.problem is not None}}
     usable = {name: [f for f in files if f not in rejected] for name, files in found.items()}
 
-    kept = [name for name, files in usable.items() if len(files) >= min_images and len(files) > 0]
-    dropped = {name: len(files) for name, files in usable.items() if name not in kept}
+    # Copies filed under two or more classes are dropped, every one of them.
+    # Not refused as a whole run: one misfiled picture among tens of thousands
+    # must not stop it (the NDSB subset in ../shared/data has one:
+    # chaetognath_other/271.jpg and chaetognath_non_sagitta/14864.jpg are the
+    # same bytes), and rejected.csv names every copy for whoever can fix the
+    # labels. Not one copy kept: the files cannot say which label is right, so
+    # a kept copy trains or tests on a label that may be wrong, and one copy in
+    # train with another in test would leak a test image into training.
+    copy_groups = find_copies(usable, checks)
+    for group in copy_groups:
+        if len(group.classes) > 1:
+            for name, path in group.files:
+                rejected[path] = ("duplicate in another class", _in_other_classes(group, name, path))
+    usable = {name: [f for f in files if f not in rejected] for name, files in usable.items()}
+    # Copies within a class: each image counts once, and its extra copies follow its first copy.
+    copies = {group.files[0][1]: [path for _, path in group.files[1:]]
+              for group in copy_groups if len(group.classes) == 1}
+    extra = {path for paths in copies.values() for path in paths}
+    distinct = {name: [f for f in files if f not in extra] for name, files in usable.items()}
+
+    kept = [name for name, images in distinct.items() if len(images) >= min_images and len(images) > 0]
+    dropped = {name: len(images) for name, images in distinct.items() if name not in kept}
     if not kept:
-        largest = max(usable.items(), key=lambda item: len(item[1]))
+        largest = max(distinct.items(), key=lambda item: len(item[1]))
         raise PlanktonioError(
             f"source {source}: no class has at least {min_images} usable images "
             f"(largest: {largest[0]} with {len(largest[1])})")
     for name in kept:
-        wanted = plan.counts(len(usable[name]))
-        if sum(wanted) > len(usable[name]):
+        wanted = plan.counts(len(distinct[name]))
+        if sum(wanted) > len(distinct[name]):
             raise PlanktonioError(
-                f"class {name!r} has {len(usable[name])} usable images but the split asks for "
-                f"{sum(wanted)} ({'+'.join(map(str, wanted))}); lower --per-class or raise --min-images")
+                f"class {name!r} has {len(distinct[name])} usable images"
+                f"{' (not counting copies)' if len(distinct[name]) < len(usable[name]) else ''} but the split asks "
+                f"for {sum(wanted)} ({'+'.join(map(str, wanted))}); lower --per-class or raise --min-images")
 
     splits: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     for label, name in enumerate(kept):
-        parts = split_class(usable[name], plan.counts(len(usable[name])), seed, name)
+        parts = split_class(distinct[name], plan.counts(len(distinct[name])), seed, name, copies)
         for split in SPLITS:
             splits[split].extend((path, label) for path in parts[split])
 
@@ -317,6 +409,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
         write_atomic(out / f"{split}.txt", "".join(f"{p} {l}\n" for p, l in splits[split]))
     write_atomic(out / "rejected.csv", _rejected_csv(source, rejected))
     write_atomic(out / "skipped.csv", _skipped_csv(source, scan.skipped))
+    write_atomic(out / "duplicates.csv", _duplicates_csv(source, copy_groups, splits))
     write_atomic(out / IMAGE_INFO, json.dumps(_image_info(source, splits, checks)) + "\n")
     meta = {
         "format": FORMAT,
@@ -329,12 +422,15 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
         "excluded_classes": sorted(exclude),
         "rejected": len(rejected),
         "skipped": len(scan.skipped),
+        "duplicate_groups": len(copy_groups),
+        "duplicates_dropped": sum(len(g.files) for g in copy_groups if len(g.classes) > 1),
         "min_images": min_images,
         "seed": seed,
         **plan.describe(),
     }
     write_atomic(out / "classes.json", json.dumps(meta, indent=2) + "\n")
-    return PrepareResult(out, kept, splits, rejected, {n: len(usable[n]) for n in kept}, dropped, scan.skipped)
+    return PrepareResult(out, kept, splits, rejected, {n: len(usable[n]) for n in kept}, dropped, scan.skipped,
+                         copy_groups)
 
 
 def _image_info(source: Path, splits: dict[str, list[tuple[str, int]]], checks: dict[str, ImageCheck]) -> dict:
@@ -363,6 +459,19 @@ def _skipped_csv(source: Path, skipped: dict[str, str]) -> str:
     writer.writerow(["path", "reason"])
     for path, reason in sorted(skipped.items()):
         writer.writerow([str(source / path), reason])
+    return buffer.getvalue()
+
+
+def _duplicates_csv(source: Path, groups: list[CopyGroup], splits: dict[str, list[tuple[str, int]]]) -> str:
+    """One row per file of each copy group; split is empty for a file in no manifest (dropped as a copy
+    in another class, its class not kept, or not drawn when --per-class takes fewer images)."""
+    where = {path: split for split, entries in splits.items() for path, _ in entries}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["group", "sha256", "class", "path", "split"])
+    for number, group in enumerate(groups, start=1):
+        for name, path in group.files:
+            writer.writerow([number, group.sha256, name, str(source / path), where.get(path, "")])
     return buffer.getvalue()
 
 

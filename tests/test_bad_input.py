@@ -26,7 +26,7 @@ from planktonio import EVAL_TRANSFORM, PlanktonioError, PreparedDataset, make_lo
 from planktonio.dataset import SplitPlan
 from planktonio.square import square_tree
 
-from .conftest import REPO, write_coloured_set
+from .conftest import REPO, jpeg_bytes, write_coloured_set
 
 
 def rejected_reasons(prepared) -> dict[str, str]:
@@ -133,10 +133,10 @@ def test_prepare_takes_sub_folders_lists_what_it_skips_and_refuses_unsafe_names(
     source = tmp_path / "source"
     write_coloured_set(source, classes=2, per_class=3, size=16)
     good = (source / "class0" / "img000.jpg").read_bytes()
-    for day in ("day1", "day2"):
+    for d, day in enumerate(("day1", "day2")):
         (source / "class1" / day).mkdir()
-        for i in range(2):
-            (source / "class1" / day / f"{day}_{i}.jpg").write_bytes(good)
+        for i in range(2):  # pictures of their own: copies of class0's would be dropped as mislabelled
+            (source / "class1" / day / f"{day}_{i}.jpg").write_bytes(jpeg_bytes(16, seed=2 * d + i))
     (source / "class0" / "notes").write_text("no extension")
     (source / "class0" / "frame.webp").write_bytes(b"RIFF")
     (source / "top-level.jpg").write_bytes(good)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import random
 import re
 import subprocess
@@ -157,3 +159,94 @@ def test_excluding_another_sets_classes_leaves_the_rest(source, tmp_path):
         "class0", "class1", "class2"]
     with pytest.raises(PlanktonioError, match="every class folder is excluded"):
         prepare(source, tmp_path / "none", exclude=("class0", "class1", "class2", "rare"), workers=1)
+
+
+# ------------------------------------------------------------------ byte-identical copies
+
+
+def reference_split(files, counts, seed, class_name):
+    """The split as prepare made it before it knew about copies (commit 43b7b19): kept here to prove
+    that a set without copies is split exactly as before."""
+    shuffled = sorted(files)
+    random.Random(f"{seed}:{class_name}").shuffle(shuffled)
+    n_train, n_valid, n_test = counts
+    return {"train": sorted(shuffled[:n_train]), "valid": sorted(shuffled[n_train:n_train + n_valid]),
+            "test": sorted(shuffled[n_train + n_valid:n_train + n_valid + n_test])}
+
+
+def read_duplicates(prepared):
+    with open(prepared / "duplicates.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("plan", [SplitPlan(), SplitPlan(per_class=(12, 5, 4)), SplitPlan(fractions=(0.5, 0.25, 0.25))])
+def test_a_set_without_copies_is_split_as_before(source, tmp_path, plan):
+    for seed in (0, 1, 7):
+        result = prepare(source, tmp_path / f"out{seed}", min_images=20, plan=plan, seed=seed, workers=1)
+        for label, name in enumerate(result.classes):
+            files = sorted(p for p in (source / name).iterdir())
+            before = reference_split([f"{name}/{p.name}" for p in files], plan.counts(len(files)), seed, name)
+            for split in ("train", "valid", "test"):
+                assert [p for p, l in result.splits[split] if l == label] == before[split], (seed, name, split)
+        assert read_duplicates(tmp_path / f"out{seed}") == []  # checked, and none found
+
+
+def test_copies_within_a_class_are_listed_and_stay_in_one_split(source, tmp_path):
+    """Three copies of one image and two of another: whatever the seed, all copies of an image land
+    in the same split (or, with fixed counts, in none), and the counts are met in distinct images."""
+    (source / "class0" / "sub").mkdir()
+    first = (source / "class0" / "img000.jpg").read_bytes()
+    (source / "class0" / "copy_a.jpg").write_bytes(first)
+    (source / "class0" / "sub" / "copy_b.jpg").write_bytes(first)
+    (source / "class1" / "again.jpg").write_bytes((source / "class1" / "img005.jpg").read_bytes())
+    groups = [{"class0/copy_a.jpg", "class0/img000.jpg", "class0/sub/copy_b.jpg"},
+              {"class1/again.jpg", "class1/img005.jpg"}]
+    for seed in range(6):
+        for plan, name in ((SplitPlan(), f"f{seed}"), (SplitPlan(per_class=(12, 5, 4)), f"p{seed}")):
+            result = prepare(source, tmp_path / name, min_images=20, plan=plan, seed=seed, workers=1)
+            where = {path: split for split, entries in result.splits.items() for path, _ in entries}
+            for group in groups:
+                assert len({where.get(path) for path in group}) == 1, (seed, plan, group, where)
+            # The counts are of distinct images: the extra copies come with the image they copy.
+            extra_copies = {p for g in groups for p in sorted(g)[1:]}
+            for label in range(3):
+                distinct = {s: sum(1 for p, l in e if l == label and p not in extra_copies)
+                            for s, e in result.splits.items()}
+                assert tuple(distinct.values()) == plan.counts(30), (seed, label, distinct)  # 30 distinct each
+            rows = read_duplicates(tmp_path / name)
+            listed = {}
+            for row in rows:
+                path = os.path.relpath(row["path"], source.resolve())
+                listed.setdefault(row["group"], set()).add(path)
+                assert row["class"] == path.split("/")[0] and row["split"] == where.get(path, ""), row
+                assert row["sha256"] == hashlib.sha256((source / path).read_bytes()).hexdigest()
+            assert sorted(map(sorted, listed.values())) == sorted(map(sorted, groups))
+            assert not result.rejected
+
+
+def test_copies_in_two_classes_are_dropped_listed_and_reported(source, tmp_path):
+    """The same bytes under two labels: no label can be trusted, so every copy is dropped."""
+    stray = (source / "class0" / "img001.jpg").read_bytes()
+    (source / "class1" / "stray.jpg").write_bytes(stray)
+    (source / "class2" / "stray.jpg").write_bytes(stray)
+    (source / "class2" / "stray2.jpg").write_bytes(stray)
+    copies = {"class0/img001.jpg": "class1, class2", "class1/stray.jpg": "class0, class2",
+              "class2/stray.jpg": "class0, class1", "class2/stray2.jpg": "class0, class1"}
+    run = subprocess.run([sys.executable, "-m", "planktonio", "prepare", "--source", str(source), "--out",
+                          str(tmp_path / "o"), "--min-images", "20", "--workers", "1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert "4 files of 1 image found in more than one class dropped" in run.stdout, run.stdout
+    listed = {p for s in ("train", "valid", "test") for p, _ in read_manifest(tmp_path / "o" / f"{s}.txt")}
+    assert not listed & set(copies) and len(listed) == 29 + 30 + 30
+    with open(tmp_path / "o" / "rejected.csv") as f:
+        rows = {os.path.relpath(r["path"], source.resolve()): r for r in csv.DictReader(f)}
+    assert set(rows) == set(copies)
+    for path, others in copies.items():
+        assert rows[path]["reason"] == "duplicate in another class"
+        assert f"also in {others}" in rows[path]["detail"], rows[path]["detail"]
+    rows = read_duplicates(tmp_path / "o")
+    assert {os.path.relpath(r["path"], source.resolve()) for r in rows} == set(copies)
+    assert {r["group"] for r in rows} == {"1"} and {r["split"] for r in rows} == {""}
+    meta = json.loads((tmp_path / "o" / "classes.json").read_text())
+    assert meta["usable_per_class"] == {"class0": 29, "class1": 30, "class2": 30}
