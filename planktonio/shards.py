@@ -13,6 +13,8 @@ shard. `python -m planktonio pack --data PREPARED` writes, per split:
                                           complete: what makes an interrupted pack restartable
     PREPARED/shards/train.json            the split's index, in manifest order: each sample's
                                           shard, offset and size of its image bytes, sha256
+    PREPARED/shards/train.verified.json   the stamp of the last full check: each shard's size
+                                          and mtime_ns when its every sample matched the index
 
 The loose files are not touched. Which samples go into which shard follows
 from the manifest and the file sizes alone, so a rerun of an interrupted
@@ -22,9 +24,15 @@ members verified) are kept, the unfinished one is written again.
 Reading (`ShardSet`): every backend reads a split from its shards when the
 prepared folder has them, in manifest order, with the same plans: the
 image bytes at the sample's offset, sliced from a memory map of the shard.
-`ShardSet.open` checks every sample's bytes against the index (truncation,
-then sha256) before any loader is built, so a damaged shard is an error
-naming the shard and the sample before training starts.
+The index only names shards inside PREPARED/shards/ (plain file names; any
+other name is refused), and every sample is checked against it in full
+(truncation, then sha256) once: by pack, and again by `ShardSet.open` for a
+shard whose size or modification time differs from the stamp of its last
+check, so a damaged shard is an error naming the shard and the sample
+before training starts. Otherwise open only compares the stamp with a stat
+per shard: hashing a split costs minutes at ImageNet scale, which every
+run would pay before its first step. The trust is the same as make_loader
+gives the loose files (size and mtime, see dataset.check_files_unchanged).
 """
 
 from __future__ import annotations
@@ -46,6 +54,9 @@ from .files import atomic_file, write_atomic
 
 SHARDS_DIR = "shards"
 FORMAT = 1
+STAMP_FORMAT = 1
+# What pack names a shard ("train-00000.tar"): a plain file name, never a path or a hidden file.
+SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
 DEFAULT_SHARD_SIZE = 256 * 2**20
 _UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30}
 REPACK = "rerun `python -m planktonio pack`"
@@ -167,7 +178,8 @@ def pack(data: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE) -> list[
             records.append(record)
         index = _split_index(split, entries, records)
         write_atomic(out / f"{split}.json", json.dumps(index))
-        ShardSet(dataset, split, index).verify()  # read back every member before saying it is done
+        # Read back every member before saying it is done; the stamp spares later opens doing it again.
+        ShardSet(dataset, split, index).verify(_stat(out / f"{split}.json"), everything=True)
         results.append(PackResult(split, len(entries), len(records), reused,
                                   sum(r["bytes"] for r in records)))
     return results
@@ -204,6 +216,35 @@ def _verify_shard(path: Path, record: dict, paths: list[str] | None = None) -> N
                                       f"(the shard is corrupt); {REPACK}")
 
 
+def _stat(path: Path) -> dict:
+    status = path.stat()
+    return {"bytes": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def _read_stamp(stamp_file: Path, index_stat: dict) -> dict:
+    """{shard name: {bytes, mtime_ns}} at its last full check, if the stamp is of this index; else {}.
+
+    A missing, unreadable or damaged stamp is no error: it only means every
+    shard is checked in full again, as on the first open.
+    """
+    try:
+        stamp = json.loads(stamp_file.read_text())
+        if stamp["format"] == STAMP_FORMAT and stamp["index"] == index_stat and isinstance(stamp["shards"], dict):
+            return stamp["shards"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    return {}
+
+
+def _write_stamp(stamp_file: Path, stamp: dict) -> None:
+    try:
+        write_atomic(stamp_file, json.dumps(stamp))
+    except OSError:
+        # A read-only prepared folder (a shared copy) verifies in full at every open, as before
+        # the stamp; ranks opening the same split at once all verified it and any one may win.
+        pass
+
+
 class ShardSet:
     """One split's shards: the image bytes of manifest position p, read from a memory map of its shard."""
 
@@ -221,34 +262,62 @@ class ShardSet:
     @classmethod
     def open(cls, dataset: PreparedDataset, split: str, entries: list[tuple[str, int]]) -> "ShardSet | None":
         """The split's shards, verified, if the prepared folder has them; None for loose files."""
-        index_file = dataset.path / SHARDS_DIR / f"{split}.json"
+        directory = dataset.path / SHARDS_DIR
+        index_file = directory / f"{split}.json"
         if not index_file.is_file():
             return None
+        index_stat = _stat(index_file)  # before reading: an index replaced meanwhile is checked again next time
         try:
             index = json.loads(index_file.read_text())
             fields_ok = index["format"] == FORMAT and all(
                 len(index[f]) == len(index["path"]) for f in ("shard", "offset", "size", "sha256"))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            shards = cls(dataset, split, index)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError,
+                OverflowError) as error:
             raise PlanktonioError(f"{index_file}: not a valid shard index ({error}); {REPACK}") from None
-        if not fields_ok:
+        for name in shards.names:
+            # The index says which files to read: only pack's own tars in shards/, never a path
+            # elsewhere (an absolute path, "..", a sub-folder), whatever the index was edited to say.
+            if not (isinstance(name, str) and SHARD_NAME.fullmatch(name)):
+                raise PlanktonioError(f"{index_file}: shard {name!r} is not a file name in {directory} "
+                                      f"(pack names them like {split}-00000.tar); {REPACK}")
+        in_range = not len(shards.shard) or (0 <= shards.shard.min() and shards.shard.max() < len(shards.names)
+                                             and shards.offset.min() >= 0 and shards.size.min() >= 0)
+        if not (fields_ok and in_range):
             raise PlanktonioError(f"{index_file}: not a valid shard index; {REPACK}")
         if index["path"] != [path for path, _ in entries]:
             raise PlanktonioError(f"{index_file}: its samples are not those of {dataset.manifest(split)} "
                                   f"(prepared again since the pack?); {REPACK}")
-        shards = cls(dataset, split, index)
-        shards.verify()
+        shards.verify(index_stat, everything=False)
         return shards
 
-    def verify(self) -> None:
-        """Read every sample once: a missing, truncated or corrupt shard is an error naming it and the sample."""
+    def verify(self, index_stat: dict, everything: bool = True) -> list[str]:
+        """Check every sample of the shards against the index; the names of the shards read.
+
+        A missing, truncated or corrupt shard is an error naming it and the
+        sample. everything=False reads only the shards whose size or mtime
+        differ from the stamp of their last full check (all of them when the
+        stamp is missing, damaged or of another index); the others cost a stat.
+        Then the stamp is written anew.
+        """
+        stamp_file = self.directory / f"{self.split}.verified.json"
+        stamped = {} if everything else _read_stamp(stamp_file, index_stat)
+        now, read = {}, []
         for number, name in enumerate(self.names):
             path = self.directory / name
             if not path.is_file():
                 raise PlanktonioError(f"{path}: shard missing; {REPACK}")
+            now[name] = _stat(path)  # before reading it: a change during the check shows at the next open
+            if stamped.get(name) == now[name]:
+                continue
             mine = np.flatnonzero(self.shard == number)
             record = {"samples": {"position": mine.tolist(), "offset": self.offset[mine].tolist(),
                                   "size": self.size[mine].tolist(), "sha256": [self.sha256[p] for p in mine]}}
             _verify_shard(path, record, self.paths)
+            read.append(name)
+        if read:
+            _write_stamp(stamp_file, {"format": STAMP_FORMAT, "index": index_stat, "shards": now})
+        return read
 
     def describe(self, position: int) -> str:
         """Where a sample lives, for messages: shard file and key."""

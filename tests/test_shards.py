@@ -140,8 +140,11 @@ def test_an_interrupted_pack_completes_when_rerun(coloured, tmp_path, monkeypatc
     assert results[0].reused == 2  # the two finished shards were kept, the rest written
     written = sorted(p.name for p in (folder / SHARDS_DIR).iterdir())
     assert written == sorted(p.name for p in (reference / SHARDS_DIR).iterdir())
-    for name in written:  # byte-identical to an uninterrupted pack
-        assert (folder / SHARDS_DIR / name).read_bytes() == (reference / SHARDS_DIR / name).read_bytes(), name
+    for name in written:  # byte-identical to an uninterrupted pack, but for the stamps' mtimes
+        mine, theirs = (folder / SHARDS_DIR / name).read_bytes(), (reference / SHARDS_DIR / name).read_bytes()
+        if name.endswith(".verified.json"):
+            mine, theirs = (sorted(json.loads(side)["shards"]) for side in (mine, theirs))
+        assert mine == theirs, name
 
 
 def test_a_rerun_pack_rewrites_a_damaged_shard(packed, tmp_path):
@@ -192,3 +195,80 @@ def test_pack_command_and_sizes(packed, tmp_path, capsys):
     assert main(["pack", "--data", str(folder), "--shard-size", "16KB"]) == 0
     assert "train: 30 images in" in capsys.readouterr().out
     assert main(["pack", "--data", str(folder), "--shard-size", "lots"]) == 2
+
+
+# ------------------------------------------------------------------ verified once, then by size and mtime
+
+
+@pytest.fixture
+def counted_hashes(monkeypatch):
+    """How many sha256 objects the shards module makes: one per sample it verifies."""
+    calls = []
+    real = shards_module.hashlib.sha256
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_module.hashlib, "sha256", counting)
+    return calls
+
+
+def open_train(folder):
+    dataset = PreparedDataset.load(folder)
+    return ShardSet.open(dataset, "train", dataset.entries("train"))
+
+
+def test_opening_packed_shards_again_checks_their_stamp_not_their_bytes(packed, tmp_path, counted_hashes):
+    folder = tmp_path / "copy"
+    shutil.copytree(packed[1], folder)  # copy2: the shards keep the mtime that pack stamped
+    stamp = json.loads((folder / SHARDS_DIR / "train.verified.json").read_text())
+    shards = open_train(folder)
+    assert sorted(stamp["shards"]) == sorted(shards.names)
+    assert counted_hashes == []  # pack verified every sample and stamped each shard: nothing is read again
+    victim = folder / SHARDS_DIR / shards.names[1]
+    status = victim.stat()
+    os.utime(victim, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))  # touched: verified again, alone
+    open_train(folder)
+    assert len(counted_hashes) == int((shards.shard == 1).sum()) > 0
+    counted_hashes.clear()
+    open_train(folder)
+    assert counted_hashes == []  # and stamped again
+
+
+def test_a_shard_changed_in_place_is_verified_again_and_names_the_sample(packed, tmp_path):
+    """Same size, one byte changed, a new mtime: what a bad copy or a disk error over a rewrite leaves."""
+    folder, shards = damaged_copy(packed[1], tmp_path)
+    victim = folder / SHARDS_DIR / shards.names[0]
+    status = victim.stat()
+    with open(victim, "r+b") as f:
+        f.seek(int(shards.offset[0]) + 7)
+        byte = f.read(1)
+        f.seek(int(shards.offset[0]) + 7)
+        f.write(bytes([byte[0] ^ 0x10]))
+    os.utime(victim, ns=(status.st_atime_ns, status.st_mtime_ns + 1))
+    assert victim.stat().st_size == status.st_size
+    with pytest.raises(PlanktonioError, match=rf"{victim}: sample 00000000 \({shards.paths[0]}\) at offset "
+                                              rf"{shards.offset[0]} fails its sha256 check"):
+        open_train(folder)
+    with pytest.raises(PlanktonioError, match="fails its sha256 check"):  # a failed check stamps nothing
+        open_train(folder)
+
+
+@pytest.mark.parametrize("name", ["../../outside.tar", "OUTSIDE", "sub/train-00000.tar", "..", "", ".hidden.tar", 7])
+def test_a_shard_name_that_leaves_the_shards_folder_is_refused(packed, tmp_path, name):
+    """The index names the tars to read: a name must be a plain file name in PREPARED/shards/, never a
+    path elsewhere, even to a file that is a perfectly good copy of a shard."""
+    folder, shards = damaged_copy(packed[1], tmp_path)
+    outside = tmp_path / "outside.tar"  # folder/shards/../../outside.tar
+    shutil.copy2(folder / SHARDS_DIR / shards.names[0], outside)
+    name = str(outside) if name == "OUTSIDE" else name
+    index_file = folder / SHARDS_DIR / "train.json"
+    index = json.loads(index_file.read_text())
+    index["shards"][0]["name"] = name
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(PlanktonioError) as error:
+        open_train(folder)
+    message = str(error.value)
+    assert message.startswith(f"{index_file}: shard {name!r} is not a file name in {folder / SHARDS_DIR}")
+    assert message.endswith("rerun `python -m planktonio pack`") and "\n" not in message
