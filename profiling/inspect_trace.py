@@ -16,7 +16,9 @@ overlap and add up to the step:
   idle otherwise (waiting for the host: launches, Python, synchronisation).
 
 It also reports the host's time in each range, host-to-device bytes per
-step, the top operators and kernels, and a verdict. inspect_ranks.py and
+step, the top operators and kernels, and a verdict. A trace is read a chunk
+at a time, up to PROFILING_TRACE_MAX_MB of JSON (default 1 GiB, chosen at
+`TRACE_LIMIT_VARIABLE`), so a gzip bomb is refused before it fills the memory. inspect_ranks.py and
 inspect_compare.py build on it for a folder of rank traces and for two runs.
 
 Holistic Trace Analysis (published as `traceinsight`) was weighed and left
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,26 +60,71 @@ GPU_BUSY_FLOOR = 0.6      # GPU busy less than this share of the span: it is bei
 # ------------------------------------------------------------------ reading
 
 
-def _read_json(path: Path):
+# The most JSON text a trace may hold, compressed or not. A gzip file can inflate a
+# thousandfold (1.5 MB of zeros became 4.2 GB in memory before this limit), so
+# it is decompressed a chunk at a time and refused past the limit. 1 GiB is four
+# times what chrome://tracing opens (256 MB, google/trace-viewer#627) and about
+# what Perfetto's UI holds in a browser (2 GB of memory, 2-4x the trace's size:
+# perfetto.dev, "Visualising large traces"): a trace of a long GPU run that
+# anyone can still look at fits; `profiling trace` writes 5 steps by default.
+TRACE_LIMIT_VARIABLE = "PROFILING_TRACE_MAX_MB"
+DEFAULT_TRACE_LIMIT_MB = 1024
+_CHUNK = 2**20
+
+
+def trace_size_limit() -> int:
+    """The limit in bytes: PROFILING_TRACE_MAX_MB (MiB) where set, else 1 GiB."""
+    text = os.environ.get(TRACE_LIMIT_VARIABLE)
+    if text is None:
+        return DEFAULT_TRACE_LIMIT_MB * 2**20
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file is called
-            raw = gzip.decompress(raw)
-        return json.loads(raw)
+        mib = float(text)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib > 0):
+        raise PlanktonioError(f"{TRACE_LIMIT_VARIABLE}={text!r}: expected a size in MiB above 0, "
+                              f"e.g. {2 * DEFAULT_TRACE_LIMIT_MB}")
+    return int(mib * 2**20)
+
+
+def _read_at_most(stream, limit: int) -> bytearray | None:
+    """Everything `stream` gives, read a chunk at a time; None as soon as it exceeds `limit` bytes."""
+    text = bytearray()
+    while chunk := stream.read(min(_CHUNK, limit + 1 - len(text))):
+        text += chunk
+        if len(text) > limit:
+            return None
+    return text
+
+
+def _read_json(path: Path, max_bytes: int | None = None):
+    limit = trace_size_limit() if max_bytes is None else max_bytes
+    try:
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"  # gzip's magic number, whatever the file is called
+            raw.seek(0)
+            text = _read_at_most(gzip.GzipFile(fileobj=raw) if compressed else raw, limit)
+        if text is not None:
+            return json.loads(text)
     except (OSError, EOFError, zlib.error, ValueError, RecursionError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise PlanktonioError(f"trace {path}: cannot be read as a Chrome trace ({reason})") from None
+    mib = limit / 2**20
+    raise PlanktonioError(f"trace {path}: more than {mib:g} MiB once decompressed, the limit that guards "
+                          f"against decompression bombs; if it is a real trace, raise it, e.g. "
+                          f"{TRACE_LIMIT_VARIABLE}={max(2 * mib, 1):g}")
 
 
-def load_events(path: Path) -> pd.DataFrame:
+def load_events(path: Path, max_bytes: int | None = None) -> pd.DataFrame:
     """Complete ("X") events of a Chrome trace: name, cat, ts, dur (microseconds), pid, tid, bytes.
 
     Takes torch.profiler's object format and Chrome's array format (a bare list of
     events); skips events that are not objects or have no name or start time. The
     trace's path, and its rank and device where it names them, are in frame.attrs.
+    max_bytes: the most JSON text to read (default: trace_size_limit()).
     """
     path = Path(path)
-    trace = _read_json(path)
+    trace = _read_json(path, max_bytes)
     if isinstance(trace, list):  # Chrome's array format: the events alone
         trace = {"traceEvents": trace}
     events = trace.get("traceEvents") if isinstance(trace, dict) else None

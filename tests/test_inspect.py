@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import pytest
 
@@ -327,6 +328,51 @@ def test_bad_traces_give_one_line_errors(tmp_path, capsys, name, content, messag
     # The command line (in this process: any other exception would fail the test with its traceback)
     assert profiling_main(["inspect", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {error.value}\n"
+
+
+def write_bomb(path, mib: int) -> None:
+    """mib MiB of zeros, gzipped to about a thousandth of that, written a MiB at a time."""
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        for _ in range(mib):
+            f.write(bytes(2**20))
+
+
+def test_a_gzip_bomb_stops_at_the_size_limit_without_inflating(tmp_path, monkeypatch, capsys):
+    """64 MiB of zeros in 64 KB, read with a 4 MiB limit: refused once 4 MiB are out, with the memory
+    of the limit, not of the whole (the default, 1 GiB, works alike on a bigger bomb)."""
+    bomb = tmp_path / "bomb.json.gz"
+    write_bomb(bomb, 64)
+    assert bomb.stat().st_size < 2**20 // 4
+    monkeypatch.setenv("PROFILING_TRACE_MAX_MB", "4")
+    tracemalloc.start()
+    try:
+        with pytest.raises(PlanktonioError) as error:
+            load_events(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * 2**20, peak  # the limit, a chunk and the growth of one buffer
+    message = str(error.value)
+    assert message.startswith(f"trace {bomb}: more than 4 MiB once decompressed") and "\n" not in message
+    assert "PROFILING_TRACE_MAX_MB=8" in message  # how to raise it
+    assert profiling_main(["inspect", str(bomb)]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_the_size_limit_lets_real_traces_through_and_is_checked(tmp_path, monkeypatch):
+    trace = gpu_trace(tmp_path / "t.json.gz")
+    size = len(gzip.decompress(trace.read_bytes()))
+    assert analyse(load_events(trace, max_bytes=size))["steps"] == 2  # exactly at the limit: read
+    with pytest.raises(PlanktonioError, match="more than"):
+        load_events(trace, max_bytes=size - 1)
+    plain = tmp_path / "plain.json"  # the limit is on the JSON text, compressed or not
+    plain.write_bytes(gzip.decompress(trace.read_bytes()))
+    with pytest.raises(PlanktonioError, match="more than"):
+        load_events(plain, max_bytes=size - 1)
+    for bad in ("lots", "0", "-5", "nan"):
+        monkeypatch.setenv("PROFILING_TRACE_MAX_MB", bad)
+        with pytest.raises(PlanktonioError, match=f"PROFILING_TRACE_MAX_MB={bad!r}: expected"):
+            load_events(trace)
 
 
 def test_inspect_refuses_an_empty_folder_and_three_paths(tmp_path, capsys):
