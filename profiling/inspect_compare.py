@@ -3,8 +3,8 @@
 A and B are each a trace file or a folder of rank traces (a folder counts as
 the mean of its ranks). Every figure is time per step, so runs with different
 step counts compare: the host's ranges (data, forward, backward, optimizer),
-the device's parts (compute, copies, communication, idle waiting for data or
-for the host: see inspect_trace), and the operators and GPU kernels whose
+the device's parts (compute, copies, communication, loader kernels, idle
+waiting for data or for the host: see inspect_trace), and the operators and GPU kernels whose
 time per step changed most. Operator times are inclusive (aten::conv2d holds
 aten::convolution), so a change shows at every level of a call chain.
 """
@@ -48,7 +48,7 @@ def describe_run(path: Path, top: int = 10) -> dict:
         "steps": sum(r["steps"] for r in results),
         "mean_step_ms": sum(r["mean_step_ms"] for r in results) / len(results),
         "data_wait_share": sum(r["data_wait_share"] for r in results) / len(results),
-        "idle_share": sum(1 - sum(shares_of_step(r)[p] for p in ("compute", "copies", "communication"))
+        "idle_share": sum(shares_of_step(r)["idle_data"] + shares_of_step(r)["idle_host"]
                           for r in results) / len(results),
         "ranges_ms_per_step": _mean([r["ranges_ms_per_step"] for r in results]),
         "breakdown_ms_per_step": _mean([r["breakdown_ms_per_step"] for r in results]),

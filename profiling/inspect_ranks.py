@@ -9,7 +9,7 @@ so all ranks take about the same time per step and the slow rank does not
 show as the one with the longest steps: it shows as the one that waits least
 in communication, while the others wait for it there. So the straggler is the
 rank whose step minus its communication is longest, and its cause is the part
-of the step (data wait, compute, copies, host) by which it exceeds the median
+of the step (data wait, compute, copies, loader kernels, host) by which it exceeds the median
 of the other ranks most. Without collectives this is simply the slowest rank.
 """
 
@@ -25,7 +25,8 @@ from .stats import median
 
 TRACE_NAME = re.compile(r"trace-rank(\d+)\.json(?:\.gz)?")
 STRAGGLER_SHARE = 0.10  # a rank's own time must exceed the others' by 10% of a step to be named: less is noise
-CAUSES = {"idle_data": "data wait", "compute": "compute", "copies": "memory copies", "idle_host": "host time"}
+CAUSES = {"idle_data": "data wait", "compute": "compute", "copies": "memory copies", "loader": "loader kernels",
+          "idle_host": "host time"}
 
 
 def rank_traces(folder: Path) -> list[tuple[int, Path]]:
@@ -100,7 +101,7 @@ def format_ranks(result: dict) -> str:
     lines = [f"{result['folder']}: {len(result['ranks'])} rank traces", header]
     for r in result["ranks"]:
         shares = shares_of_step(r)
-        busy = shares["compute"] + shares["copies"] + shares["communication"]
+        busy = 1 - shares["idle_data"] - shares["idle_host"]
         compute = " / ".join(f"{r['ranges_ms_per_step'][name]:.1f}" for name in ("forward", "backward", "optimizer"))
         lines.append(f"{r['rank']:>4} {r['steps']:>5} {r['mean_step_ms']:>8.1f} {r['p95_step_ms']:>8.1f} "
                      f"{100 * r['data_wait_share']:>4.0f}% {100 * busy:>4.0f}% {100 * (1 - busy):>4.0f}% "

@@ -4,16 +4,38 @@ Reads a torch.profiler Chrome trace into a pandas frame of events and splits
 the device's time in every step (ProfilerStep#N) into parts that do not
 overlap and add up to the step:
 
-- compute: GPU kernels; on a CPU-only trace, the compute ranges forward,
-  backward and optimizer of train/step.py;
+- compute: the model's GPU kernels; on a CPU-only trace, the compute ranges
+  forward, backward and optimizer of train/step.py;
 - copies: GPU memcpy/memset not hidden under a kernel;
 - communication: collectives not hidden under compute. On a GPU, NCCL
   kernels. On a CPU, gloo's "gloo:all_reduce"/"gloo:broadcast" ranges, which
   run on gloo's threads while forward/backward block on them: there a
   collective counts as communication even inside a compute range, because
   most of it is waiting for the slowest rank;
+- loader: the loader's GPU kernels (DALI's decoding, resizing, normalising;
+  a GPU cache's batch assembly) where nothing of the above runs: under the
+  model's kernels they cost the step nothing, like copies;
 - idle while the host is in the "data" range (waiting for the loader), and
   idle otherwise (waiting for the host: launches, Python, synchronisation).
+
+Which GPU kernels are the loader's. A kernel named as DALI's, nvJPEG's or
+nvImageCodec's (`dali::`, `nvjpeg`, `nvimgcodec`) always is. Otherwise a
+trace with launch records (torch.profiler's: a kernel's args.correlation
+matches a cuda_runtime/cuda_driver launch on a host thread) tells by stream:
+the model's streams are those that received a kernel launched from the
+training thread (the one with the ProfilerStep ranges) inside forward,
+backward or optimizer. Backward's kernels come from autograd's own thread
+but run on the forward's stream, so the stream, not the thread, decides.
+Kernels on any other stream are the loader's (DALI runs its own stream from
+its own threads), and so are kernels the training thread launched inside a
+"data" range (the loader's work done on the model's stream). Without launch
+records every kernel but the named ones is the model's, as before this rule.
+
+On a GPU the model waits for data while it idles in the host's "data" range
+and while only the loader's kernels run: DALI hands over a batch its kernels
+are still making (the handover is a stream dependency), so the host leaves
+"data" at once and the wait shows on the device. The verdict reads the
+larger of the host's and the device's wait (`device_data_wait_share`).
 
 It also reports the host's time in each range, host-to-device bytes per
 step, the top operators and kernels, and a verdict. A trace is read a chunk
@@ -48,9 +70,11 @@ from .stats import percentile
 
 COMPUTE_RANGES = ("forward", "backward", "optimizer")
 RANGES = ("data", *COMPUTE_RANGES)
-BREAKDOWN = ("compute", "copies", "communication", "idle_data", "idle_host")
+BREAKDOWN = ("compute", "copies", "communication", "loader", "idle_data", "idle_host")
 COPY_CATEGORIES = ("gpu_memcpy", "gpu_memset", "memcpy", "memset")  # the last two: older kineto versions
 COPY_DIRECTIONS = ("HtoD", "DtoH", "DtoD")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")  # a kernel's launch on a host thread
+LOADER_KERNEL_NAMES = r"dali::|nvjpeg|nvimgcodec|nvimagecodec"  # DALI's kernels and its JPEG decoders'
 COLLECTIVE_RANGE = r"^(?:gloo|nccl|mpi|ucc|xccl):"  # torch.distributed's record_function names: "<backend>:<op>"
 INPUT_BOUND_SHARE = 0.25  # waiting more than this share of a step: the loader is the bottleneck
 COMM_BOUND_SHARE = 0.25   # in collectives more than this share of a step: waiting for other ranks
@@ -116,7 +140,8 @@ def _read_json(path: Path, max_bytes: int | None = None):
 
 
 def load_events(path: Path, max_bytes: int | None = None) -> pd.DataFrame:
-    """Complete ("X") events of a Chrome trace: name, cat, ts, dur (microseconds), pid, tid, bytes.
+    """Complete ("X") events of a Chrome trace: name, cat, ts, dur (microseconds), pid, tid, and from
+    args bytes, stream and correlation (NaN where absent).
 
     Takes torch.profiler's object format and Chrome's array format (a bare list of
     events); skips events that are not objects or have no name or start time. The
@@ -131,12 +156,17 @@ def load_events(path: Path, max_bytes: int | None = None) -> pd.DataFrame:
     if not isinstance(events, list):
         raise PlanktonioError(f"trace {path}: not a Chrome trace (expected an object with a traceEvents list, "
                               f"or a list of events)")
+    def arg(event: dict, key: str):
+        args = event.get("args")
+        return args.get(key) if isinstance(args, dict) else None
+
     rows = [{"name": e["name"], "cat": e.get("cat"), "ts": e.get("ts"), "dur": e.get("dur"), "pid": e.get("pid"),
-             "tid": e.get("tid"), "bytes": e["args"].get("bytes") if isinstance(e.get("args"), dict) else None}
+             "tid": e.get("tid"), "bytes": arg(e, "bytes"), "stream": arg(e, "stream"),
+             "correlation": arg(e, "correlation")}
             for e in events if isinstance(e, dict) and e.get("ph") == "X" and isinstance(e.get("name"), str)]
-    frame = pd.DataFrame(rows, columns=["name", "cat", "ts", "dur", "pid", "tid", "bytes"])
+    frame = pd.DataFrame(rows, columns=["name", "cat", "ts", "dur", "pid", "tid", "bytes", "stream", "correlation"])
     frame["cat"] = frame["cat"].where(frame["cat"].map(lambda c: isinstance(c, str)), "")
-    for column in ("ts", "dur", "bytes"):
+    for column in ("ts", "dur", "bytes", "stream", "correlation"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     frame = frame[np.isfinite(frame["ts"])].reset_index(drop=True)
     frame["dur"] = frame["dur"].where(np.isfinite(frame["dur"]) & (frame["dur"] > 0), 0.0)
@@ -228,6 +258,7 @@ class Timeline:
     compute: np.ndarray
     copies: np.ndarray
     communication: np.ndarray
+    loader: np.ndarray                 # the loader's GPU kernels (empty on a CPU)
     copy_bytes: dict[str, np.ndarray]  # direction -> (start, bytes) of each copy
     communication_ops: list[str]       # the collectives' names, most time first
 
@@ -253,16 +284,19 @@ class Timeline:
                                   f"was recorded (trace again, with --active 1 or more)")
         ranges = {name: spans(annotation & (frame["name"] == name)) for name in RANGES}
         if on_gpu:
-            compute, collective = spans(kernel & ~nccl), nccl
+            training_thread = _threads(steps).mode()[0]
+            loader = loader_kernels(frame, kernel & ~nccl, training_thread)
+            compute, collective, loader = spans(kernel & ~nccl & ~loader), nccl, spans(loader)
         else:
             compute = spans(annotation & frame["name"].isin(COMPUTE_RANGES))
             collective = annotation & frame["name"].str.contains(COLLECTIVE_RANGE, regex=True)
+            loader = np.empty((0, 2))
         copy_bytes = {}
         for direction in COPY_DIRECTIONS:
             part = frame[copy & frame["name"].str.contains(direction, regex=False)]
             copy_bytes[direction] = np.column_stack([part["ts"].to_numpy(), part["bytes"].to_numpy()])
         return cls(on_gpu, windows, len(steps) - len(windows), ranges, compute, spans(copy), spans(collective),
-                   copy_bytes, list(totals_by_name(frame[collective]).index[:3]))
+                   loader, copy_bytes, list(totals_by_name(frame[collective]).index[:3]))
 
     @staticmethod
     def _within(events: np.ndarray, start: float, end: float) -> list[tuple[float, float]]:
@@ -277,23 +311,72 @@ class Timeline:
         compute = self._within(self.compute, start, end)
         communication = self._within(self.communication, start, end)
         copies = self._within(self.copies, start, end)
-        if self.on_gpu:  # kernels are real work: collectives and copies under them cost nothing extra
+        loader = self._within(self.loader, start, end)
+        if self.on_gpu:  # the model's kernels are the step's work: what runs under them costs nothing extra
             exposed_communication = subtract(communication, compute)
             exposed_copies = subtract(subtract(copies, compute), communication)
+            exposed_loader = subtract(subtract(subtract(loader, compute), communication), copies)
         else:  # the compute ranges enclose the blocking wait for a collective: the collective wins
-            exposed_communication, exposed_copies = communication, []
+            exposed_communication, exposed_copies, exposed_loader = communication, [], []
             compute = subtract(compute, communication)
-        busy = merge(compute + exposed_communication + exposed_copies)
+        busy = merge(compute + exposed_communication + exposed_copies + exposed_loader)
         idle = subtract([(start, end)], busy)
         data = self._within(self.ranges["data"], start, end)
         idle_data = length(intersect(idle, data))
         parts = {"compute": length(compute), "copies": length(exposed_copies),
-                 "communication": length(exposed_communication), "idle_data": idle_data,
-                 "idle_host": length(idle) - idle_data}
+                 "communication": length(exposed_communication), "loader": length(exposed_loader),
+                 "idle_data": idle_data, "idle_host": length(idle) - idle_data}
         ranges = {name: length(self._within(events, start, end)) for name, events in self.ranges.items()}
         moved = {direction: float(events[(events[:, 0] >= start) & (events[:, 0] < end), 1].sum())
                  for direction, events in self.copy_bytes.items()}
         return {**parts, "ranges": ranges, "communication_all": length(communication), "bytes": moved}
+
+
+def _threads(events: pd.DataFrame) -> pd.Series:
+    """Each event's "pid/tid": its host thread (for a GPU event, its device and stream)."""
+    return events["pid"].astype(str) + "/" + events["tid"].astype(str)
+
+
+def _inside(times: np.ndarray, intervals: list[tuple[float, float]]) -> np.ndarray:
+    """Whether each time lies in one of the merged intervals (NaN: never)."""
+    if not intervals:
+        return np.zeros(len(times), dtype=bool)
+    starts, ends = np.array(intervals).T
+    slot = np.searchsorted(starts, times, side="right") - 1
+    found = slot >= 0
+    return found & (times < ends[np.maximum(slot, 0)])
+
+
+def loader_kernels(frame: pd.DataFrame, candidates: pd.Series, training_thread: str) -> pd.Series:
+    """Which of the candidate kernels are the loader's, by the rule of the module docstring.
+
+    training_thread: "pid/tid" of the thread with the ProfilerStep ranges.
+    """
+    named = candidates & frame["name"].str.contains(LOADER_KERNEL_NAMES, case=False, regex=True)
+    thread = _threads(frame)
+    mine = (frame["cat"] == "user_annotation") & (thread == training_thread)
+
+    def ranges_of(names) -> list[tuple[float, float]]:
+        part = frame[mine & frame["name"].isin(names)]
+        return merge(zip(part["ts"], part["ts"] + part["dur"]))
+
+    launches = frame[frame["cat"].str.lower().isin(LAUNCH_CATEGORIES) & frame["correlation"].notna()]
+    launches = launches.assign(thread=thread[launches.index]).drop_duplicates("correlation").set_index("correlation")
+    kernels = frame[candidates & ~named]
+    launch = launches.reindex(kernels["correlation"].to_numpy())  # all NaN where no launch was recorded
+    by_trainer = (launch["thread"] == training_thread).to_numpy()
+    launched_at = launch["ts"].to_numpy(dtype=float)
+    in_model_range = by_trainer & _inside(launched_at, ranges_of(COMPUTE_RANGES))
+    in_data_range = by_trainer & _inside(launched_at, ranges_of(["data"]))
+    # torch.profiler puts a kernel's stream in args.stream and in tid; the device is the pid.
+    stream_id = kernels["stream"].fillna(pd.to_numeric(kernels["tid"], errors="coerce"))
+    stream = (kernels["pid"].astype(str) + "/" + stream_id.astype(str)).to_numpy()
+    model_streams = set(stream[in_model_range])
+    if not model_streams:  # no launch records to tell by: every kernel but the named ones is the model's
+        return named
+    loader = named.copy()
+    loader[kernels.index] = ~np.isin(stream, list(model_streams)) | in_data_range
+    return loader
 
 
 # ------------------------------------------------------------------ one trace
@@ -318,7 +401,7 @@ def analyse(frame: pd.DataFrame, top: int = 10) -> dict:
     n = len(steps)
     span_start, span_end = steps[0][0], max(end for _, end in steps)
     span = timeline.breakdown(span_start, span_end)
-    busy = span["compute"] + span["copies"] + span["communication"]
+    busy = span["compute"] + span["copies"] + span["communication"] + span["loader"]
     ranges = {name: sum(s["ranges"][name] for s in per_step) for name in RANGES}
     cat = frame["cat"].str.lower()
     kernels = frame[cat == "kernel"]
@@ -329,6 +412,7 @@ def analyse(frame: pd.DataFrame, top: int = 10) -> dict:
         "empty_steps_dropped": timeline.empty_steps,
         "span_ms": (span_end - span_start) / 1000,
         "busy_ms": busy / 1000,
+        "loader_ms": span["loader"] / 1000,  # of busy_ms: only the loader's kernels ran
         "idle_ms": (span["idle_data"] + span["idle_host"]) / 1000,
         "busy_source": "gpu kernels" if timeline.on_gpu else "cpu compute ranges",
         "mean_step_ms": step_time / n / 1000,
@@ -338,6 +422,8 @@ def analyse(frame: pd.DataFrame, top: int = 10) -> dict:
         "ranges_ms_per_step": {name: value / n / 1000 for name, value in ranges.items()},
         "data_wait_share": _share(ranges["data"], step_time),
         "breakdown_ms_per_step": {part: sum(s[part] for s in per_step) / n / 1000 for part in BREAKDOWN},
+        # The device's view of the wait: idle in the host's data range, or running only the loader's kernels.
+        "device_data_wait_share": _share(sum(s["idle_data"] + s["loader"] for s in per_step), step_time),
         "communication_share": _share(sum(s["communication_all"] for s in per_step), step_time),
         "communication_ops": timeline.communication_ops,
         "copy_bytes_per_step": ({d: sum(s["bytes"][d] for s in per_step) / n for d in COPY_DIRECTIONS}
@@ -356,10 +442,16 @@ def shares_of_step(result: dict) -> dict[str, float]:
 
 def verdict(result: dict) -> str:
     share = result["data_wait_share"]
-    busy = result["busy_ms"] / result["span_ms"] if result["span_ms"] else 0.0
-    if share > INPUT_BOUND_SHARE:
-        return f"input-bound: {100 * share:.0f}% of step time waiting for data"
+    device_share = result.get("device_data_wait_share", 0.0)  # results from before the loader part lack it
+    model_busy = result["busy_ms"] - result.get("loader_ms", 0.0)
+    busy = model_busy / result["span_ms"] if result["span_ms"] else 0.0
     parts = shares_of_step(result) if "breakdown_ms_per_step" in result else {}
+    if max(share, device_share) > INPUT_BOUND_SHARE:
+        if device_share <= share:
+            return f"input-bound: {100 * share:.0f}% of step time waiting for data"
+        return (f"input-bound: {100 * device_share:.0f}% of step time waiting for data, "
+                f"{100 * parts.get('loader', 0.0):.0f}% with only the loader's kernels running on the GPU "
+                f"(the model idle; the host waited in the data range {100 * share:.0f}% of the step)")
     if parts.get("communication", 0.0) > COMM_BOUND_SHARE:
         ops = ", ".join(result.get("communication_ops") or []) or "collectives"
         return (f"communication-bound: {100 * parts['communication']:.0f}% of step time in {ops} "
@@ -367,13 +459,16 @@ def verdict(result: dict) -> str:
     if result["busy_source"] == "gpu kernels" and busy < GPU_BUSY_FLOOR:
         idle = (f"; idle waiting for data {100 * parts['idle_data']:.0f}%, for the host "
                 f"{100 * parts['idle_host']:.0f}% of the step" if parts else "")
+        loader = f", the loader's kernels alone {100 * parts['loader']:.0f}%" if parts.get("loader") else ""
         return (f"GPU underused: kernels busy {100 * busy:.0f}% of the span with only {100 * share:.0f}% "
-                f"waiting for data (launch- or CPU-bound step){idle}")
-    return f"compute-bound: {100 * share:.0f}% of step time waiting for data, device busy {100 * busy:.0f}%"
+                f"waiting for data (launch- or CPU-bound step){idle}{loader}")
+    loader = f", the loader's kernels alone {100 * parts['loader']:.0f}% of the step" if parts.get("loader") else ""
+    return f"compute-bound: {100 * share:.0f}% of step time waiting for data, device busy {100 * busy:.0f}%{loader}"
 
 
 PART_LABELS = {"compute": "compute", "copies": "copies", "communication": "communication",
-               "idle_data": "idle waiting for data", "idle_host": "idle waiting for the host"}
+               "loader": "loader kernels", "idle_data": "idle waiting for data",
+               "idle_host": "idle waiting for the host"}
 
 
 def format_breakdown(result: dict) -> str:

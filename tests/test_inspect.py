@@ -23,9 +23,9 @@ import pytest
 from planktonio import PlanktonioError
 from profiling import report
 from profiling.__main__ import main as profiling_main
-from profiling.inspect_compare import compare
+from profiling.inspect_compare import compare, format_comparison
 from profiling.inspect_ranks import analyse_ranks
-from profiling.inspect_trace import analyse, load_events, shares_of_step
+from profiling.inspect_trace import BREAKDOWN, analyse, format_report, load_events, shares_of_step
 
 from .conftest import REPO
 
@@ -233,7 +233,8 @@ def test_gpu_breakdown_on_a_synthetic_trace_has_the_known_answers(tmp_path):
     result = analyse(load_events(gpu_trace(tmp_path / "trace-rank3.json.gz")))
     assert (result["rank"], result["device"], result["steps"]) == (3, "NVIDIA H100 80GB HBM3", 2)
     assert result["breakdown_ms_per_step"] == pytest.approx(
-        {"compute": 0.390, "copies": 0.055, "communication": 0.100, "idle_data": 0.185, "idle_host": 0.270})
+        {"compute": 0.390, "copies": 0.055, "communication": 0.100, "loader": 0.0, "idle_data": 0.185,
+         "idle_host": 0.270})
     assert result["mean_step_ms"] == pytest.approx(1.0) and result["step_ms"] == pytest.approx([1.0, 1.0])
     assert (result["busy_ms"], result["idle_ms"], result["span_ms"]) == pytest.approx((1.09, 0.91, 2.0))
     assert result["copy_bytes_per_step"] == pytest.approx({"HtoD": 2_000_000, "DtoH": 2000, "DtoD": 0})
@@ -260,7 +261,8 @@ def test_gpu_traces_compare_copies_and_idle(tmp_path):
     comparison = compare(a, b)
     assert comparison["step"]["change_ms"] == 0
     assert comparison["b"]["copy_bytes_per_step"]["HtoD"] == 500_000
-    assert [r["change_ms"] for r in comparison["breakdown"]] == [0] * 5 and comparison["kernels"][0]["change_ms"] == 0
+    assert [r["change_ms"] for r in comparison["breakdown"]] == [0] * len(BREAKDOWN)
+    assert comparison["kernels"][0]["change_ms"] == 0
     for part in ("the step took as long (1.0 -> 1.0 ms)", "data wait went from 20% to 20% of the step",
                  "the GPU idles as much", "host-to-device copies 2.00 -> 0.50 MB per step"):
         assert part in comparison["verdict"]
@@ -278,6 +280,84 @@ def test_a_straggler_on_gpus_is_found_through_nccl_kernels(tmp_path):
     summary = analyse_ranks(folder)["summary"]
     assert (summary["straggler"], summary["cause"]) == (1, "data wait")
     assert "rank 0 waits for it in communication (ncclDevKernel_AllReduce" in summary["verdict"]
+
+
+# A dali-gpu run: the training thread (tid 1) launches the model's kernels on stream 7 (the autograd
+# thread, tid 3, the backward's); DALI's thread (tid 2) launches its decoding and resizing on its own
+# stream 20; launches and kernels share a correlation id, as in torch.profiler's traces.
+TRAINING, DALI_THREAD, AUTOGRAD, MODEL_STREAM, DALI_STREAM = 1, 2, 3, 7, 20
+
+
+def dali_gpu_events() -> list[dict]:
+    """Two 1000 us steps; the answers, worked out by hand:
+
+    Step 1 [0, 1000): the host leaves "data" at 50 (DALI hands over a batch its kernels still work on);
+    DALI's kernels run [10, 200) (dali::) and [200, 400) (a generic name, on DALI's stream), the model's
+    forward waits for them: [400, 600), backward [600, 800), optimizer [800, 850). Compute 450, loader
+    390 (nothing of the model runs meanwhile), idle waiting for data 10 ([0, 10)), for the host 150.
+    Step 2 [1000, 2000): the host waits in "data" [1000, 1100) and there launches a normalisation on
+    the model's stream, [1020, 1060): the loader's work; a copy [1060, 1100); forward [1120, 1500), under
+    which DALI's [1300, 1450) costs nothing and its nvJPEG kernel [1450, 1550) costs 50; backward
+    [1550, 1750), optimizer [1750, 1800); DALI prefetches [1800, 1950). Compute 630, copies 40, loader
+    40 + 50 + 150 = 240, idle waiting for data 20 ([1000, 1020)), for the host 20 + 50 = 70.
+    """
+    host = [("ProfilerStep#1", 0, 1000), ("data", 0, 50), ("forward", 50, 250), ("backward", 300, 300),
+            ("optimizer", 600, 100), ("ProfilerStep#2", 1000, 1000), ("data", 1000, 100),
+            ("forward", 1100, 300), ("backward", 1400, 300), ("optimizer", 1700, 100)]
+    events = [complete("user_annotation", name, ts, dur, tid=TRAINING) for name, ts, dur in host]
+    kernels = [  # (launching thread, launch time, stream, name, start, duration)
+        (DALI_THREAD, 5, DALI_STREAM, "void dali::kernels::ResizeKernel<float>", 10, 190),
+        (DALI_THREAD, 15, DALI_STREAM, "void cub::DeviceRadixSortOnesweepKernel", 200, 200),
+        (TRAINING, 60, MODEL_STREAM, "sm90_gemm", 400, 200),
+        (AUTOGRAD, 310, MODEL_STREAM, "conv_backward", 600, 200),
+        (TRAINING, 610, MODEL_STREAM, "sgd_update", 800, 50),
+        (TRAINING, 1010, MODEL_STREAM, "normalize_uint8", 1020, 40),
+        (TRAINING, 1110, MODEL_STREAM, "sm90_gemm", 1120, 380),
+        (DALI_THREAD, 1200, DALI_STREAM, "void dali::kernels::SliceFlipNormalizePermutePad", 1300, 150),
+        (DALI_THREAD, 1440, DALI_STREAM, "nvjpeg::decode_huffman_gpu", 1450, 100),
+        (AUTOGRAD, 1410, MODEL_STREAM, "conv_backward", 1550, 200),
+        (TRAINING, 1710, MODEL_STREAM, "sgd_update", 1750, 50),
+        (DALI_THREAD, 1790, DALI_STREAM, "void dali::kernels::ResizeKernel<float>", 1800, 150),
+    ]
+    for correlation, (thread, launched, stream, name, ts, dur) in enumerate(kernels, start=100):
+        events.append(complete("cuda_runtime", "cudaLaunchKernel", launched, 3, tid=thread, correlation=correlation))
+        events.append(complete("kernel", name, ts, dur, pid=0, tid=stream, stream=stream, correlation=correlation))
+    events.append(complete("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 1060, 40, pid=0, tid=MODEL_STREAM,
+                           stream=MODEL_STREAM, bytes=600_000))
+    return events
+
+
+def test_dali_kernels_on_their_own_stream_are_the_loaders_and_the_model_waiting_on_them_is_data_wait(tmp_path):
+    result = analyse(load_events(gpu_trace(tmp_path / "dali.json.gz", dali_gpu_events())))
+    assert result["breakdown_ms_per_step"] == pytest.approx(
+        {"compute": 0.540, "copies": 0.020, "communication": 0.0, "loader": 0.315, "idle_data": 0.015,
+         "idle_host": 0.110})
+    assert sum(shares_of_step(result).values()) == pytest.approx(1)
+    assert (result["busy_ms"], result["idle_ms"], result["span_ms"]) == pytest.approx((1.75, 0.25, 2.0))
+    assert result["data_wait_share"] == pytest.approx(150 / 2000)  # the host hardly waits ...
+    assert result["device_data_wait_share"] == pytest.approx(0.33)  # ... the model does, on the device
+    assert result["verdict"].startswith("input-bound: 33% of step time waiting for data"), result["verdict"]
+    assert "32% with only the loader's kernels running" in result["verdict"]
+    assert "loader kernels 0.3 ms" in format_report(tmp_path / "dali.json.gz", result)
+    # Against the same run with every kernel the model's (as read before the loader part), the loader's
+    # share moves out of compute and out of idle: the step is the same.
+    comparison = compare(gpu_trace(tmp_path / "plain.json.gz"), tmp_path / "dali.json.gz")
+    rows = {r["name"]: r for r in comparison["breakdown"]}
+    assert [r["name"] for r in comparison["breakdown"]] == list(BREAKDOWN)
+    assert (rows["loader"]["a_ms"], rows["loader"]["b_ms"]) == pytest.approx((0.0, 0.315))
+    assert "device: loader kernels" in format_comparison(comparison)
+
+
+def test_without_launch_records_only_dali_and_nvjpeg_names_mark_loader_kernels(tmp_path):
+    """A trace without correlation ids (older or trimmed): streams cannot be told apart, so every kernel is
+    the model's as before, except those named as DALI's or nvJPEG's / nvImageCodec's."""
+    events = gpu_events() + [complete("kernel", "void dali::kernels::ResizeKernel<float>", 1750, 40, pid=0, tid=7),
+                             complete("kernel", "nvimgcodec_decode", 1790, 10, pid=0, tid=7)]
+    result = analyse(load_events(gpu_trace(tmp_path / "t.json.gz", events)))
+    before = analyse(load_events(gpu_trace(tmp_path / "plain.json.gz")))
+    parts, was = result["breakdown_ms_per_step"], before["breakdown_ms_per_step"]
+    assert parts["loader"] == pytest.approx(0.025) and parts["compute"] == pytest.approx(was["compute"])
+    assert parts["idle_host"] == pytest.approx(was["idle_host"] - 0.025)  # [1750, 1800) was idle: the host's
 
 
 # ------------------------------------------------------------------ bad input: one line, never a traceback
