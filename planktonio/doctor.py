@@ -13,6 +13,13 @@ when something cannot work:
 - torch, torchvision and DALI built for different CUDA major versions (two
   CUDA runtimes in one process, exchanging tensors and streams);
 - torchvision or DALI installed but failing to import;
+- a JPEG decoder a loader needs failing on a small probe JPEG: DALI's CPU
+  decoder, its mixed (GPU) decoder where a GPU is visible, torchvision.io's
+  decode_jpeg. DALI 2.4 loads nvImageCodec only when a decoder operator is
+  built, so an import that works says nothing about whether DALI can decode;
+- two DALI builds visible for different CUDA major versions (e.g. a staged
+  DALI first on PYTHONPATH beside the .venv's wheel); for one CUDA major
+  version, a warning that names both folders;
 - --require-gpu and no GPU visible.
 
 The rules are pure functions at the top (tested on known GPUs); the facts
@@ -21,7 +28,9 @@ are gathered below them. Without a GPU nothing here creates a CUDA context.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -34,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import PlanktonioError
+from .files import write_atomic
 
 VERDICT = "doctor verdict:"
 
@@ -138,9 +148,24 @@ def cuda_major(version: str | None) -> int | None:
 # ------------------------------------------------------------------ the facts
 
 
-def _distribution_names(prefix: str) -> list[str]:
-    names = {(d.metadata["Name"] or "") for d in importlib.metadata.distributions()}
-    return sorted(n for n in names if n.lower().startswith(prefix))
+def _distributions():
+    """Every installed distribution (importlib.metadata's, sys.path order): what the tests simulate."""
+    return importlib.metadata.distributions()
+
+
+def _dali_wheels() -> list[dict]:
+    """Every installed DALI distribution: its name, version, the folder its nvidia/dali files are in,
+    and the CUDA major version its name says (nvidia-dali-cuda120: 12)."""
+    wheels = {}
+    for dist in _distributions():
+        name = dist.metadata["Name"] or ""
+        if not name.lower().startswith("nvidia-dali"):
+            continue
+        folder = str(Path(dist.locate_file("nvidia/dali")).resolve())
+        major = re.search(r"cuda(\d\d)\d$", name)
+        wheels[(name, folder)] = {"name": name, "version": dist.version, "location": folder,
+                                  "cuda_major": int(major.group(1)) if major else None}
+    return sorted(wheels.values(), key=lambda w: (w["name"], w["location"]))
 
 
 def python_facts() -> dict:
@@ -177,7 +202,8 @@ def torchvision_facts() -> dict:
 
 
 def dali_facts() -> dict:
-    facts = {"version": None, "cuda": None, "cuda_major": None, "distribution": None, "error": None}
+    facts = {"version": None, "cuda": None, "cuda_major": None, "distribution": None, "location": None,
+             "other_builds": [], "error": None}
     try:
         import nvidia.dali as dali
     except ModuleNotFoundError as error:
@@ -194,15 +220,23 @@ def dali_facts() -> dict:
     built = str(getattr(dali, "__cuda_version__", "") or "")
     if len(built) >= 3 and built.isdigit():
         facts["cuda"] = f"{built[:2]}.{built[2]}"
+    imported = Path(dali.__file__).resolve().parent
+    facts["location"] = str(imported)
+    wheels = _dali_wheels()
+    facts["distribution"] = ", ".join(w["name"] for w in wheels) or None
+    # The wheels whose files are the package imported here, and the others (in another folder: a staged
+    # DALI first on PYTHONPATH, or a wheel it shadows), which another sys.path order would import.
+    own = [w for w in wheels if w["location"] == str(imported)]
+    facts["other_builds"] = [w for w in wheels if w["location"] != str(imported)]
     # The wheel's name says which CUDA major it is for (nvidia-dali-cuda120,
-    # -cuda130): the authority when the toolkit number is odd.
-    distributions = _distribution_names("nvidia-dali")
-    facts["distribution"] = ", ".join(distributions) or None
-    majors = {int(m.group(1)) for n in distributions if (m := re.search(r"cuda(\d\d)\d$", n))}
+    # -cuda130): the authority when the toolkit number is odd, but only for the
+    # copy that is imported.
+    majors = {w["cuda_major"] for w in own if w["cuda_major"]}
     facts["cuda_major"] = majors.pop() if len(majors) == 1 else cuda_major(facts["cuda"])
-    if len(distributions) > 1:
-        facts["error"] = (f"{len(distributions)} DALI builds installed ({facts['distribution']}); they "
-                          "share the nvidia.dali package: uninstall all but one")
+    if len(own) > 1:
+        facts["error"] = (f"{len(own)} DALI builds installed in {imported} "
+                          f"({', '.join(w['name'] for w in own)}); they share the nvidia.dali package: "
+                          "uninstall all but one")
     return facts
 
 
@@ -225,9 +259,14 @@ SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURMD_NODENAME", "SLURM_NT
 
 
 def cpu_facts() -> dict:
-    from .loaders import available_cpus
+    # The affinity is read here, not through planktonio.loaders.available_cpus: importing the loaders
+    # imports every backend (torchvision, DALI), and the doctor must report a broken one, not die of it.
+    try:
+        usable = len(os.sched_getaffinity(0))  # under Slurm: this task's share of the node
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
     slurm = {key: os.environ[key] for key in SLURM_KEYS if key in os.environ}
-    return {"usable": available_cpus(), "node": os.cpu_count(), "slurm": slurm or None}
+    return {"usable": usable, "node": os.cpu_count(), "slurm": slurm or None}
 
 
 def driver_version() -> str | None:
@@ -266,6 +305,113 @@ def gpu_facts(arch_list: list[str], dali_major: int | None) -> tuple[list[dict],
     return gpus, said, failure
 
 
+# A probe JPEG: a flat colour, not square, so a decoder that swaps width and
+# height or channels shows. Flat colours survive JPEG almost exactly: each
+# decoder here (DALI cpu, torchvision.io) gives (201, 40, 90), 1 level off.
+PROBE_SIZE = (16, 8)  # width, height
+PROBE_COLOUR = (200, 40, 90)
+PROBE_TOLERANCE = 6  # grey levels
+
+
+@functools.cache
+def probe_jpeg() -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", PROBE_SIZE, PROBE_COLOUR).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _decode_dali(data: bytes, device: str):
+    """One JPEG through a one-sample DALI pipeline: cpu needs no GPU (device_id=None: no CUDA
+    context), mixed decodes on GPU 0. The decoder operator is built, and nvImageCodec loaded, here."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None if device == "cpu" else 0, prefetch_queue_depth=1)
+    def decode():
+        encoded = fn.external_source(source=lambda: [np.frombuffer(data, dtype=np.uint8)], batch=True)
+        return fn.decoders.image(encoded, device=device, output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    (images,) = pipe.run()
+    if device == "mixed":
+        images = images.as_cpu()
+    image = np.array(images.at(0))
+    del pipe
+    return image
+
+
+def _decode_dali_cpu(data: bytes):
+    return _decode_dali(data, "cpu")
+
+
+def _decode_dali_mixed(data: bytes):
+    return _decode_dali(data, "mixed")
+
+
+def _decode_torchvision(data: bytes):
+    import torch
+    from torchvision.io import decode_jpeg
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0).numpy()
+
+
+DECODERS = {  # name: (what it is, who fails with it)
+    "dali-cpu": ("DALI's CPU decoder", "every DALI backend fails when it builds its pipeline"),
+    "dali-mixed": ("DALI's mixed (GPU) decoder", "dali-gpu and the cache on a GPU fail when they build"),
+    "torchvision": ("torchvision.io's decode_jpeg", "the torchvision backend and prepare cannot decode"),
+}
+
+
+def _cause(error: Exception) -> str:
+    """The line of an error that says why. DALI frames its cause ("Critical error when building
+    pipeline: / Error in CPU operator ... / encountered:"): the first line after "encountered:"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else type(error).__name__
+
+
+def _judge(image) -> dict:
+    """Whether a decoded probe (height x width x channels, uint8) is the probe."""
+    import numpy as np
+    shape = [int(n) for n in image.shape]
+    width, height = PROBE_SIZE
+    if shape != [height, width, 3]:
+        return {"ok": False, "shape": shape, "detail": f"decoded to {shape}, expected [{height}, {width}, 3]"}
+    off = int(np.abs(image.astype(int) - np.array(PROBE_COLOUR)).max())
+    if off > PROBE_TOLERANCE:
+        return {"ok": False, "shape": shape,
+                "detail": f"decoded colour off by {off} levels (more than {PROBE_TOLERANCE}): a broken decoder"}
+    return {"ok": True, "shape": shape,
+            "detail": f"{width} x {height} px, 3 channels, colour within {off} level{'s' if off != 1 else ''}"}
+
+
+def decoder_facts(dali: dict, torchvision: dict, gpus: list[dict]) -> dict:
+    """Each JPEG decoder a loader here would use, tried on the probe: {name: {ok, shape, detail}}
+    (ok None: not tried, and why). The mixed decoder only where a GPU is visible that DALI runs on."""
+    dali_works = dali["version"] is not None and not dali["error"]
+    reasons = {
+        "dali-cpu": None if dali_works else "not tried: DALI not installed or not importable",
+        "dali-mixed": ("not tried: DALI not installed or not importable" if not dali_works
+                       else "not tried: no GPU visible" if not gpus
+                       else "not tried: DALI cannot run on GPU 0" if gpus[0]["dali"]["ok"] is False else None),
+        "torchvision": (None if torchvision["version"] is not None and not torchvision["error"]
+                        else "not tried: torchvision not installed or not importable"),
+    }
+    decode = {"dali-cpu": _decode_dali_cpu, "dali-mixed": _decode_dali_mixed, "torchvision": _decode_torchvision}
+    results = {}
+    for name, reason in reasons.items():
+        if reason:
+            results[name] = {"ok": None, "shape": None, "detail": reason}
+            continue
+        try:
+            results[name] = _judge(decode[name](probe_jpeg()))
+        except Exception as error:  # whatever a decoder raises is the report, not the doctor's end
+            results[name] = {"ok": False, "shape": None, "detail": _cause(error)}
+    return results
+
+
 # ------------------------------------------------------------------ the report
 
 
@@ -274,13 +420,15 @@ def diagnose(require_gpu: bool = False) -> dict:
     torch_info = torch_facts()
     dali = dali_facts()
     gpus, torch_said, cuda_failure = gpu_facts(torch_info["arch_list"], dali["cuda_major"])
+    vision = torchvision_facts()
     report = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-        "python": python_facts(), "torch": torch_info, "torchvision": torchvision_facts(), "dali": dali,
+        "python": python_facts(), "torch": torch_info, "torchvision": vision, "dali": dali,
         "nccl": nccl_facts(), "cpus": cpu_facts(), "driver": driver_version(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpus": gpus,
+        "decoders": decoder_facts(dali, vision, gpus),
     }
-    problems, notes = [], list(torch_said)
+    problems, notes, warned = [], list(torch_said), []
     if cuda_failure:
         problems.append(f"torch cannot start CUDA: {cuda_failure}")
 
@@ -309,6 +457,18 @@ def diagnose(require_gpu: bool = False) -> dict:
     if torch_major and tv_major and torch_major != tv_major:
         problems.append(f"torch is built for CUDA {torch_info['cuda']} but torchvision for CUDA {tv['cuda']}: "
                         "install them as a matching pair (constraints.txt)")
+    for name, result in report["decoders"].items():
+        if result["ok"] is False:
+            what, who = DECODERS[name]
+            problems.append(f"{what} cannot decode a JPEG ({who}): {result['detail']}")
+    for other in dali["other_builds"]:
+        here = f"{dali['location']} (CUDA {dali['cuda_major']})"
+        there = f"{other['location']} ({other['name']} {other['version']}, CUDA {other['cuda_major']})"
+        warned.append(f"two DALI builds visible: nvidia.dali is imported from {here}, and another is "
+                      f"installed in {there}; which one a process imports depends on sys.path (PYTHONPATH)")
+        if dali["cuda_major"] and other["cuda_major"] and dali["cuda_major"] != other["cuda_major"]:
+            problems.append(f"two DALI builds for different CUDA major versions are visible, {here} and {there}: "
+                            "uninstall one or take it off PYTHONPATH, so that every process imports the same")
     if gpus and not report["nccl"]["available"]:
         notes.append("NCCL is not available: multi-GPU training (torch.distributed on GPUs) cannot run")
     if not gpus:
@@ -318,7 +478,7 @@ def diagnose(require_gpu: bool = False) -> dict:
         else:
             notes.append(f"no GPU visible ({why}): CPU only")
 
-    report["problems"], report["notes"], report["ok"] = problems, notes, not problems
+    report["problems"], report["notes"], report["warnings"], report["ok"] = problems, notes, warned, not problems
     report["verdict"] = _verdict(report)
     return report
 
@@ -384,10 +544,19 @@ def format_report(report: dict) -> str:
                      f"{gpu['name']}, compute capability {gpu['capability']}, "
                      f"{gpu['memory_bytes'] / 2**30:.1f} GiB; torch: {_yes_no(gpu['torch'])}; "
                      f"DALI: {_yes_no(gpu['dali'])}; {jpeg}"))
+    rows.append(("JPEG decode", "; ".join(_decoded(name, result) for name, result in report["decoders"].items())))
     lines = [f"planktonio doctor on {report['host']} at {report['time']}"]
     lines += [f"  {name:<12} {text}" for name, text in rows]
+    lines += [f"  warning: {warning}" for warning in report["warnings"]]
     lines += [f"  note: {note}" for note in report["notes"]]  # the problems are in the verdict line
     return "\n".join(lines)
+
+
+def _decoded(name: str, result: dict) -> str:
+    label = {"dali-cpu": "DALI cpu", "dali-mixed": "DALI mixed", "torchvision": "torchvision.io"}[name]
+    if result["ok"] is None:
+        return f"{label} {result['detail']}"
+    return f"{label} {'ok' if result['ok'] else 'FAILED'} ({result['detail']})"
 
 
 def _yes_no(compatibility: dict) -> str:
@@ -413,7 +582,7 @@ def run_doctor(json_path: Path | None = None, require_gpu: bool = False) -> int:
     if json_path is not None:
         try:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(report, indent=2) + "\n")
+            write_atomic(json_path, json.dumps(report, indent=2) + "\n")
         except OSError as error:
             raise PlanktonioError(f"cannot write the doctor's report to {json_path}: {error.strerror}") from None
     print(report["verdict"], file=sys.stdout if report["ok"] else sys.stderr)

@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -119,10 +120,12 @@ def test_doctor_fails_when_a_gpu_is_required_and_none_is_visible():
 
 
 def fake_gpus(monkeypatch, *gpus):
-    """torch sees these (name, (major, minor)) GPUs; nothing else in torch.cuda is touched."""
+    """torch sees these (name, (major, minor)) GPUs; nothing else in torch.cuda is touched. Their DALI
+    mixed decoder works: the CPU decoder stands in for it (this machine has no GPU to run it on)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
     props = [SimpleNamespace(name=name, major=cap[0], minor=cap[1], total_memory=16 * 2**30) for name, cap in gpus]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props[index])
+    monkeypatch.setattr(doctor, "_decode_dali_mixed", doctor._decode_dali_cpu)
 
 
 def test_a_v100_node_with_the_cuda13_torch_fails_with_the_reason(monkeypatch, capsys):
@@ -187,3 +190,97 @@ def test_a_gpu_torch_cannot_start_is_a_problem(monkeypatch):
     report = doctor.diagnose()
     assert not report["ok"]
     assert "torch cannot start CUDA: The NVIDIA driver on your system is too old" in report["verdict"]
+
+
+# ------------------------------------------------------------------ decoding a JPEG, as the loaders will
+
+
+@no_gpu
+def test_the_cpu_decoders_decode_the_probe_jpeg_here():
+    report = doctor.diagnose()
+    decoders = report["decoders"]
+    for name in ("dali-cpu", "torchvision"):
+        assert decoders[name]["ok"] is True, decoders[name]
+        assert decoders[name]["shape"] == [8, 16, 3]  # height, width, channels: a 16 x 8 px probe
+        assert "colour within" in decoders[name]["detail"]
+    assert decoders["dali-mixed"] == {"ok": None, "shape": None, "detail": "not tried: no GPU visible"}
+    assert report["ok"]
+    assert "  JPEG decode  DALI cpu ok (16 x 8 px, 3 channels, colour within" in doctor.format_report(report)
+
+
+# What DALI 2.4 raises when its decoder cannot load nvImageCodec (the C++ text, framed by the pipeline).
+DALI_FRAME = ("Critical error when building pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\n"
+              "which was used in the pipeline definition with the following traceback:\n\n"
+              '  File "planktonio/doctor.py", line 1, in decode\n\nencountered:\n\n{}\n'
+              "Current pipeline object is no longer valid.")
+NO_NVIMGCODEC = ("dlopen libnvimgcodec.so failed!. Please install nvImageCodec: See "
+                 "https://developer.nvidia.com/nvimgcodec-downloads or simply do `pip install nvidia-nvimgcodec-cu12`.")
+OLD_NVIMGCODEC = ("DALI requires nvImageCodec at minimum version 0.6.0, but got 0.5.0. Please upgrade: See "
+                  "https://developer.nvidia.com/nvimgcodec-downloads or simply do `pip install nvidia-nvimgcodec-cu12~=0.6.0`.")
+
+
+@pytest.mark.parametrize("cause", [NO_NVIMGCODEC, OLD_NVIMGCODEC])
+def test_a_dali_decoder_that_cannot_load_nvimagecodec_fails_the_verdict(monkeypatch, capsys, cause):
+    def fails(data):
+        raise RuntimeError(DALI_FRAME.format(cause))
+    monkeypatch.setattr(doctor, "_decode_dali_cpu", fails)
+    assert doctor.run_doctor() == 1
+    verdict = capsys.readouterr().err.strip()
+    assert verdict.startswith("doctor verdict: FAILED - DALI's CPU decoder cannot decode a JPEG") and "\n" not in verdict
+    assert verdict.endswith(cause), verdict  # the line that says why, not DALI's frame around it
+
+
+def fake_distributions(monkeypatch, *wheels):
+    """importlib.metadata lists these (name, folder of its nvidia/dali) DALI wheels beside the real others."""
+    real = [d for d in importlib.metadata.distributions()
+            if not (d.metadata["Name"] or "").lower().startswith("nvidia-dali")]
+    fakes = [SimpleNamespace(metadata={"Name": name}, version="2.4.0",
+                             locate_file=lambda path, site=site: site.parent.parent / path) for name, site in wheels]
+    monkeypatch.setattr(doctor, "_distributions", lambda: real + fakes)
+
+
+def test_two_dali_builds_for_different_cuda_majors_are_flagged_and_fail(monkeypatch, tmp_path, capsys):
+    """The staged CUDA 13 DALI of the GPU host (pip --target, its own dist-info) put first on PYTHONPATH
+    beside the CUDA 12 wheel of the .venv: which one a process imports depends on sys.path."""
+    import nvidia.dali
+    mine = Path(nvidia.dali.__file__).parent
+    staged = tmp_path / "dali-site" / "nvidia" / "dali"
+    fake_distributions(monkeypatch, ("nvidia-dali-cuda120", mine), ("nvidia-dali-cuda130", staged))
+    assert doctor.run_doctor() == 1
+    captured = capsys.readouterr()
+    warning = [line for line in captured.out.splitlines() if line.startswith("  warning: two DALI builds")]
+    assert len(warning) == 1 and str(mine) in warning[0] and str(staged) in warning[0], captured.out
+    assert "doctor verdict: FAILED - " in captured.err and "CUDA 12" in captured.err and "CUDA 13" in captured.err
+    assert str(staged) in captured.err and "\n" not in captured.err.strip()
+
+
+def test_two_dali_builds_for_one_cuda_major_are_a_warning(monkeypatch, tmp_path):
+    import nvidia.dali
+    mine = Path(nvidia.dali.__file__).parent
+    other = tmp_path / "site" / "nvidia" / "dali"
+    fake_distributions(monkeypatch, ("nvidia-dali-cuda120", mine), ("nvidia-dali-cuda120", other))
+    report = doctor.diagnose()
+    assert report["ok"], report["problems"]
+    assert any(str(other) in w and str(mine) in w for w in report["warnings"])
+    assert report["dali"]["cuda_major"] == 12
+
+
+def test_an_imported_dali_that_is_not_the_installed_one_is_flagged(monkeypatch, tmp_path):
+    """Only a CUDA 13 wheel installed elsewhere, while the nvidia.dali imported is this CUDA 12 build:
+    the wheel's name must not be taken for the imported build's CUDA version."""
+    import nvidia.dali
+    elsewhere = tmp_path / "site" / "nvidia" / "dali"
+    fake_distributions(monkeypatch, ("nvidia-dali-cuda130", elsewhere))
+    report = doctor.diagnose()
+    assert report["dali"]["cuda_major"] == 12 and report["dali"]["location"] == str(Path(nvidia.dali.__file__).parent)
+    assert not report["ok"] and any(str(elsewhere) in p for p in report["problems"])
+
+
+def test_two_dali_wheels_in_one_folder_are_still_a_problem(monkeypatch):
+    """Both wrote nvidia/dali in one site-packages: their files are mixed, whatever their CUDA versions."""
+    import nvidia.dali
+    mine = Path(nvidia.dali.__file__).parent
+    fake_distributions(monkeypatch, ("nvidia-dali-cuda120", mine), ("nvidia-dali-nightly-cuda120", mine))
+    report = doctor.diagnose()
+    assert not report["ok"] and f"2 DALI builds installed in {mine.resolve()}" in report["verdict"]
+    assert report["warnings"] == []
