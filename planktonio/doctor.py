@@ -357,9 +357,9 @@ def _decode_torchvision(data: bytes):
 
 
 DECODERS = {  # name: (what it is, who fails with it)
-    "dali-cpu": ("DALI's CPU decoder", "every DALI backend fails when it builds its pipeline"),
-    "dali-mixed": ("DALI's mixed (GPU) decoder", "dali-gpu and the cache on a GPU fail when they build"),
-    "torchvision": ("torchvision.io's decode_jpeg", "the torchvision backend and prepare cannot decode"),
+    "dali:cpu": ("DALI's CPU decoder", "every DALI backend fails when it builds its pipeline"),
+    "dali:mixed": ("DALI's mixed (GPU) decoder", "dali-gpu and the cache on a GPU fail when they build"),
+    "torchvision.io": ("torchvision.io's decode_jpeg", "the torchvision backend and prepare cannot decode"),
 }
 
 
@@ -392,14 +392,14 @@ def decoder_facts(dali: dict, torchvision: dict, gpus: list[dict]) -> dict:
     (ok None: not tried, and why). The mixed decoder only where a GPU is visible that DALI runs on."""
     dali_works = dali["version"] is not None and not dali["error"]
     reasons = {
-        "dali-cpu": None if dali_works else "not tried: DALI not installed or not importable",
-        "dali-mixed": ("not tried: DALI not installed or not importable" if not dali_works
+        "dali:cpu": None if dali_works else "not tried: DALI not installed or not importable",
+        "dali:mixed": ("not tried: DALI not installed or not importable" if not dali_works
                        else "not tried: no GPU visible" if not gpus
                        else "not tried: DALI cannot run on GPU 0" if gpus[0]["dali"]["ok"] is False else None),
-        "torchvision": (None if torchvision["version"] is not None and not torchvision["error"]
-                        else "not tried: torchvision not installed or not importable"),
+        "torchvision.io": (None if torchvision["version"] is not None and not torchvision["error"]
+                           else "not tried: torchvision not installed or not importable"),
     }
-    decode = {"dali-cpu": _decode_dali_cpu, "dali-mixed": _decode_dali_mixed, "torchvision": _decode_torchvision}
+    decode = {"dali:cpu": _decode_dali_cpu, "dali:mixed": _decode_dali_mixed, "torchvision.io": _decode_torchvision}
     results = {}
     for name, reason in reasons.items():
         if reason:
@@ -553,7 +553,7 @@ def format_report(report: dict) -> str:
 
 
 def _decoded(name: str, result: dict) -> str:
-    label = {"dali-cpu": "DALI cpu", "dali-mixed": "DALI mixed", "torchvision": "torchvision.io"}[name]
+    label = {"dali:cpu": "DALI cpu", "dali:mixed": "DALI mixed", "torchvision.io": "torchvision.io"}[name]
     if result["ok"] is None:
         return f"{label} {result['detail']}"
     return f"{label} {'ok' if result['ok'] else 'FAILED'} ({result['detail']})"

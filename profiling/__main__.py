@@ -1,13 +1,17 @@
 """Command line, run from the repository root:
 
-    python -m profiling loaders --data PREPARED ...   loader throughput, side by side
-    python -m profiling amp [--data PREPARED] ...     AMP against FP32, compute only and end to end
+    python -m profiling smoke --data PREPARED           every GPU path tried once, in under a minute
+    python -m profiling loaders --data PREPARED ...     loader throughput, side by side
+    python -m profiling amp [--data PREPARED] ...       AMP against FP32, compute only and end to end
     python -m profiling trace --config FILE --data PREPARED --out DIR
     python -m profiling inspect TRACE | DIR [--json OUT]   one trace, or every rank of a run
     python -m profiling inspect A B [--json OUT]           two traces or folders compared
     python -m profiling report RESULTS... --out DIR
-    python -m profiling suite --data PREPARED --out DIR [--minutes 9]   all of it, within a time budget
+    python -m profiling suite --data PREPARED --out DIR [--minutes 7]   all of it, within a time budget
     python -m profiling accuracy --config FILE --data PREPARED --out DIR [--arm NAME KEY=VALUE ...] --seeds K
+
+The options of smoke, loaders, amp, trace and suite, and their defaults, are
+their settings dataclasses' fields (profiling/cli.py).
 """
 
 from __future__ import annotations
@@ -18,54 +22,27 @@ import sys
 from pathlib import Path
 
 from planktonio.errors import PlanktonioError
-from planktonio.loaders import BACKENDS
 
-from .environment import describe_environment
+from .cli import add_arguments, settings_from
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m profiling", description=__doc__)
+    from .settings import AmpBenchmark, LoaderBenchmark, Smoke, Suite, TraceOptions
+
+    parser = argparse.ArgumentParser(prog="python -m profiling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
+    smoke = commands.add_parser("smoke", help="every GPU path tried once (loaders, AMP steps, NCCL): what fails")
+    add_arguments(smoke, Smoke)
+    smoke.add_argument("--json", type=Path, help="write the checks here")
+
     loaders = commands.add_parser("loaders", help="images/s and latency of each loader backend")
-    loaders.add_argument("--data", required=True, help="a folder written by `python -m planktonio prepare`")
-    loaders.add_argument("--split", default="train")
-    loaders.add_argument("--backends", default="auto",
-                         help=f"comma-separated, from {', '.join(BACKENDS)} and memory (the upper bound); "
-                              "default auto: all that this machine can run, and the bound")
-    loaders.add_argument("--batch-size", type=int, default=64)
-    loaders.add_argument("--epochs", type=int, default=1, help="whole epochs timed per turn (default 1)")
-    loaders.add_argument("--warmup", type=int, default=5, help="untimed batches first")
-    loaders.add_argument("--repeats", type=int, default=3)
-    loaders.add_argument("--workers", type=int, default=None,
-                         help="DataLoader processes, and DALI threads unless --threads (default: the CPUs this "
-                              "process may use)")
-    loaders.add_argument("--threads", type=int, default=None, help="DALI threads (default: --workers)")
-    loaders.add_argument("--device", default="auto")
-    loaders.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    loaders.add_argument("--layout", default="NCHW", choices=["NCHW", "NHWC"])
-    loaders.add_argument("--eval-transform", action="store_true",
-                         help="time the resize/centre-crop transform instead of the training augmentation")
+    add_arguments(loaders, LoaderBenchmark)
     loaders.add_argument("--json", type=Path, help="write the result here")
 
     amp = commands.add_parser("amp", help="training step time for fp32 / amp-fp16 / amp-bf16")
-    amp.add_argument("--model", default="alexnet")
-    amp.add_argument("--batch-size", type=int, default=128)
-    amp.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
-    amp.add_argument("--warmup", type=int, default=5)
-    amp.add_argument("--repeats", type=int, default=3)
-    amp.add_argument("--image-size", type=int, default=224)
-    amp.add_argument("--precisions", default="fp32,amp-fp16,amp-bf16")
-    amp.add_argument("--layouts", default="NCHW,NHWC", help="NCHW, NHWC (channels_last) or both")
-    amp.add_argument("--freeze", default="all-but-head,none", help="freezing modes to compare")
-    amp.add_argument("--data", help="a prepared set: also measure end to end with each loader")
-    amp.add_argument("--loaders", default="dali,torchvision")
-    amp.add_argument("--workers", type=int, default=None)
-    amp.add_argument("--device", default="auto")
-    amp.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
-                     help="let cuDNN time its algorithms for the batch shape (default on)")
-    amp.add_argument("--tf32", default="default", choices=["default", "on", "off"],
-                     help="TF32 for FP32 convolutions and matmuls: torch's default, on, or off (true FP32)")
+    add_arguments(amp, AmpBenchmark)
     amp.add_argument("--json", type=Path)
 
     trace = commands.add_parser("trace", help="a short training run under torch.profiler")
@@ -73,10 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     trace.add_argument("--data", type=Path, required=True)
     trace.add_argument("--out", type=Path, required=True)
-    trace.add_argument("--wait", type=int, default=1)
-    trace.add_argument("--warmup", type=int, default=2)
-    trace.add_argument("--active", type=int, default=5)
-    trace.add_argument("--memory", action="store_true", help="also write a memory timeline")
+    add_arguments(trace, TraceOptions)
 
     inspect = commands.add_parser("inspect", help="read traces back: a trace, a run's rank traces, or two runs "
                                                   "compared; time per step, data wait, device idle, verdict")
@@ -99,13 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--reference", help="the arm the others are compared with (default: the first)")
     accuracy.add_argument("--margin", type=float, default=1.0, help="percentage points (default 1)")
 
-    suite = commands.add_parser("suite", help="everything, within a time budget: doctor, GPU tests, loaders, "
-                                              "AMP, end-to-end training, a trace, the report")
-    suite.add_argument("--data", type=Path, required=True, help="a folder written by `python -m planktonio prepare`")
-    suite.add_argument("--out", type=Path, required=True, help="results, logs and OUT/report/report.md")
-    suite.add_argument("--minutes", type=float, default=9.0, help="the whole budget, report included (default 9)")
-    suite.add_argument("--backends", default="auto",
-                       help="loader backends for the benchmarks and training (default auto: all this machine runs)")
+    suite = commands.add_parser("suite", help="everything, within a time budget: doctor, smoke, GPU tests, "
+                                              "loaders, AMP, end-to-end training, a trace, the report")
+    add_arguments(suite, Suite)
 
     report = commands.add_parser("report", help="markdown report with plots from result JSON files")
     report.add_argument("results", type=Path, nargs="+")
@@ -114,94 +84,98 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_json(path: Path | None, result: dict) -> None:
+def _wrote(path: Path | None) -> None:
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.command == "loaders":
-        from .loaders import LoaderBenchmark, format_table, run as run_loaders
-        bench = LoaderBenchmark(
-            data=args.data, split=args.split, backends=tuple(args.backends.split(",")),
-            batch_size=args.batch_size, epochs=args.epochs, warmup=args.warmup, repeats=args.repeats,
-            workers=args.workers, threads=args.threads, device=args.device, dtype=args.dtype, layout=args.layout,
-            augment=not args.eval_transform)
-        result = {"environment": describe_environment(), **run_loaders(bench)}
-        env = result["environment"]
-        c = result["config"]
-        print(f"{env['device']}, {env['cpu_count']} cores, {c['workers']} workers, {c['threads']} DALI threads, "
-              f"batch {bench.batch_size}, {bench.repeats} x {bench.epochs} epoch(s) of {c['batches_per_epoch']} "
-              f"batches, split {bench.split}")
-        print(format_table(result))
-        _write_json(args.json, result)
-    elif args.command == "amp":
-        from .amp import AmpBenchmark, format_table, run as run_amp
-        layouts = args.layouts.split(",")
-        bench = AmpBenchmark(
-            model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-            repeats=args.repeats, image_size=args.image_size, precisions=tuple(args.precisions.split(",")),
-            channels_last=tuple(layout == "NHWC" for layout in layouts), freeze=tuple(args.freeze.split(",")),
-            data=args.data, loaders=tuple(args.loaders.split(",")), workers=args.workers, device=args.device,
-            cudnn_benchmark=args.cudnn_benchmark, tf32=args.tf32)
-        result = {"environment": describe_environment(), **run_amp(bench)}
-        print(format_table(result))
-        _write_json(args.json, result)
-    elif args.command == "trace":
-        from .trace import TraceOptions, run_trace
-        written = run_trace(args.config, args.overrides, args.data, args.out,
-                            TraceOptions(args.wait, args.warmup, args.active, args.memory))
-        for path in written:
-            print(f"wrote {path}")
-    elif args.command == "inspect":
-        from .inspect_compare import compare, format_comparison
-        from .inspect_ranks import analyse_ranks, format_ranks
-        from .inspect_trace import analyse, format_report, load_events
-        if len(args.traces) > 2:
-            raise PlanktonioError(f"inspect: {len(args.traces)} paths given; give one trace or folder, "
-                                  f"or two to compare")
-        if args.top < 1:
-            raise PlanktonioError(f"inspect --top {args.top}: must be at least 1")
+def run(args: argparse.Namespace) -> int:
+    if args.command in ("smoke", "loaders", "amp"):
+        from .environment import describe_environment
         environment = describe_environment()
-        if len(args.traces) == 2:
-            result = compare(*args.traces, args.top)
-            print(format_comparison(result))
-            _write_json(args.json, {"kind": "inspect-compare", "environment": environment, **result})
-        elif args.traces[0].is_dir():
-            result = analyse_ranks(args.traces[0], args.top)
-            print(format_ranks(result))
-            _write_json(args.json, {"kind": "inspect-ranks", "environment": environment, **result})
-        else:
-            trace = args.traces[0]
-            result = analyse(load_events(trace), args.top)
-            print(format_report(trace, result))
-            _write_json(args.json, {"kind": "inspect", "environment": environment, "trace": str(trace),
-                                    "result": result})
+    if args.command == "smoke":
+        from .settings import Smoke
+        from .smoke import run as run_smoke
+        result = run_smoke(settings_from(Smoke, args), args.json, environment)
+        _wrote(args.json)
+        return 0 if all(c["ok"] for c in result["checks"]) else 1
+    if args.command == "loaders":
+        from .loader_bench import run as run_loaders
+        from .settings import LoaderBenchmark
+        from .render.loaders import text_table
+        bench = settings_from(LoaderBenchmark, args)
+        result = run_loaders(bench, args.json, environment)
+        c = result["config"]
+        print(f"{environment['device']}, {environment['cpu_count']} cores, {c['workers']} workers, {c['threads']} "
+              f"DALI threads, batch {bench.batch_size}, {bench.repeats} x {bench.epochs} epoch(s) of "
+              f"{c['batches_per_epoch']} batches, split {bench.split}")
+        print(text_table(result))
+        _wrote(args.json)
+    elif args.command == "amp":
+        from .amp_bench import run as run_amp
+        from .settings import AmpBenchmark
+        from .render.amp import text_table
+        print(text_table(run_amp(settings_from(AmpBenchmark, args), args.json, environment)))
+        _wrote(args.json)
+    elif args.command == "trace":
+        from .settings import TraceOptions
+        from .trace import run_trace
+        return run_trace(args.config, args.overrides, args.data, args.out, settings_from(TraceOptions, args))
+    elif args.command == "inspect":
+        return _inspect(args)
     elif args.command == "accuracy":
         from .accuracy import Sweep, arms_for, run as run_accuracy
+        from .environment import describe_environment
         sweep = Sweep(args.config, args.data, args.out, arms_for(args.arms), seeds=args.seeds,
                       reference=args.reference, margin=args.margin, overrides=tuple(args.overrides))
         print(f"wrote {run_accuracy(sweep, describe_environment())}")
     elif args.command == "suite":
-        from .suite import Suite, run as run_suite
-        report = run_suite(Suite(data=args.data, out=args.out, minutes=args.minutes,
-                                 backends=tuple(args.backends.split(","))))
-        print(f"wrote {report}")
+        from .settings import Suite
+        from .suite import run as run_suite
+        print(f"wrote {run_suite(settings_from(Suite, args))}")
     elif args.command == "report":
         from .report import write_report
         print(f"wrote {write_report(args.results, args.out, args.title)}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .environment import describe_environment
+    from .inspect_compare import compare, format_comparison
+    from .inspect_ranks import analyse_ranks, format_ranks
+    from .inspect_trace import analyse, format_report, load_events
+    if len(args.traces) > 2:
+        raise PlanktonioError(f"inspect: {len(args.traces)} paths given; give one trace or folder, or two to compare")
+    if args.top < 1:
+        raise PlanktonioError(f"inspect --top {args.top}: must be at least 1")
+    environment = describe_environment()
+    if len(args.traces) == 2:
+        result = compare(*args.traces, args.top)
+        print(format_comparison(result))
+        written = {"kind": "inspect-compare", "environment": environment, **result}
+    elif args.traces[0].is_dir():
+        result = analyse_ranks(args.traces[0], args.top)
+        print(format_ranks(result))
+        written = {"kind": "inspect-ranks", "environment": environment, **result}
+    else:
+        trace = args.traces[0]
+        result = analyse(load_events(trace), args.top)
+        print(format_report(trace, result))
+        written = {"kind": "inspect", "environment": environment, "trace": str(trace), "result": result}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(written, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        return run(args)
     except PlanktonioError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

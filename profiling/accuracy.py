@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from planktonio.errors import PlanktonioError
-from planktonio.loaders import resolve_device, runnable_backends
+from planktonio.loaders import BACKENDS, in_comparison_order, resolve_device, runnable_backends
 from train import config as config_module
 
 from .stats import equivalence_verdict, mean_and_sd, paired_interval
@@ -54,9 +54,10 @@ def parse_arm(words: list[str]) -> Arm:
 
 
 def default_arms(device: torch.device) -> list[Arm]:
-    """The loader backends and precisions this machine can run; the reference (torchvision, fp32) first."""
+    """The loader backends a run may use on this machine, in fp32 and AMP; the first arm, the reference of the
+    comparison, is the registry's reference backend (the study's own pipeline) in fp32."""
     amp = "amp-fp16" if device.type == "cuda" else "amp-bf16"
-    backends = sorted(runnable_backends(device), key=lambda name: name != "torchvision")
+    backends = in_comparison_order(name for name in runnable_backends(device) if BACKENDS[name].trains)
     return [Arm(f"{backend}-{precision}", (f"loader.backend={backend}", f"training.precision={precision}"))
             for precision in ("fp32", amp) for backend in backends]
 

@@ -1,24 +1,31 @@
 """`python -m profiling suite`: every measurement of this project, as one command within a time budget.
 
-The GPU test host is lent now and then, for minutes; when it is, one
-command measures everything, in this order:
-1. `planktonio doctor` (what this machine can run);
-2. the GPU tests, `pytest -m gpu` (where there is a GPU);
-3. the loader benchmark, every backend this machine runs, whole epochs;
-4. the AMP compute benchmark (cudnn.benchmark on, TF32 off: a true FP32
-   baseline, as on the study's V100);
-5. end-to-end training of the fast configuration, two whole epochs per
-   loader and precision, channels_last throughout (only the precision varies);
-6. a trace of the same training, read back by `inspect`;
-7. the report with its goal checks, OUT/report/report.md.
+The GPU test host is lent now and then, for minutes (15 of device time for a
+whole session, its start-up and every transfer included), so one command
+must measure everything, in this order, within `--minutes` (7 by default):
+1. `planktonio doctor` (what this machine can run, a decode through each decoder);
+2. `profiling smoke` (every GPU path tried once: each loader backend, AMP
+   steps, NCCL where there are two GPUs), so a broken piece names itself;
+3. the GPU tests, `pytest -m gpu` (where there is a GPU);
+4. the loader benchmark, every backend this machine runs, whole epochs;
+5. the AMP compute benchmark (cudnn.benchmark on, TF32 off: a true FP32
+   baseline, as on the study's V100; bf16 left out where the GPU has no
+   bf16 hardware);
+6. end-to-end training of the fast configuration for two whole epochs:
+   every candidate loader with AMP, and the reference (the study's own
+   pipeline) in FP32 as the study ran it. Speed runs: no checkpoint, no test
+   pass (the AMP-against-FP32 question is stage 5's, the loaders' stage 4's);
+7. a trace of the same training, read back by `inspect`;
+8. the report with its goal checks, OUT/report/report.md.
 
 Each stage is a process of its own, so GPU memory is each benchmark's own
-(nothing left behind by an earlier one), and a stage that overruns its share
-of the budget is stopped (SIGTERM: a training run writes last.pt and exits;
-then SIGKILL) and reported as timed out while the rest goes on. Shares follow
-the weights in `plan`; time a stage leaves unused goes to the stages after
-it. The work is sized for the machine (tiny on a CPU: tiny-cnn at 64 px) and
-scaled down when the budget is below the nominal one.
+(nothing left behind by an earlier one). A stage gets a share of what is
+left of the budget, in proportion to its estimate (`Stage.estimate_s`, its
+expected seconds on the GPU host, or on a 2-core CPU for the tiny plan);
+time a stage leaves unused goes to the stages after it. A stage that
+overruns its share is stopped (SIGTERM, then SIGKILL) and reported as timed
+out while the rest goes on; the benchmarks write each row as they measure
+it, so a stopped stage keeps what it finished. The report always runs.
 
 Writes OUT/suite.json (each stage: command, status, seconds, log),
 OUT/training.json (the end-to-end runs), the benchmarks' JSON, OUT/logs/,
@@ -43,20 +50,21 @@ import torch
 
 from planktonio import PreparedDataset
 from planktonio.errors import PlanktonioError
-from planktonio.loaders import resolve_backend, resolve_device, runnable_backends
+from planktonio.files import write_atomic
+from planktonio.loaders import (BACKENDS, default_backend, reference_backend, resolve_backend, resolve_device,
+                                runnable_backends)
 from train import config as config_module
 
 from .environment import describe_environment
+from .settings import Suite
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_CONFIG = Path("train/configs/fast.yaml")  # relative to the checkout, as in the README
 REPORT_RESERVE_S = 20.0  # the report, written by this process at the end
 MIN_STAGE_S = 5.0        # less than this: a stage is skipped, not started
-# The least time a measurement needs: a process that imports torch (5-15 s),
-# builds its pipelines and measures something. A budget that cannot give the
-# loader benchmark this much is too small for anything.
-MIN_MEASUREMENT_S = {"cpu": 10.0, "cuda": 30.0}
-NOMINAL_BUDGET_S = {"cpu": 240.0, "cuda": 540.0}  # the budget the sizes below are meant for
+# The budget each plan is sized for: at it, every stage gets at least its estimate.
+NOMINAL_BUDGET_S = {"cpu": 240.0, "cuda": 420.0}
+RESULTS = ("suite.json", "doctor.json", "smoke.json", "loaders.json", "amp.json", "training.json", "inspect.json")
 
 
 @dataclass(frozen=True)
@@ -71,15 +79,23 @@ class Sizes:
     amp_repeats: int
     training: tuple[str, ...]  # overrides of fast.yaml
     trace: tuple[str, ...]
+    smoke: tuple[str, ...]
+    estimates: dict            # stage kind -> expected seconds at the nominal budget
 
 
+# The GPU host (an H100 or H200, 16 cores) on the 17-class NDSB set at 255 px (prepare --min-images 1000
+# --per-class 500,100,100: 8,500 training images, 33 batches of 256 an epoch). The estimates add up to
+# 375 s of the 420: each stage's process imports torch and DALI (about 10 s) before it measures.
 ON_GPU = Sizes(
-    loader_batch=256, loader_repeats=3, loader_warmup=10,
-    # 12 combinations (freezing x precision x layout) of AlexNet at batch 256: about 400 steps.
+    loader_batch=256, loader_repeats=2, loader_warmup=10,
+    # 12 combinations at most (freezing x precision x layout) of AlexNet at batch 256: about 300 steps.
     amp_args=("--model", "alexnet", "--batch-size", "256", "--image-size", "224", "--warmup", "3"),
-    amp_steps=10, amp_repeats=3,
+    amp_steps=8, amp_repeats=3,
     training=(),
-    trace=("--wait", "2", "--warmup", "3", "--active", "5"))
+    trace=("--wait", "2", "--warmup", "3", "--active", "5"),
+    smoke=("--batch-size", "64"),
+    estimates={"doctor": 10, "smoke": 30, "gpu-tests": 45, "loaders": 70, "amp": 45, "train": 25,
+               "trace": 25, "inspect": 10})
 # A CPU: the same programs on tiny-cnn at 64 px, so the whole suite takes a minute or two.
 TINY = ("model.name=tiny-cnn", "model.weights=null", "model.freeze=none", "loader.batch_size=16",
         "loader.eval_batch_size=32", "optimizer.lr=0.01", "augment.train.size=64", "augment.eval.resize=72",
@@ -90,23 +106,16 @@ ON_CPU = Sizes(
               "--precisions", "fp32,amp-bf16"),
     amp_steps=3, amp_repeats=3,
     training=TINY,
-    trace=("--wait", "1", "--warmup", "1", "--active", "3"))
-
-
-@dataclass
-class Suite:
-    data: Path
-    out: Path
-    minutes: float = 9.0
-    backends: tuple[str, ...] = ("auto",)
-    device: str = "auto"
+    trace=("--wait", "1", "--warmup", "1", "--active", "3"),
+    smoke=("--batch-size", "16", "--model", "tiny-cnn", "--image-size", "64"),
+    estimates={"doctor": 8, "smoke": 25, "loaders": 30, "amp": 20, "train": 25, "trace": 20, "inspect": 8})
 
 
 @dataclass
 class Stage:
     name: str
     command: list[str]
-    weight: float                     # its share of the budget, relative to the others
+    estimate_s: float                 # expected seconds at the nominal budget: its share of the budget
     result: str | None = None         # the JSON it writes for the report (relative to OUT)
     needs: str | None = None          # a stage that must have succeeded first
     status: str = "not run"           # ok | failed (exit N) | timed out | skipped: why
@@ -125,7 +134,7 @@ def _scaled(count: int, scale: float, least: int = 1) -> int:
 def training_overrides(sizes: Sizes, config_file: Path) -> tuple[list[str], str | None]:
     """What every end-to-end run sets on top of fast.yaml, and a note when the weights are absent."""
     overrides = ["training.epochs=2", "training.progress=false", "training.channels_last=true",
-                 "training.checkpoint_every_s=1000000", *sizes.training]  # (a checkpoint at the end only)
+                 "training.speed_run=true", *sizes.training]
     note = None
     weights = config_module.load(REPO / config_file, overrides).model.weights
     if weights and not (Path(weights).is_file() or (REPO / weights).is_file()):
@@ -135,62 +144,71 @@ def training_overrides(sizes: Sizes, config_file: Path) -> tuple[list[str], str 
     return overrides, note
 
 
-def _resolved(backend: str, device: torch.device) -> str:
-    """A backend's registry name (an alias resolved), or the name as given where it is unknown."""
-    try:
-        return resolve_backend(backend, device)
-    except PlanktonioError:
-        return backend
+def training_runs(backends: list[str], device: torch.device) -> list[tuple[str, str]]:
+    """(backend, precision) of the end-to-end runs: each candidate with AMP, the reference in FP32 (as the
+    study ran it); without a reference, the first baseline."""
+    runs = [(name, "amp") for name in backends if BACKENDS[name].role == "candidate" and BACKENDS[name].trains]
+    reference = reference_backend(device)
+    if reference in backends:
+        runs.append((reference, "fp32"))
+    return runs
+
+
+def chosen_backends(suite: Suite, device: torch.device) -> list[str]:
+    if suite.backends == ("auto",):
+        return runnable_backends(device)
+    backends = []
+    for name in suite.backends:
+        try:
+            backends.append(resolve_backend(name, device))
+        except PlanktonioError as error:
+            raise PlanktonioError(f"--backends {','.join(suite.backends)}: {error} (or give auto)") from None
+    return backends
 
 
 def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage], list[dict], dict]:
     """The stages in order, the end-to-end runs among them, and what those runs train."""
-    py, out, data = sys.executable, suite.out, str(suite.data)
+    py, out, data = sys.executable, Path(suite.out), str(suite.data)
     sizes = ON_GPU if device.type == "cuda" else ON_CPU
-    auto = suite.backends == ("auto",)
-    named = [b for b in suite.backends if b != "memory"]
-    # Aliases ("dali") name the backend this device would use.
-    backends = runnable_backends(device) if auto else [_resolved(b, device) for b in named]
-    unknown = sorted(set(backends) - set(runnable_backends(device)))
-    if unknown or not backends:
-        raise PlanktonioError(f"--backends {','.join(suite.backends)}: "
-                              f"{', '.join(unknown) + ' unknown or not runnable here' if unknown else 'none given'}; "
-                              f"this machine runs {', '.join(runnable_backends(device))} (or give auto)")
-    # Weights: shares of the budget. Training, a whole epoch at a time for every loader and
-    # precision, gets about half; each stage starts a process importing torch (5-15 s).
-    stages = [Stage("doctor", [py, "-m", "planktonio", "doctor", "--json", str(out / "doctor.json")], 0.5)]
+    estimate = sizes.estimates
+    backends = chosen_backends(suite, device)
+    stages = [Stage("doctor", [py, "-m", "planktonio", "doctor", "--json", str(out / "doctor.json")],
+                    estimate["doctor"])]
+    stages.append(Stage("smoke", [py, "-m", "profiling", "smoke", "--data", data, *sizes.smoke,
+                                  "--json", str(out / "smoke.json")], estimate["smoke"], result="smoke.json"))
     if device.type == "cuda":
         stages.append(Stage("gpu-tests", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                          "--junitxml", str(out / "gpu-tests.xml"), "tests"], 1.5))
+                                          "--junitxml", str(out / "gpu-tests.xml"), "tests"], estimate["gpu-tests"]))
     stages.append(Stage("loaders", [
-        py, "-m", "profiling", "loaders", "--data", data, "--backends", ",".join(suite.backends),
+        py, "-m", "profiling", "loaders", "--data", data, "--backends", ",".join(backends),
         "--batch-size", str(sizes.loader_batch), "--epochs", "1", "--warmup", str(sizes.loader_warmup),
         "--repeats", str(_scaled(sizes.loader_repeats, scale)), "--json", str(out / "loaders.json")],
-        1.5, result="loaders.json"))
+        estimate["loaders"], result="loaders.json"))
     stages.append(Stage("amp", [
         py, "-m", "profiling", "amp", *sizes.amp_args, "--steps", str(_scaled(sizes.amp_steps, scale, 2)),
         "--repeats", str(_scaled(sizes.amp_repeats, scale)), "--tf32", "off", "--json", str(out / "amp.json")],
-        1.2, result="amp.json"))
+        estimate["amp"], result="amp.json"))
     overrides, note = training_overrides(sizes, FAST_CONFIG)
     runs = []
-    for backend in backends:
-        for precision in ("fp32", "amp"):
-            name = f"{backend}-{precision}"
-            run = out / "train" / name
-            sets = [*overrides, f"loader.backend={backend}", f"training.precision={precision}"]
-            stages.append(Stage(f"train {name}", [
-                py, "-m", "train", "fit", "--config", str(FAST_CONFIG), "--data", data, "--out", str(run),
-                *[arg for s in sets for arg in ("--set", s)]], 5.0 / (2 * len(backends))))
-            runs.append({"stage": f"train {name}", "loader": backend, "precision": precision, "run": str(run)})
+    for backend, precision in training_runs(backends, device):
+        name = f"{backend}-{precision}"
+        run = out / "train" / name
+        sets = [*overrides, f"loader.backend={backend}", f"training.precision={precision}"]
+        stages.append(Stage(f"train {name}", [
+            py, "-m", "train", "fit", "--config", str(FAST_CONFIG), "--data", data, "--out", str(run),
+            *[arg for s in sets for arg in ("--set", s)]], estimate["train"]))
+        runs.append({"stage": f"train {name}", "loader": backend, "role": BACKENDS[backend].role,
+                     "precision": precision, "run": str(run)})
     training = {"file": str(FAST_CONFIG), "overrides": overrides, "note": note, "epochs": 2, "channels_last": True,
                 "model": config_module.load(REPO / FAST_CONFIG, overrides).model.name}
-    trace_sets = [*overrides, f"loader.backend={'dali' if auto else backends[0]}", "training.precision=amp"]
+    traced = backends[0] if suite.backends != ("auto",) else resolve_backend(default_backend(), device)
+    trace_sets = [*overrides, f"loader.backend={traced}", "training.precision=amp"]
     stages.append(Stage("trace", [
         py, "-m", "profiling", "trace", "--config", str(FAST_CONFIG), "--data", data, "--out", str(out / "trace"),
-        *sizes.trace, *[arg for s in trace_sets for arg in ("--set", s)]], 0.8))
+        *sizes.trace, *[arg for s in trace_sets for arg in ("--set", s)]], estimate["trace"]))
     stages.append(Stage("inspect", [
         py, "-m", "profiling", "inspect", str(out / "trace" / "trace-rank0.json.gz"),
-        "--json", str(out / "inspect.json")], 0.3, result="inspect.json", needs="trace"))
+        "--json", str(out / "inspect.json")], estimate["inspect"], result="inspect.json", needs="trace"))
     return stages, runs, training
 
 
@@ -199,8 +217,8 @@ def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage],
 
 def run_stage(stage: Stage, timeout: float, log: Path) -> None:
     """Run one stage's process (its own session, so its workers go with it) for at most `timeout` s."""
-    grace = min(10.0, 0.2 * timeout)  # SIGTERM first: a training run checkpoints and stops
-    stage.budget_s, stage.log = timeout, str(log)
+    grace = min(10.0, 0.2 * timeout)  # SIGTERM first: a benchmark's rows so far are on disk already
+    stage.log = str(log)
     started = time.perf_counter()
     with open(log, "w") as f:
         process = subprocess.Popen(stage.command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
@@ -219,6 +237,41 @@ def run_stage(stage: Stage, timeout: float, log: Path) -> None:
     stage.seconds = time.perf_counter() - started
 
 
+def run_stages(stages: list[Stage], deadline: float, runner, clock=time.perf_counter, logs: Path | None = None,
+               say=print) -> None:
+    """Each stage in turn, with its share of what is left before `deadline` (a `clock` time).
+
+    A stage's share: the time left times its estimate over the estimates of
+    the stages still to run; time a stage leaves unused goes to the later ones.
+    runner(stage, share, log) runs it and sets its status and seconds.
+    """
+    by_name = {s.name: s for s in stages}
+    for i, stage in enumerate(stages):
+        left = deadline - clock()
+        share = left * stage.estimate_s / sum(s.estimate_s for s in stages[i:])
+        stage.budget_s = share
+        if stage.needs and by_name[stage.needs].status != "ok":
+            stage.status = f"skipped: {stage.needs} did not succeed"
+        elif share < MIN_STAGE_S:
+            stage.status = "skipped: no budget left"
+        else:
+            say(f"suite: {stage.name} (at most {share:.0f} s)")
+            runner(stage, share, (logs or Path(".")) / f"{stage.name.replace(' ', '-')}.log")
+            say(f"suite: {stage.name}: {stage.status}, {stage.seconds:.0f} s")
+
+
+def check_budget(stages: list[Stage], budget: float, device: torch.device, minutes: float) -> None:
+    """Refuse a budget that cannot give the loader benchmark a fifth of its estimate."""
+    loaders = next(s for s in stages if s.name == "loaders")
+    share = (budget - REPORT_RESERVE_S) * loaders.estimate_s / sum(s.estimate_s for s in stages)
+    if share < loaders.estimate_s / 5:
+        least = REPORT_RESERVE_S + sum(s.estimate_s for s in stages) / 5
+        raise PlanktonioError(
+            f"--minutes {minutes:g}: too small for any measurement on this machine ({device.type}): the loader "
+            f"benchmark would get {share:.0f} s of the {loaders.estimate_s / 5:.0f} it needs at least; give at "
+            f"least {least / 60:.1f}")
+
+
 def run(suite: Suite) -> Path:
     """Run the suite; returns the report's path."""
     started = time.perf_counter()
@@ -226,39 +279,22 @@ def run(suite: Suite) -> Path:
     device = resolve_device(suite.device)
     PreparedDataset.load(suite.data)  # a bad --data is an error now, not in every stage
     # The stages run from the checkout: paths given relative to here must still point here.
-    suite = dataclasses.replace(suite, data=Path(suite.data).resolve(), out=Path(suite.out).resolve())
+    suite = dataclasses.replace(suite, data=str(Path(suite.data).resolve()), out=str(Path(suite.out).resolve()))
     scale = min(1.0, budget / NOMINAL_BUDGET_S[device.type])
     stages, runs, training_config = plan(suite, device, scale)
-    weight = sum(s.weight for s in stages) / next(s.weight for s in stages if s.name == "loaders")
-    least = REPORT_RESERVE_S + MIN_MEASUREMENT_S[device.type] * weight
-    if budget < least:
-        raise PlanktonioError(
-            f"--minutes {suite.minutes:g}: too small for any measurement on this machine ({device.type}): the "
-            f"loader benchmark would get {(budget - REPORT_RESERVE_S) / weight:.0f} s of the "
-            f"{MIN_MEASUREMENT_S[device.type]:.0f} it needs; give at least {least / 60:.1f}")
-    out = suite.out
+    check_budget(stages, budget, device, suite.minutes)
+    out = Path(suite.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     # What an earlier call left in OUT must not pass for this call's results.
     for r in runs:
         shutil.rmtree(r["run"], ignore_errors=True)
     shutil.rmtree(out / "trace", ignore_errors=True)
-    for name in ("doctor.json", "gpu-tests.xml", "loaders.json", "amp.json", "training.json", "inspect.json"):
+    for name in (*RESULTS, "gpu-tests.xml"):
         (out / name).unlink(missing_ok=True)
 
-    deadline = started + budget - REPORT_RESERVE_S
+    run_stages(stages, started + budget - REPORT_RESERVE_S, run_stage, logs=out / "logs",
+               say=lambda line: print(line, flush=True))
     by_name = {s.name: s for s in stages}
-    for i, stage in enumerate(stages):
-        left = deadline - time.perf_counter()
-        share = left * stage.weight / sum(s.weight for s in stages[i:])
-        if stage.needs and by_name[stage.needs].status != "ok":
-            stage.status = f"skipped: {stage.needs} did not succeed"
-        elif share < MIN_STAGE_S:
-            stage.status = "skipped: no budget left"
-        else:
-            print(f"suite: {stage.name} (at most {share:.0f} s)", flush=True)
-            run_stage(stage, share, out / "logs" / f"{stage.name.replace(' ', '-')}.log")
-            print(f"suite: {stage.name}: {stage.status}, {stage.seconds:.0f} s", flush=True)
-
     environment = describe_environment()
     _write(out / "training.json", training_result(runs, by_name, environment, training_config))
     summary = {
@@ -270,8 +306,7 @@ def run(suite: Suite) -> Path:
     summary["seconds"] = time.perf_counter() - started  # (the report, written next, takes a few more)
     _write(out / "suite.json", summary)
     from .report import write_report
-    results = [out / name for name in ("suite.json", "loaders.json", "amp.json", "training.json", "inspect.json")
-               if (out / name).is_file()]  # (a stage that failed may have left no result)
+    results = [out / name for name in RESULTS if (out / name).is_file() and name != "doctor.json"]
     report = write_report(results, out / "report", f"planktonio suite: {environment['device']}")
     summary["seconds_with_report"] = time.perf_counter() - started
     _write(out / "suite.json", summary)
@@ -291,7 +326,8 @@ def training_result(runs: list[dict], stages: dict[str, Stage], environment: dic
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
         last = metrics[-1] if metrics else {}
         rows.append({
-            "loader": summary.get("loader", r["loader"]), "precision": summary.get("precision", r["precision"]),
+            "loader": summary.get("loader", r["loader"]), "role": r["role"],
+            "precision": summary.get("precision", r["precision"]),
             "status": stages[r["stage"]].status, "run": str(run), "epochs": len(metrics),
             "images_per_s": last.get("images_per_s"),
             "first_epoch_images_per_s": metrics[0]["images_per_s"] if metrics else None,
@@ -325,4 +361,4 @@ def _junit_summary(path: Path) -> dict | None:
 
 
 def _write(path: Path, result: dict) -> None:
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(path, json.dumps(result, indent=2) + "\n")

@@ -58,10 +58,11 @@ def test_images_wider_than_8_bits_are_refused_with_the_reason_and_square_convert
     turning them white."""
     source = tmp_path / "source"
     write_coloured_set(source, classes=2, per_class=4, size=16)
-    grey16 = np.full((16, 16), 128 * 257, dtype=np.uint16)
-    Image.fromarray(grey16).save(source / "class0" / "wide.png")
-    Image.fromarray(grey16).save(source / "class1" / "wide.tif")
-    Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32)).save(source / "class1" / "float.tif")
+    # Three different greys: the same picture under two classes would be dropped as a conflicting duplicate.
+    greys = {"class0/wide.jpg": 128, "class1/wide.jpg": 100, "class1/float.jpg": 64}
+    Image.fromarray(np.full((16, 16), 128 * 257, dtype=np.uint16)).save(source / "class0" / "wide.png")
+    Image.fromarray(np.full((16, 16), 100 * 257, dtype=np.uint16)).save(source / "class1" / "wide.tif")
+    Image.fromarray(np.full((16, 16), 64 / 255, dtype=np.float32)).save(source / "class1" / "float.tif")
     result = prepare(source, tmp_path / "prepared", plan=SplitPlan(per_class=(2, 1, 1)), workers=1)
     assert rejected_reasons(tmp_path / "prepared") == {
         "wide.png": "unsupported bit depth", "wide.tif": "unsupported bit depth", "float.tif": "unsupported bit depth"}
@@ -71,9 +72,9 @@ def test_images_wider_than_8_bits_are_refused_with_the_reason_and_square_convert
 
     written, failures = square_tree(source, tmp_path / "squared", size=16, workers=1)
     assert written == 11 and not failures
-    for name in ("class0/wide.jpg", "class1/wide.jpg", "class1/float.jpg"):
+    for name, grey in greys.items():
         pixels = np.asarray(Image.open(tmp_path / "squared" / name))
-        assert abs(float(pixels.mean()) - 128) < 2, name
+        assert abs(float(pixels.mean()) - grey) < 2, name
     prepared = prepare(tmp_path / "squared", tmp_path / "prepared2", plan=SplitPlan(per_class=(3, 1, 1)), workers=1)
     assert not prepared.rejected
 
@@ -90,7 +91,7 @@ def test_exif_orientation_is_applied_alike_by_every_backend(tmp_path):
         for i in range(3):
             pixels = np.zeros((40, 80, 3), dtype=np.uint8)  # 80 wide, 40 high: left half dark, right bright
             pixels[:, 40:] = 230
-            pixels[:, :40] = 30 + 20 * i
+            pixels[:, :40] = 30 + 20 * i + 5 * c  # no two alike: a copy under two classes would be dropped
             exif = Image.Exif()
             exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
             Image.fromarray(pixels).save(source / f"c{c}" / f"img{i}.jpg", exif=exif.tobytes(), quality=95)
@@ -419,7 +420,8 @@ def test_config_validation_gives_a_config_or_a_one_line_error(data):
     except PlanktonioError as error:
         assert str(error).strip() and "\n" not in str(error)
         return
-    config_module.validate(config)
+    assert isinstance(config, config_module.Config)
+    config.transform("train"), config.transform("eval")  # a config that loads has transforms that build
 
 
 def test_an_unreadable_class_folder_is_a_one_line_error(tmp_path, monkeypatch):

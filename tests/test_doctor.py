@@ -199,11 +199,11 @@ def test_a_gpu_torch_cannot_start_is_a_problem(monkeypatch):
 def test_the_cpu_decoders_decode_the_probe_jpeg_here():
     report = doctor.diagnose()
     decoders = report["decoders"]
-    for name in ("dali-cpu", "torchvision"):
+    for name in ("dali:cpu", "torchvision.io"):
         assert decoders[name]["ok"] is True, decoders[name]
         assert decoders[name]["shape"] == [8, 16, 3]  # height, width, channels: a 16 x 8 px probe
         assert "colour within" in decoders[name]["detail"]
-    assert decoders["dali-mixed"] == {"ok": None, "shape": None, "detail": "not tried: no GPU visible"}
+    assert decoders["dali:mixed"] == {"ok": None, "shape": None, "detail": "not tried: no GPU visible"}
     assert report["ok"]
     assert "  JPEG decode  DALI cpu ok (16 x 8 px, 3 channels, colour within" in doctor.format_report(report)
 

@@ -20,9 +20,12 @@ def ndsb_prepared(tmp_path_factory):
 
 
 def test_prepare_keeps_the_classes_with_enough_images(ndsb_prepared):
-    # The data's README: 20 classes have at least 300 images; every file decodes.
+    # The data's README: 20 classes have at least 300 images; every file decodes. One image is there twice,
+    # under two classes (byte-identical): both copies carry conflicting labels, so prepare drops both.
     assert len(ndsb_prepared.classes) == 20
-    assert not ndsb_prepared.rejected
+    assert {path: reason for path, (reason, _) in ndsb_prepared.rejected.items()} == {
+        "chaetognath_other/271.jpg": "duplicate in another class",
+        "chaetognath_non_sagitta/14864.jpg": "duplicate in another class"}
     assert {s: len(e) for s, e in ndsb_prepared.splits.items()} == {"train": 800, "valid": 200, "test": 200}
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from profiling import inspect_trace, report, stats
-from profiling.amp import AmpBenchmark
-from profiling.amp import run as run_amp
-from profiling.loaders import MIN_CPU_WINDOW, LoaderBenchmark
-from profiling.loaders import run as run_loaders
+from profiling.amp_bench import run as run_amp
+from profiling.loader_bench import MIN_CPU_WINDOW
+from profiling.loader_bench import run as run_loaders
+from profiling.render.common import goal
+from profiling.settings import AmpBenchmark, LoaderBenchmark
 
 from .conftest import REPO
 
@@ -58,7 +59,8 @@ def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
     for key in ("device", "torch", "torchvision", "dali", "cpu_count", "date", "command"):
         assert key in data["environment"]
     assert [r["backend"] for r in data["results"]] == ["dali-cpu", "torchvision", "memory"]
-    assert data["config"]["batches_per_epoch"] == 64 // 16
+    assert [r["backend_info"]["role"] for r in data["results"]] == ["candidate", "baseline", "upper-bound"]
+    assert data["config"]["batches_per_epoch"] == 64 // 16 and data["complete"] is True
     config = data["config"]
     timed_images = config["epochs"] * config["batches_per_epoch"] * config["batch_size"]  # per timed turn
     for r in data["results"]:
@@ -76,29 +78,40 @@ def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
         assert r["peak_gpu_memory_mb"] is None and r.get("device_memory_added_mb") is None  # no GPU here
     dali = data["results"][0]
     assert dali["pipelines_built"] == 1  # one DALI pipeline for the warm-up and every timed epoch
-    assert "dali-cpu" in result.stdout and "vs torchvision" in result.stdout
+    assert "dali-cpu" in result.stdout and "vs torchvision" in result.stdout  # the first baseline measured
 
 
-def test_upper_bound_serves_batches_like_the_loader_it_bounds(synthetic):
-    """The memory backend replays real batches: same shape, dtype and layout."""
+def test_the_upper_bound_replays_real_batches_from_the_device(synthetic):
+    """The memory backend's batches are the first batches of epoch 0 as the reference implementation makes
+    them, replayed: same values, shape, dtype and layout, an epoch's worth per epoch."""
     from planktonio import Output, make_loader
-    from profiling.loaders import endless
-    import itertools
     output = Output("float16", "NHWC")
-    real = make_loader("dali-cpu", synthetic, "train", batch_size=8, device="cpu", workers=2, output=output)
-    source = endless(real)
-    cached = [tuple(t.clone() for t in next(source)) for _ in range(2)]
-    replay = itertools.cycle(cached)
-    for _ in range(5):
-        (x, y), (x_real, y_real) = next(replay), next(source)
-        assert x.shape == x_real.shape and x.dtype == x_real.dtype == torch.float16
-        assert x.is_contiguous(memory_format=torch.channels_last) == x_real.is_contiguous(
-            memory_format=torch.channels_last) is True
-        assert y.dtype == y_real.dtype
+    memory = make_loader("memory", synthetic, "train", batch_size=8, device="cpu", workers=0, output=output)
+    real = make_loader("torchvision", synthetic, "train", batch_size=8, device="cpu", workers=0, output=output)
+    for epoch in range(2):
+        memory.set_epoch(epoch)
+        replayed = list(memory)
+        assert len(replayed) == len(real) == 8
+    real.set_epoch(0)
+    for (x, y), (x_real, y_real) in zip(replayed, real, strict=True):
+        assert torch.equal(x, x_real) and torch.equal(y, y_real)
+        assert x.dtype == torch.float16 and x.is_contiguous(memory_format=torch.channels_last)
     bench = run_loaders(LoaderBenchmark(data=str(synthetic), backends=("torchvision", "memory"), batch_size=8,
-                                        epochs=1, warmup=1, repeats=1, workers=0, dtype="float16",
-                                        layout="NHWC"))
+                                        epochs=1, warmup=1, repeats=1, workers=0, dtype="float16", layout="NHWC"))
     assert {r["backend"] for r in bench["results"]} == {"torchvision", "memory"}
+
+
+def test_a_benchmark_stopped_mid_way_keeps_the_rows_it_finished(tmp_path):
+    """Results are on disk as they are measured: a stage stopped by its budget still reports its rows."""
+    from profiling.measure import ResultFile
+    path = tmp_path / "amp.json"
+    result = ResultFile(path, "amp", config={"steps": 3}, compute=[])
+    assert json.loads(path.read_text())["complete"] is False
+    result.add("compute", {"precision": "fp32"})
+    on_disk = json.loads(path.read_text())  # what a killed process would leave
+    assert on_disk["compute"] == [{"precision": "fp32"}] and on_disk["complete"] is False
+    result.finish()
+    assert json.loads(path.read_text())["complete"] is True
 
 
 # ------------------------------------------------------------------ AMP
@@ -172,28 +185,38 @@ def test_inspect_rejects_a_file_that_is_not_a_trace(tmp_path):
 # ------------------------------------------------------------------ report
 
 
+def loader_row(name: str, values: list[float], boundary_vs_batch: float | None = 1.0) -> dict:
+    """A row as `profiling loaders` records it, with what the registry declares about the backend."""
+    from planktonio.loaders import BACKENDS
+    return {"backend": name, "backend_info": BACKENDS[name].describe(), "images_per_s": stats.summary(values),
+            "latency_ms": stats.latency_summary([0.05]), "cpu_util_percent": 90.0, "peak_gpu_memory_mb": None,
+            "epoch_boundary_ms": None if boundary_vs_batch is None else 50.0, "boundary_vs_batch": boundary_vs_batch,
+            "stats": {}}
+
+
+def loaders_result(rows: list[dict], device: str = "cpu") -> dict:
+    return {"kind": "loaders", "environment": {"device": device, "cpu_count": 2, "torch": "x", "date": "today"},
+            "config": {"workers": 2, "threads": 2, "batch_size": 64, "split": "train", "repeats": 3, "epochs": 1,
+                       "batches_per_epoch": 10, "augment": True, "device": "cuda:0" if device != "cpu" else "cpu"},
+            "results": rows}
+
+
 def test_report_renders_tables_and_plots(trace_file, synthetic, tmp_path):
     loaders = tmp_path / "loaders.json"
-    loaders.write_text(json.dumps({
-        "kind": "loaders", "environment": {"device": "cpu", "cpu_count": 2, "torch": "x", "date": "today"},
-        "config": {"workers": 2, "threads": 2, "batch_size": 64, "split": "train", "repeats": 3, "epochs": 1,
-                   "batches_per_epoch": 10, "augment": True},
-        "results": [
-            {"backend": name, "images_per_s": stats.summary(values), "latency_ms": stats.latency_summary([0.05]),
-             "cpu_util_percent": 90.0, "peak_gpu_memory_mb": None}
-            for name, values in (("dali-cpu", [1300.0, 1250.0, 1350.0]), ("torchvision", [600.0, 580.0, 640.0]))]}))
+    loaders.write_text(json.dumps(loaders_result([loader_row("dali-cpu", [1300.0, 1250.0, 1350.0]),
+                                                  loader_row("torchvision", [600.0, 580.0, 640.0])])))
     inspected = tmp_path / "inspect.json"
     subprocess.run([sys.executable, "-m", "profiling", "inspect", str(trace_file), "--json", str(inspected)],
                    cwd=REPO, check=True, capture_output=True)
     amp = tmp_path / "amp.json"
     amp.write_text(json.dumps({"environment": {"device": "cpu"}, **run_amp(AmpBenchmark(
         model="tiny-cnn", batch_size=2, steps=1, warmup=0, repeats=1, image_size=32, num_classes=3,
-        precisions=("fp32", "amp-bf16"), channels_last=(False,), freeze=("none",)))}))
+        precisions=("fp32", "amp-bf16"), layouts=("NCHW",), freeze=("none",)))}))
 
     path = report.write_report([loaders, amp, inspected], tmp_path / "report")
     text = path.read_text()
-    assert "| dali-cpu | 1300 | 1250 - 1350 | 2.17x |" in text and "| - / - |" in text
-    assert "met: dali-cpu >= 2x torchvision" in text
+    assert "| dali-cpu | candidate | 1300 | 1250 - 1350 | 2.17x |" in text and "| - / - |" in text
+    assert "met: dali-cpu >= 2x torchvision (baseline) images/s" in text
     assert "| none frozen | amp-bf16 | NCHW |" in text and "**Verdict:**" in text
     for png in ("loaders-0.png", "amp-1.png"):
         assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
@@ -222,10 +245,50 @@ def test_gpu_goals_take_the_best_gpu_row_and_are_not_checked_on_a_cpu(tmp_path):
     assert goals == [
         "- met: AMP >= 2x FP32, full fine-tuning (amp-bf16, channels_last, NVIDIA H100 80GB HBM3): "
         "measured 2.30x (gpu.json)",
-        "- met: data wait < 5% of step time, DALI + AMP (amp-bf16, NVIDIA H100 80GB HBM3): measured 3.00% (gpu.json)"]
+        "- met: data wait < 5% of step time, the best loader + AMP (dali-gpu, amp-bf16, NVIDIA H100 80GB HBM3): "
+        "measured 3.00% (gpu.json)"]
     assert "## Goals" not in report.write_report([on_cpu], tmp_path / "b").read_text()
 
 
 def test_report_says_by_how_much_a_goal_was_missed(tmp_path):
-    line = report._goal("dali-gpu >= 10x torchvision", 7.5, 10.0, tmp_path / "r.json")
+    line = goal("dali-gpu >= 10x torchvision", 7.5, 10.0, tmp_path / "r.json")
     assert line == "- MISSED: dali-gpu >= 10x torchvision: measured 7.50x, 2.50x short of 10x (r.json)"
+
+
+def test_backend_goals_come_from_the_registry_and_apply_on_their_device(tmp_path):
+    """The ratios are over the reference where one was measured; a GPU goal is not checked on a CPU; the
+    cache's goal is over the fastest other candidate."""
+    from planktonio.loaders import BACKENDS
+    from profiling.render.loaders import backend_goals
+    rows = [loader_row("dali-cpu", [1300.0]), loader_row("torchvision", [650.0]), loader_row("cache", [900.0])]
+    result = loaders_result(rows)
+    goals = backend_goals(rows, result["config"], result["environment"], tmp_path / "r.json")
+    declared = sum(1 for name in ("dali-cpu", "cache") for g in BACKENDS[name].goals if g.device in ("cpu", "any"))
+    assert len(goals) == declared
+    assert any("dali-cpu >= 2x torchvision (baseline)" in line and "measured 2.00x" in line for line in goals)
+    assert any("cache >= 1x the fastest other candidate, dali-cpu" in line and "MISSED" in line for line in goals)
+    gpu = loaders_result([loader_row("dali-gpu", [9000.0]), loader_row("torchvision", [1000.0])], "NVIDIA H200")
+    gpu_goals = backend_goals(gpu["results"], gpu["config"], gpu["environment"], tmp_path / "r.json")
+    assert any("dali-gpu >= 10x torchvision" in line and "MISSED" in line and "9.00x" in line for line in gpu_goals)
+
+
+def test_a_loader_result_of_one_batch_epochs_renders(tmp_path):
+    """With the training split no larger than two batches every timed batch opens an epoch: no ordinary
+    batch to compare the boundary with, boundary_vs_batch is None, and the report says '-' for it."""
+    path = tmp_path / "loaders.json"
+    path.write_text(json.dumps(loaders_result([loader_row("dali-cpu", [1300.0], None),
+                                               loader_row("torchvision", [600.0], None)])))
+    text = report.write_report([path], tmp_path / "report").read_text()
+    assert "| dali-cpu | candidate | 1300 |" in text and "epoch boundary costs" not in text
+
+
+def test_the_report_imports_no_torch(tmp_path):
+    """Turning JSON into markdown runs anywhere: `profiling report` imports neither torch nor the model code."""
+    code = ("import sys; from profiling.__main__ import main; main(['report', sys.argv[1], '--out', sys.argv[2]]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    path = tmp_path / "loaders.json"
+    path.write_text(json.dumps(loaders_result([loader_row("dali-cpu", [1300.0]), loader_row("torchvision", [600.0])])))
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "report")], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "report" / "report.md").is_file()

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO
 
 
@@ -19,20 +21,22 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
     it takes well under a minute; the budget is generous so that a busy machine does not time a stage
     out (each stage's share is a fraction of it), and the suite ends when its stages do."""
     out = tmp_path / "suite"
-    result = suite("--data", str(synthetic), "--out", str(out), "--minutes", "5", "--backends", "dali-cpu")
+    result = suite("--data", str(synthetic), "--out", str(out), "--minutes", "5", "--backends", "dali-cpu,torchvision")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "suite.json").read_text())
     assert summary["seconds"] <= summary["budget_s"] == 300  # stages are stopped when they overrun
     status = {s["name"]: s["status"] for s in summary["stages"]}
-    assert list(status) == ["doctor", "loaders", "amp", "train dali-cpu-fp32", "train dali-cpu-amp", "trace",
-                            "inspect"]  # no GPU: no GPU tests
+    # no GPU: no GPU tests; the candidate trains with AMP, the reference (here the first baseline) in FP32
+    assert list(status) == ["doctor", "smoke", "loaders", "amp", "train dali-cpu-amp", "train torchvision-fp32",
+                            "trace", "inspect"]
     assert all(status[name] == "ok" for name in list(status)[1:]), status
     assert status["doctor"] != "not run"  # ok, or failed: either way recorded, never fatal
     assert all((out / "logs" / f"{name.replace(' ', '-')}.log").is_file() for name in status)
 
     training = json.loads((out / "training.json").read_text())
-    assert [(r["loader"], r["precision"]) for r in training["runs"]] == [("dali-cpu", "fp32"),
-                                                                        ("dali-cpu", "amp-bf16")]
+    assert [(r["loader"], r["precision"]) for r in training["runs"]] == [("dali-cpu", "amp-bf16"),
+                                                                        ("torchvision", "fp32")]
+    assert not any((out / "train" / name / "last.pt").exists() for name in ("dali-cpu-amp", "torchvision-fp32"))
     assert all(r["epochs"] == 2 and r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1
                for r in training["runs"])
     assert training["config"]["model"] == "tiny-cnn"  # a CPU: the fast configuration made tiny
@@ -43,8 +47,9 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
     for heading in ("## What ran", "## Loader throughput", "## Mixed precision against FP32",
                     "## End-to-end training", "## Trace"):
         assert heading in report
-    assert "| dali-cpu | amp-bf16 |" in report and "TF32 off" in report
-    assert (out / "report" / "training-3.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| dali-cpu | candidate | amp-bf16 |" in report and "TF32 off" in report
+    assert "not an accuracy comparison" in report and "## Smoke check" in report
+    assert list((out / "report").glob("training-*.png"))
 
 
 def test_a_budget_too_small_for_anything_is_a_clear_error(synthetic, tmp_path):
@@ -52,3 +57,81 @@ def test_a_budget_too_small_for_anything_is_a_clear_error(synthetic, tmp_path):
     assert result.returncode == 2
     assert "--minutes 0.2: too small for any measurement" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "suite").exists()
+
+
+# ------------------------------------------------------------------ the GPU plan against its budget
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def simulate(stages, budget_s: float, seconds_of):
+    """run_stages with a clock that moves by what each stage would take (capped at its share, as the real
+    runner stops an overrunning stage): returns when the stages were done."""
+    from profiling.suite import REPORT_RESERVE_S, run_stages
+    clock = FakeClock()
+
+    def runner(stage, share, log):
+        wanted = seconds_of(stage)
+        stage.seconds = min(wanted, share)
+        stage.status = "ok" if wanted <= share else f"timed out after {share:.0f} s"
+        clock.now += stage.seconds
+
+    run_stages(stages, budget_s - REPORT_RESERVE_S, runner, clock=clock, say=lambda line: None)
+    return clock.now
+
+
+def gpu_plan(tmp_path, minutes=7.0):
+    import torch
+    from profiling.settings import Suite
+    from profiling.suite import NOMINAL_BUDGET_S, plan
+    budget = 60 * minutes
+    stages, runs, _ = plan(Suite(data=str(tmp_path), out=str(tmp_path / "out"), minutes=minutes),
+                           torch.device("cuda"), min(1.0, budget / NOMINAL_BUDGET_S["cuda"]))
+    return stages, budget
+
+
+def test_the_gpu_plan_fits_seven_minutes_with_margin(tmp_path):
+    """Every stage of the GPU host's plan, at its estimated time, fits 7 minutes with the report's reserve and
+    a tenth to spare; stages the same estimates say are slower than planned by 10% still all finish."""
+    from profiling.suite import REPORT_RESERVE_S
+    stages, budget = gpu_plan(tmp_path)
+    names = [s.name for s in stages]
+    assert names[:5] == ["doctor", "smoke", "gpu-tests", "loaders", "amp"] and names[-2:] == ["trace", "inspect"]
+    assert any(name.startswith("train ") and name.endswith("-fp32") for name in names)  # the study's way
+    planned = sum(s.estimate_s for s in stages)
+    assert planned + REPORT_RESERVE_S <= 0.9 * budget, planned
+    used = simulate(stages, budget, lambda stage: 1.1 * stage.estimate_s)
+    assert all(s.status == "ok" for s in stages), [(s.name, s.status, s.budget_s) for s in stages]
+    assert used <= budget - REPORT_RESERVE_S
+
+
+def test_a_slow_or_hung_stage_costs_its_share_only(tmp_path):
+    """The loader benchmark hangs and the others take 10% more than planned: the hung stage is stopped at
+    its share, every other stage still finishes, and the report's reserve is untouched. Then every stage
+    takes twice its estimate: those that overrun are stopped, none is skipped for want of time."""
+    from profiling.suite import REPORT_RESERVE_S
+    stages, budget = gpu_plan(tmp_path)
+    used = simulate(stages, budget, lambda stage: 10**6 if stage.name == "loaders" else 1.1 * stage.estimate_s)
+    status = {s.name: s.status for s in stages}
+    assert status.pop("loaders").startswith("timed out") and set(status.values()) == {"ok"}, status
+    assert used <= budget - REPORT_RESERVE_S + 1e-6
+    stages, budget = gpu_plan(tmp_path)
+    used = simulate(stages, budget, lambda stage: 2 * stage.estimate_s)
+    assert not any(s.status == "skipped: no budget left" for s in stages)
+    assert used <= budget - REPORT_RESERVE_S + 1e-6
+
+
+def test_a_budget_too_small_for_the_gpu_plan_is_refused(tmp_path):
+    from planktonio.errors import PlanktonioError
+    from profiling.suite import check_budget
+    import torch
+    stages, _ = gpu_plan(tmp_path, minutes=0.5)
+    with pytest.raises(PlanktonioError, match="--minutes 0.5: too small for any measurement on this machine"):
+        check_budget(stages, 30, torch.device("cuda"), 0.5)
+    check_budget(*gpu_plan(tmp_path), torch.device("cuda"), 7)

@@ -365,7 +365,7 @@ def test_checkpoints_follow_the_time_budget(plankton, tmp_path, monkeypatch):
     epochs 2 and 5 (300 s after the previous checkpoint) and at the end; best.pt, kept in memory,
     written just before a last.pt whenever it changed."""
     now = {"s": 0.0}
-    monkeypatch.setattr(loop, "clock", lambda: now["s"])
+    monkeypatch.setattr(loop.checkpoint, "clock", lambda: now["s"])
     count_training_steps(monkeypatch, lambda n: now.update(s=10.0 * n))
     saved, save_atomic = [], loop.checkpoint.save_atomic
 
@@ -502,7 +502,7 @@ def test_evaluate_needs_no_training_split(plankton, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("training.epoch=3", "unknown config key.*training.epoch"),
+    ("training.epoch=3", "--set training.epoch=3: unknown key .training.epoch."),
     ("trainin.epochs=3", "unknown config section"),
     ("training.precision=fp8", "training.precision must be one of"),
     ("loader.batch_size=many", "loader.batch_size: expected an integer"),

@@ -1,7 +1,10 @@
 """Command line: `python -m train fit ...` and `python -m train evaluate ...`.
 
-Exit codes: 0 done, 2 bad input (config, data, weights), 3 the loss became
-NaN/inf, 75 stopped by SIGTERM/SIGUSR1 (continue with --resume).
+Exit codes (train/signals.py): 0 done; 2 bad input (config, data, weights,
+a run folder another process is writing); 3 the loss or the weights became
+NaN/inf (no checkpoint holds them); 75 stopped by SIGTERM, SIGUSR1, SIGINT or
+SIGHUP, last.pt written (continue with --resume); 76 another rank left or
+hung (restart from last.pt; the Slurm job scripts do); 130 a second Ctrl-C.
 """
 
 from __future__ import annotations

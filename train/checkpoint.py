@@ -1,35 +1,163 @@
-"""Checkpoints written atomically, with everything a resumed run needs to continue exactly."""
+"""Checkpoints: written atomically, loaded without running code, checked against their own checksum.
+
+Run folders are shared between the users of a group and copied around, so a
+checkpoint is data, never code: it holds tensors and plain Python values only
+(the random states included: numpy's as a tensor), and is loaded with
+`torch.load(weights_only=True)`, which refuses any pickled object that would
+run code when unpickled. It carries a sha256 of its content (every tensor's
+bytes, shape and dtype, every key and plain value, in a fixed order), checked
+on load: a file with bytes changed or cut short is refused with a one-line
+error that says what to use instead. A checkpoint whose weights, buffers or
+optimizer state are not all finite is never written (`check_finite`).
+
+When last.pt is written follows a time budget (`CheckpointPolicy`), not
+every epoch.
+"""
 
 from __future__ import annotations
 
-import os
+import hashlib
 import random
+import re
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from planktonio.errors import PlanktonioError
+from planktonio.files import atomic_file
+
+CHECKSUM = "checksum"
+clock = time.monotonic  # the checkpoint budget's clock (tests replace it)
+
+
+# ------------------------------------------------------------------ content checksum
+
+
+def _feed(digest, value) -> None:
+    """Add a value to the digest: its type, then its content, so that no two values feed the same bytes."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}|".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        digest.update(f"{type(value).__name__}:{value!r}|".encode())
+    else:
+        raise TypeError(f"a checkpoint holds tensors and plain values only, not {type(value).__name__}")
+
+
+def content_checksum(state: dict) -> str:
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != CHECKSUM})
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ saving and loading
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    """torch.save with its checksum, to a temporary file, fsync'd, then renamed over `path`."""
+    state = {**state, CHECKSUM: content_checksum(state)}
+    with atomic_file(path, "wb", durable=True) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def torch_load(path: Path):
+    """torch.load of tensors and plain values only (no code runs), quietly: its warnings about a file it
+    then refuses would print lines beside the one-line error that says what to do."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_error_reason(error: Exception) -> str:
+    """torch.load's failure in a few words (its own message spans lines and advises weights_only=False)."""
+    text = str(error)
+    unsafe = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if unsafe:
+        return f"it holds a Python object ({unsafe.group(1)}) that loading would run as code: refused"
+    if "Weights only load failed" in text:
+        return "it is not a file of tensors (a plain pickle, or another format): refused, unpickling it could run code"
+    if re.search(r"invalid load key|central directory|PytorchStreamReader|unexpected EOF|truncated", text, re.I):
+        return "not a PyTorch file, or cut short"
+    return (text.strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+ADVICE = {
+    "last.pt": "resume is not possible from it: start a new run from its best weights "
+               "(--set model.weights=RUN/best.pt), or restore a copy of last.pt",
+    "best.pt": "evaluate last.pt instead (--checkpoint last), or restore a copy of best.pt",
+}
 
 
 def load(path: Path) -> dict:
+    """A checkpoint written by save_atomic; any problem is a one-line PlanktonioError saying what to do."""
+    path = Path(path)
+    advice = ADVICE.get(path.name, "use another checkpoint")
     if not path.is_file():
         raise PlanktonioError(f"checkpoint {path}: not found")
     try:
-        # Our own files: they hold RNG states and numpy arrays, not just tensors.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise PlanktonioError(f"checkpoint {path}: cannot be read ({error})") from None
+        state = torch_load(path)
+    except Exception as error:  # pickle, zip, truncation, or an object weights_only refuses
+        raise PlanktonioError(f"checkpoint {path}: cannot be read ({load_error_reason(error)}); {advice}") from None
+    if not isinstance(state, dict) or CHECKSUM not in state:
+        raise PlanktonioError(f"checkpoint {path}: no checksum (not written by this planktonio, or by an older "
+                              f"one); {advice}")
+    if content_checksum(state) != state.pop(CHECKSUM):
+        raise PlanktonioError(f"checkpoint {path}: its content does not match its checksum (changed or damaged "
+                              f"since it was written); {advice}")
+    return state
+
+
+# ------------------------------------------------------------------ finite values only
+
+
+def first_non_finite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None (one device sync)."""
+    named = [(name, t) for name, t in named_tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer):
+    """(name, tensor) of an optimizer's state: momentum buffers, Adam's moments."""
+    for index, per_parameter in enumerate(optimizer.state.values()):
+        for key, value in per_parameter.items():
+            yield f"optimizer state {key} of parameter {index}", value
+
+
+# ------------------------------------------------------------------ when to write
+
+
+class CheckpointPolicy:
+    """last.pt at the first epoch end at least `every_s` seconds after the previous checkpoint.
+
+    (And always on a signal, at early stopping and at the end: the loop asks
+    for those itself.) A crash therefore loses at most every_s plus one epoch.
+    """
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.written_at = clock()
+
+    def due(self) -> bool:
+        return clock() - self.written_at >= self.every_s
+
+    def written(self) -> None:
+        self.written_at = clock()
 
 
 # ------------------------------------------------------------------ random state, one per rank
@@ -46,19 +174,25 @@ def seed_rank(seed: int, rank: int) -> None:
 
 
 def rng_state(device: torch.device) -> dict:
-    """This process's random state: Python, numpy, torch on the CPU and on its own GPU."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random state as plain values and tensors: Python, numpy, torch on the CPU and its GPU."""
+    version, words, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def restore_rng(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
-        if isinstance(state["cuda"], list):  # checkpoints before per-rank states held every device's
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"], device)
+

@@ -1,15 +1,21 @@
-"""Training configuration: YAML files, `--set key=value` overrides, validated before any work.
+"""Training configuration: YAML files and `--set key=value` overrides, declared once, checked before any work.
 
-A config is a tree of sections (model, loader, optimizer, training, augment).
-Every key is declared below with its type and default: an unknown key, a value
-of the wrong type or a choice outside the allowed ones is an error that names
-the key, raised before a data set is opened or a model is built.
+A config is a tree of sections (model, loader, optimizer, training, profile,
+augment). Each section is a dataclass below: its fields declare the type,
+default, help and choices of every key (planktonio/declared.py builds and
+checks them), and its `problems()` the checks across a value's range. An
+unknown key, a value of the wrong type or out of range is an error raised
+before a data set is opened or a model built, and it says where the value
+came from: the config file and line, or the `--set` that gave it.
+
+Numbers are read as YAML 1.2 reads them: `1e-3` and `3E-4` are numbers (YAML
+1.1, PyYAML's default, reads them as strings). A key given twice in one
+mapping is an error naming it and both lines, not the last one silently.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,64 +23,127 @@ from typing import Any
 
 import yaml
 
+from planktonio.declared import Problem, SettingsError, build, setting
 from planktonio.errors import PlanktonioError
-from planktonio.loaders import backend_choices
-from planktonio.transforms import EVAL_TRANSFORM, Transform
+from planktonio.loaders import backend_choices, backend_of, check_loader_sizes, default_backend
+from planktonio.transforms import DEFAULT_TRANSFORMS, Transform
 
 PRECISIONS = ("fp32", "amp-fp16", "amp-bf16", "amp")
 FREEZE = ("none", "features", "all-but-head")
-BACKENDS = backend_choices()  # from planktonio's one registry of loader backends
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "alexnet"           # any torchvision classification model, or tiny-cnn
-    weights: str | None = None      # a local state-dict file; None: random initialisation
-    freeze: str = "none"            # none | features | all-but-head
+    name: str = setting("alexnet", help="any torchvision classification model, or tiny-cnn")
+    weights: str | None = setting(None, help="a local state-dict file (never downloaded); null: random weights")
+    freeze: str = setting("none", choices=FREEZE, help="none | features | all-but-head")
 
 
 @dataclass
 class LoaderConfig:
-    backend: str = "torchvision"    # dali (GPU if there is one) | dali-gpu | dali-cpu | torchvision
-    batch_size: int = 24
-    eval_batch_size: int | None = None  # default: batch_size
-    workers: int | None = None      # DataLoader processes; default: the CPUs this process may use
-    dali_threads: int | None = None  # DALI CPU threads; default: workers (dali-gpu needs only a few)
+    # The default: the registry's first alias (DALI, on the GPU where there is one).
+    backend: str = setting(default_backend(), choices=backend_choices(training=True),
+                           help="a loader backend of planktonio's registry, or an alias")
+    batch_size: int = setting(24)
+    eval_batch_size: int | None = setting(None, help="default: batch_size")
+    workers: int | None = setting(None, help="DataLoader processes; default: the CPUs this process may use")
+    threads: int | None = setting(None, help="DALI CPU threads; default: workers (dali-gpu needs only a few)")
+    options: dict = setting(default_factory=dict, help="the backend's own options (e.g. the cache's budget_bytes)")
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = [(text.split()[0], text) for text in check_loader_sizes(self.batch_size, self.workers, self.threads)]
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            found.append(("eval_batch_size", "eval_batch_size must be >= 1"))
+        try:
+            backend_of(self.backend).parse_options(self.options)
+        except SettingsError as error:
+            found += [("options", f"options: {p.message}") for p in error.problems]
+        return found
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "constant"      # constant | cosine (over training.epochs)
+    name: str = setting("sgd", choices=OPTIMIZERS)
+    lr: float = setting(0.001)
+    momentum: float = setting(0.9)
+    weight_decay: float = setting(0.0)
+    schedule: str = setting("constant", choices=SCHEDULES, help="constant | cosine (over training.epochs)")
+
+    def problems(self) -> list[tuple[str, str]]:
+        checks = [(self.lr >= 0, "lr", "lr must be >= 0"),
+                  (0 <= self.momentum < 1, "momentum", "momentum must be in [0, 1)"),
+                  (self.weight_decay >= 0, "weight_decay", "weight_decay must be >= 0")]
+        return [(key, message) for ok, key, message in checks if not ok]
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 100
-    patience: int = 20              # early stopping: epochs without a better validation loss
-    precision: str = "fp32"         # fp32 | amp-fp16 | amp-bf16 | amp (fp16 on GPU, bf16 on CPU)
-    channels_last: bool = False
-    compile: bool = False           # torch.compile the model
-    seed: int = 0
-    device: str = "auto"            # auto | cpu | cuda
-    progress: bool = True           # a progress bar on rank 0
+    epochs: int = setting(100)
+    patience: int = setting(20, help="early stopping: epochs without a better validation loss")
+    precision: str = setting("fp32", choices=PRECISIONS, help="amp: fp16 on a GPU, bf16 on a CPU")
+    channels_last: bool = setting(False)
+    compile: bool = setting(False, help="torch.compile the model")
+    seed: int = setting(0)
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
+    progress: bool = setting(True, help="a progress bar on rank 0, on a terminal")
     # Every check_every steps (and at each epoch's end) the loop waits for the
     # GPU once to see whether the loss became NaN/inf and whether a signal
     # asks it to stop; in between it never waits. The cost: a NaN is noticed
     # up to check_every - 1 steps late (those steps are thrown away: the run
     # exits 3 and last.pt stays the last good checkpoint), and a signal is
     # obeyed up to check_every steps late. 1: a check after every step.
-    check_every: int = 50
+    check_every: int = setting(50)
     # last.pt (and best.pt, kept in memory until then) is written at the first
     # epoch end at least this many seconds after the previous checkpoint, and
     # always on a signal, at early stopping and at the end. A crash loses at
     # most this long plus one epoch. 0: after every epoch.
-    checkpoint_every_s: float = 300.0
+    checkpoint_every_s: float = setting(300.0)
+    tensorboard: bool = setting(False, help="also write TensorBoard event files to the run folder")
+    speed_run: bool = setting(False, help="a run measured for its speed (profiling suite): no checkpoint is "
+                                          "written and the best weights are not tested")
+    # How long a rank waits in a collective for the others before the job is
+    # declared hung (a rank stopped, a wedged GPU): the process group's timeout.
+    collective_timeout_s: float = setting(600.0)
+
+    def problems(self) -> list[tuple[str, str]]:
+        checks = [(0 <= self.seed < 2**32, "seed", "seed must be in [0, 2**32)"),
+                  (self.epochs >= 1, "epochs", "epochs must be >= 1"),
+                  (self.patience >= 1, "patience", "patience must be >= 1"),
+                  (self.check_every >= 1, "check_every", "check_every must be >= 1"),
+                  (self.checkpoint_every_s >= 0, "checkpoint_every_s", "checkpoint_every_s must be >= 0"),
+                  (self.collective_timeout_s > 0, "collective_timeout_s", "collective_timeout_s must be > 0"),
+                  (re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None, "device",
+                   "device must be auto, cpu, cuda or cuda:N")]
+        return [(key, message) for ok, key, message in checks if not ok]
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler around a run's first steps (`python -m profiling trace` switches it on)."""
+
+    enabled: bool = setting(False)
+    wait: int = setting(1, help="steps before the profiler starts")
+    warmup: int = setting(2, help="steps recorded and thrown away (the profiler's own start-up)")
+    active: int = setting(5, help="steps recorded into the trace")
+    memory: bool = setting(False, help="also record shapes and memory, and write a memory timeline")
+    stop_after: bool = setting(True, help="end the run once the trace is written (no validation, no checkpoint)")
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.wait < 0 or self.warmup < 0 or self.active < 1:
+            return [("active", "wait and warmup must be >= 0, active >= 1")]
+        return []
+
+    @property
+    def steps(self) -> int:
+        return self.wait + self.warmup + self.active
+
+
+SECTIONS = {"model": ModelConfig, "loader": LoaderConfig, "optimizer": OptimizerConfig,
+            "training": TrainingConfig, "profile": ProfileConfig}
+# Keys renamed since runs were first written: an older run folder's config.yaml still loads.
+RENAMED = {("loader", "dali_threads"): "threads"}
 
 
 @dataclass
@@ -83,9 +152,10 @@ class Config:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     # The planktonio Transform of each split, as mappings (see planktonio/transforms.py).
     augment: dict[str, dict[str, Any]] = field(default_factory=lambda: {
-        "train": EVAL_TRANSFORM.to_dict(), "eval": EVAL_TRANSFORM.to_dict()})
+        which: t.to_dict() for which, t in DEFAULT_TRANSFORMS.items()})
 
     def transform(self, which: str) -> Transform:
         return Transform.from_dict(self.augment[which])
@@ -94,100 +164,105 @@ class Config:
         return asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "loader": LoaderConfig, "optimizer": OptimizerConfig,
-            "training": TrainingConfig}
-
-
-def _check_value(key: str, value: Any, annotation: str) -> Any:
-    """Check a value against a field's declared type (annotations are strings here)."""
-    optional = "None" in annotation
-    if value is None:
-        if optional:
-            return None
-        raise PlanktonioError(f"config key {key}: a value is required")
-    if "bool" in annotation:
-        if not isinstance(value, bool):
-            raise PlanktonioError(f"config key {key}: expected true or false, got {value!r}")
-    elif "int" in annotation:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PlanktonioError(f"config key {key}: expected an integer, got {value!r}")
-    elif "float" in annotation:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise PlanktonioError(f"config key {key}: expected a finite number, got {value!r}")
-        value = float(value)
-    elif "str" in annotation and not isinstance(value, str):
-        raise PlanktonioError(f"config key {key}: expected a string, got {value!r}")
-    return value
-
-
-def _build_section(name: str, cls, values: Any):
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise PlanktonioError(f"config section {name}: expected a mapping, got {values!r}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(repr(f"{name}.{k}") for k in set(values) - set(known))  # repr: any key prints on one line
-    if unknown:
-        raise PlanktonioError(f"unknown config key(s) {', '.join(unknown)}; {name} has: {', '.join(known)}")
-    section = cls()
-    for key, value in values.items():
-        setattr(section, key, _check_value(f"{name}.{key}", value, str(known[key].type)))
-    return section
-
-
 def from_dict(values: dict[str, Any]) -> Config:
+    """A Config from nested mappings; raises SettingsError naming every bad key."""
     values = copy.deepcopy(values or {})
     if not isinstance(values, dict):
-        raise PlanktonioError(f"a config is a mapping of sections, not {values!r}")
-    unknown = sorted(repr(k) for k in set(values) - set(SECTIONS) - {"augment"})
-    if unknown:
-        raise PlanktonioError(f"unknown config section(s) {', '.join(unknown)}; "
-                              f"known: {', '.join([*SECTIONS, 'augment'])}")
-    config = Config(**{name: _build_section(name, cls, values.get(name)) for name, cls in SECTIONS.items()})
+        raise SettingsError([Problem("", f"a config is a mapping of sections, not {values!r}")])
+    for (section, old), new in RENAMED.items():
+        if isinstance(values.get(section), dict) and old in values[section]:
+            values[section].setdefault(new, values[section].pop(old))
+    known = [*SECTIONS, "augment"]
+    problems = [Problem(str(k), f"unknown config section {str(k)!r}; known: {', '.join(known)}")
+                for k in values if k not in known]
+    sections = {}
+    for name, cls in SECTIONS.items():
+        try:
+            sections[name] = build(cls, values.get(name), name)
+        except SettingsError as error:
+            problems += error.problems
     augment = values.get("augment") or {}
     if not isinstance(augment, dict) or set(augment) - {"train", "eval"}:
-        raise PlanktonioError("config section augment: expected keys train and eval")
-    config.augment.update(augment)
-    validate(config)
+        problems.append(Problem("augment", "config section augment: expected keys train and eval"))
+        augment = {}
+    config = Config(**sections) if not problems else None
+    if config is not None:
+        config.augment.update(augment)
+        for which in ("train", "eval"):
+            try:
+                config.transform(which)
+            except PlanktonioError as error:
+                problems.append(Problem(f"augment.{which}", f"augment.{which}: {error}"))
+    if problems:
+        raise SettingsError(problems)
     return config
 
 
-def validate(config: Config) -> None:
-    """Choices and ranges; also builds both transforms so that their errors surface now."""
-    checks = [
-        (config.model.freeze in FREEZE, f"model.freeze must be one of {', '.join(FREEZE)}"),
-        (config.loader.backend in BACKENDS, f"loader.backend must be one of {', '.join(BACKENDS)}"),
-        (config.loader.batch_size >= 1, "loader.batch_size must be >= 1"),
-        (config.loader.eval_batch_size is None or config.loader.eval_batch_size >= 1,
-         "loader.eval_batch_size must be >= 1"),
-        (config.loader.workers is None or config.loader.workers >= 0, "loader.workers must be >= 0"),
-        (config.loader.dali_threads is None or config.loader.dali_threads >= 1, "loader.dali_threads must be >= 1"),
-        (config.optimizer.name in OPTIMIZERS, f"optimizer.name must be one of {', '.join(OPTIMIZERS)}"),
-        (config.optimizer.schedule in SCHEDULES, f"optimizer.schedule must be one of {', '.join(SCHEDULES)}"),
-        (config.optimizer.lr >= 0, "optimizer.lr must be >= 0"),
-        (0 <= config.optimizer.momentum < 1, "optimizer.momentum must be in [0, 1)"),
-        (config.optimizer.weight_decay >= 0, "optimizer.weight_decay must be >= 0"),
-        (0 <= config.training.seed < 2**32, "training.seed must be in [0, 2**32)"),
-        (config.training.epochs >= 1, "training.epochs must be >= 1"),
-        (config.training.patience >= 1, "training.patience must be >= 1"),
-        (config.training.check_every >= 1, "training.check_every must be >= 1"),
-        (config.training.checkpoint_every_s >= 0, "training.checkpoint_every_s must be >= 0"),
-        (config.training.precision in PRECISIONS, f"training.precision must be one of {', '.join(PRECISIONS)}"),
-        (re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", config.training.device) is not None,
-         "training.device must be auto, cpu, cuda or cuda:N"),
-    ]
-    problems = [message for ok, message in checks if not ok]
-    if problems:
-        raise PlanktonioError("bad config: " + "; ".join(problems))
-    for which in ("train", "eval"):
-        try:
-            config.transform(which)
-        except PlanktonioError as error:
-            raise PlanktonioError(f"config augment.{which}: {error}") from None
+# ------------------------------------------------------------------ YAML, and where each value came from
 
 
-def apply_override(values: dict[str, Any], assignment: str) -> None:
-    """Apply one `section.key=value` (value parsed as YAML: 5, 0.1, true, null, [1, 2])."""
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats and duplicate keys refused."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} at line {line} (first given at line "
+                                    f"{first_line[key]}); keep one", key_node.start_mark)
+                first_line[key] = line
+            except TypeError:  # an unhashable key (a list): the base class says so
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats without a dot: 1e-3, 3E-4, -2e+5 (YAML 1.1 needs 1.0e-3).
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+_YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _YamlLoader.construct_mapping)
+
+
+def parse_yaml(text: str):
+    """A YAML document as Python values (YAML 1.2 floats, duplicate keys refused)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass: no Python objects)
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> the line it is given on, for every key of a composed YAML document."""
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def read_file(path: Path) -> tuple[dict, dict[str, int]]:
+    """A config file's values and the line of each dotted key."""
+    if not path.is_file():
+        raise PlanktonioError(f"config file {path}: not found")
+    try:
+        text = path.read_text()
+        node = yaml.compose(text, Loader=_YamlLoader)
+        values = parse_yaml(text) or {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlanktonioError(f"config file {path}: cannot be read ({error})") from None
+    except yaml.YAMLError as error:
+        reason = " ".join(str(error).split())  # PyYAML's message spans lines
+        raise PlanktonioError(f"config file {path}: not valid YAML ({reason})") from None
+    if not isinstance(values, dict):
+        raise PlanktonioError(f"config file {path}: expected a mapping of sections at the top level")
+    return values, _key_lines(node) if node is not None else {}
+
+
+def apply_override(values: dict[str, Any], assignment: str) -> str:
+    """Apply one `section.key=value` (value parsed as YAML: 5, 1e-3, true, null, [1, 2]); returns the key."""
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise PlanktonioError(f"--set expects section.key=value, got {assignment!r}")
@@ -196,32 +271,39 @@ def apply_override(values: dict[str, Any], assignment: str) -> None:
     for part in parts[:-1]:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
-            raise PlanktonioError(f"--set {key}: {part} is not a section")
+            raise PlanktonioError(f"--set {assignment}: {part} is not a section")
     try:
-        target[parts[-1]] = yaml.safe_load(text)
+        target[parts[-1]] = parse_yaml(text) if text.strip() else None
     except yaml.YAMLError as error:
-        raise PlanktonioError(f"--set {key}: cannot parse {text!r} ({error})") from None
+        raise PlanktonioError(f"--set {assignment}: cannot parse {text!r} ({' '.join(str(error).split())})") from None
+    return key
+
+
+def _where(problem: Problem, path: Path | None, lines: dict[str, int], overrides: dict[str, str]) -> str:
+    """The problem's message, prefixed with where its value came from: a --set, or the file's line."""
+    for key, assignment in overrides.items():
+        if problem.key == key or problem.key.startswith(key + ".") or key.startswith(problem.key + "."):
+            return f"--set {assignment}: {problem.message}"
+    if path is None:
+        return problem.message
+    line = next((lines[k] for k in (problem.key, problem.key.rpartition(".")[0]) if k in lines), None)
+    return f"{path}{f':{line}' if line else ''}: {problem.message}"
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanktonioError(f"config file {path}: not found")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise PlanktonioError(f"config file {path}: not valid YAML ({error})") from None
-        if not isinstance(values, dict):
-            raise PlanktonioError(f"config file {path}: expected a mapping at the top level")
-    for assignment in overrides:
-        apply_override(values, assignment)
+    """The config in a YAML file (or the defaults), with `--set` overrides applied after it."""
+    values, lines = ({}, {}) if path is None else read_file(Path(path))
+    given = {apply_override(values, assignment): assignment for assignment in overrides}
     try:
         return from_dict(values)
-    except PlanktonioError as error:
-        raise PlanktonioError(f"{path or 'config'}: {error}") from None
+    except SettingsError as error:
+        where = [_where(p, None if path is None else Path(path), lines, given) for p in error.problems]
+        raise PlanktonioError("bad config: " + "; ".join(where)) from None
 
 
 def dump(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def field_names(section: str) -> list[str]:
+    return [f.name for f in fields(SECTIONS[section])]

@@ -4,12 +4,29 @@ torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `srun python -m train`
 sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, which are read when torchrun's
 variables are absent (MASTER_ADDR and MASTER_PORT must then be exported by
 the job script). A single process needs none of it.
+
+Which GPU a rank uses: its local rank modulo the GPUs it can see. A site
+that gives each task all of the node's GPUs shows four to every task (local
+ranks 0-3 take cuda:0-3); a site that binds one GPU per task shows each task
+only its own, as cuda:0, and every local rank then takes cuda:0
+(SLURM_LOCALID alone would ask for cuda:1-3 there: "invalid device ordinal").
+
+When a peer leaves (killed, out of memory, a lost node) the surviving ranks'
+next collective fails with a transport error from deep inside gloo or NCCL,
+and when a peer hangs (stopped, a wedged GPU) it blocks until the process
+group's timeout (`training.collective_timeout_s`). `PeerLost` turns either
+into one line naming the rank and host that left where that can be told, and
+the training program exits with EXIT_PEER_LOST for the job script to restart
+it from last.pt.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
-from dataclasses import dataclass
+import re
+import socket
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,6 +37,8 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # (rank, host, pid) of every rank, gathered once at start: who a lost peer was
+    peers: tuple[tuple[int, str, int], ...] = field(default=(), compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -37,16 +56,99 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def init(device: torch.device) -> Context:
+def from_environment() -> Context:
+    """This process's place in the job, from torchrun's or Slurm's variables (no process group needed)."""
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     if world == 1:
         return Context()
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    return Context(_env_int("RANK", "SLURM_PROCID", default=0), world,
+                   _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0))
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a single process: the one that prints and writes files."""
+    return from_environment().is_main
+
+
+def device_index(local_rank: int, visible: int) -> int:
+    """The GPU of a rank: its local rank modulo the GPUs this process sees (see the module's docstring)."""
+    return local_rank % max(visible, 1)
+
+
+def init(device: torch.device, timeout_s: float) -> Context:
+    """Join the process group (when there are several ranks), with collectives timing out after timeout_s."""
+    ctx = from_environment()
+    if not ctx.distributed:
+        return ctx
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world)
-    return Context(rank, world, local)
+        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    peers = [None] * ctx.world_size
+    dist.all_gather_object(peers, (ctx.rank, socket.gethostname(), os.getpid()))
+    return Context(ctx.rank, ctx.world_size, ctx.local_rank, tuple(peers))
+
+
+# ------------------------------------------------------------------ a peer that left
+
+
+# What gloo and NCCL say when a peer is gone or does not answer.
+_PEER_GONE = re.compile(r"connection (?:reset|closed)|broken pipe|timed out|timeout|nccl communicator was aborted|"
+                        r"remote process exited|socket|peer", re.IGNORECASE)
+_ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:\d+")
+
+
+class PeerLost(Exception):
+    """A collective failed because another rank left or hung; the message is the one line to print."""
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether an exception out of a collective means another rank is gone (not a bug of this one)."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    return dist.is_initialized() and (isinstance(error, backend_error) or (
+        isinstance(error, RuntimeError) and _PEER_GONE.search(str(error)) is not None))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def who_left(ctx: Context, error: BaseException) -> str:
+    """The rank that left, as well as can be told: a dead process on this host, or the host gloo names."""
+    here = socket.gethostname()
+    dead = [(rank, host) for rank, host, pid in ctx.peers if host == here and rank != ctx.rank and not _alive(pid)]
+    if dead:
+        return ", ".join(f"rank {rank} on {host}" for rank, host in dead)
+    match = _ADDRESS.search(str(error))
+    if match:
+        try:
+            host = socket.gethostbyaddr(match.group(1))[0]
+        except OSError:
+            host = match.group(1)
+        ranks = [rank for rank, peer_host, _ in ctx.peers if peer_host in (host, host.split(".")[0])]
+        if len(ranks) == 1:
+            return f"rank {ranks[0]} on {host}"
+        return f"a rank on {host}"
+    return "another rank"
+
+
+def peer_lost(ctx: Context, error: BaseException, operation: str, where: str) -> PeerLost:
+    """The one line a surviving rank says, e.g. "rank 1 on node2 left during all_reduce at epoch 3, step 5"."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", reason)[:160]  # gloo prefixes its source file and line
+    hung = "timed out" in reason.lower() or "timeout" in reason.lower()
+    what = "stopped answering" if hung else "left"
+    return PeerLost(f"rank {ctx.rank} on {socket.gethostname()}: {who_left(ctx, error)} {what} during {operation} "
+                    f"{where} ({reason})")
+
+
+# ------------------------------------------------------------------ collectives
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -83,11 +185,6 @@ def gather_to_main(obj) -> list | None:
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on one: ranks must agree to stop together."""
-    return all_sum([float(flag)], device)[0] > 0
 
 
 def barrier() -> None:

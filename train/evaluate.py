@@ -14,9 +14,12 @@ import torch
 
 from planktonio.errors import PlanktonioError
 
+from planktonio.files import write_atomic
+
 from . import checkpoint, config as config_module, distributed, run_record
 from .executor import Executor
 from .metrics import confusion_matrix, per_class_scores
+from .run_folder import RunLock
 
 
 def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "best",
@@ -54,9 +57,11 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
         **{k.removeprefix("split_"): v for k, v in stats.summary("split").items()},
         "per_class": {name: scores for name, scores in zip(classes, per_class_scores(confusion))},
     }
-    (run / f"eval-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_confusion_csv(confusion, classes, run / f"confusion-{split}.csv")
-    plot_confusion(confusion, classes, run / f"confusion-{split}.png", f"{run.name}: {split}")
+    if executor.ctx.is_main:  # the run folder's one writer while the files are written: not while `fit` runs
+        with RunLock(run, "train evaluate"):
+            write_atomic(run / f"eval-{split}.json", json.dumps(result, indent=2) + "\n")
+            write_confusion_csv(confusion, classes, run / f"confusion-{split}.csv")
+            plot_confusion(confusion, classes, run / f"confusion-{split}.png", f"{run.name}: {split}")
     return result
 
 

@@ -21,7 +21,17 @@ from . import checkpoint, distributed
 from .config import Config
 from .metrics import EpochStats, RunningSums
 from .model import build_model
-from .step import AMP_DTYPES, autocast, model_input, resolve_precision
+from .step import AMP_DTYPES, autocast, loader_output, resolve_precision
+
+
+def rank_device(device: torch.device, ctx: distributed.Context, visible: int) -> torch.device:
+    """The device a rank computes on: under DDP, its own GPU (distributed.device_index); else as asked,
+    with a bare "cuda" made explicit (the current device)."""
+    if device.type != "cuda":
+        return device
+    if ctx.distributed:
+        return torch.device("cuda", distributed.device_index(ctx.local_rank, visible))
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
 
 
 class Executor:
@@ -29,9 +39,11 @@ class Executor:
         self.config = config
         t = config.training
         device = resolve_device(t.device)
-        self.ctx = distributed.init(device)
-        if device.type == "cuda" and self.ctx.distributed:
-            device = torch.device("cuda", self.ctx.local_rank)
+        self.ctx = distributed.init(device, t.collective_timeout_s)
+        device = rank_device(device, self.ctx, torch.cuda.device_count() if device.type == "cuda" else 0)
+        if device.type == "cuda":
+            # The current device too: streams, events and kernels launched without a device
+            # argument (cuDNN's, DALI's) then go to this rank's GPU, not cuda:0.
             torch.cuda.set_device(device)
         self.device = device
         if device.type == "cuda":
@@ -40,7 +52,7 @@ class Executor:
             torch.backends.cudnn.benchmark = True
         self.precision = resolve_precision(t.precision, device)
         self.amp_dtype = AMP_DTYPES[self.precision]
-        self.output = model_input(self.precision, device, t.channels_last)  # what loaders emit
+        self.output = loader_output(self.precision, device, t.channels_last)  # what loaders emit
         self.dataset = PreparedDataset.load(data)
 
         torch.manual_seed(t.seed)  # the same initial head on every rank (DDP also broadcasts it)
@@ -67,7 +79,7 @@ class Executor:
             c.loader.backend, self.dataset, split, batch_size=batch_size,
             transform=c.transform("train" if train else "eval"), output=self.output, device=self.device,
             train=train, shard_index=self.ctx.rank, shard_count=self.ctx.world_size,
-            workers=c.loader.workers, threads=c.loader.dali_threads, seed=c.training.seed)
+            workers=c.loader.workers, threads=c.loader.threads, seed=c.training.seed, options=c.loader.options)
 
     def eval_loader(self, split: str):
         loader = self.config.loader

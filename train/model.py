@@ -18,6 +18,8 @@ from torch import nn
 
 from planktonio.errors import PlanktonioError
 
+from .checkpoint import CHECKSUM, content_checksum, load_error_reason, torch_load
+
 
 class TinyCNN(nn.Module):
     """A small CNN shaped like AlexNet (features, then classifier): CI-sized, same code path."""
@@ -70,11 +72,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise PlanktonioError(f"weights file {path}: not found (weights are never downloaded; "
                               f"copy the .pth file to this machine)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
     except Exception as error:  # pickle, zip and format errors all mean "not a weights file"
-        raise PlanktonioError(f"weights file {path}: cannot be read as a PyTorch state dict ({error})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a planktonio checkpoint (best.pt / last.pt)
+        raise PlanktonioError(f"weights file {path}: cannot be read as a PyTorch state dict "
+                              f"({load_error_reason(error)}); give a .pth of tensors, or a best.pt") from None
+    if isinstance(state, dict) and CHECKSUM in state:  # a planktonio checkpoint (best.pt / last.pt)
+        if content_checksum(state) != state[CHECKSUM]:
+            raise PlanktonioError(f"weights file {path}: its content does not match its checksum (changed or "
+                                  f"damaged since it was written); use another copy")
+        state = state.get("model")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PlanktonioError(f"weights file {path}: not a state dict of tensors")
     return state

@@ -1,22 +1,55 @@
-"""Stop cleanly on the signals a scheduler sends before a time limit.
+"""Stop cleanly on the signals a scheduler, a terminal or a lost session sends.
 
-Slurm sends SIGTERM when it cancels or preempts a job, and a job script can
-ask for SIGUSR1 some minutes before its time limit (`--signal=USR1@300`).
-Either only raises a flag; the loop sees it at its next check (every
+- SIGTERM: Slurm cancels or preempts a job (scancel, a time limit);
+- SIGUSR1: a job script asks for it some minutes before its time limit
+  (`--signal=USR1@300`);
+- SIGINT: Ctrl-C, sent to every process of the foreground group (the
+  DataLoader workers ignore it, planktonio/loaders/workers.py);
+- SIGHUP: the terminal went away (an ssh session to a login node closed).
+Each only raises a flag; the loop sees it at its next check (every
 `training.check_every` steps, and at each epoch's end), writes last.pt and
-exits with EXIT_INTERRUPTED, so the requeued or resubmitted job resumes.
+exits with EXIT_INTERRUPTED, so a requeued or resubmitted job resumes. A
+second Ctrl-C aborts at once, with one line: the user asked twice.
+After SIGHUP the terminal is gone, and writing to it would fail (EIO) in the
+middle of the checkpoint: the standard streams that were that terminal are
+pointed at /dev/null (a log redirected to a file keeps its lines).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 EXIT_OK = 0
 EXIT_USAGE = 2          # bad config, data or weights: fix the input
-EXIT_NON_FINITE = 3     # the loss became NaN or infinite; last.pt holds the last good checkpoint
-EXIT_INTERRUPTED = 75   # EX_TEMPFAIL: stopped by a signal, resume with --resume
+EXIT_NON_FINITE = 3     # the loss or the weights became NaN or infinite; no checkpoint holds them
+EXIT_INTERRUPTED = 75   # EX_TEMPFAIL: stopped by a signal, last.pt written: resume with --resume
+EXIT_PEER_LOST = 76     # another rank left (died, or hung past training.collective_timeout_s): restart from last.pt
+EXIT_ABORTED = 130      # a second Ctrl-C: stopped at once, nothing written
 
-HANDLED = (signal.SIGTERM, signal.SIGUSR1)
+HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+
+
+def _detach_from_lost_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they were the terminal that hung up."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None and os.isatty(stream.fileno()):
+                os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):
+            pass
+    os.close(devnull)
+
+
+def _say(text: str) -> None:
+    """One line on stderr from a signal handler: never let the printing itself fail the run
+    (a handler can interrupt another write to the same stream, or the terminal may be gone)."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, RuntimeError, ValueError):
+        pass
 
 
 class StopFlag:
@@ -30,7 +63,16 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            _say("\naborted by a second Ctrl-C: nothing written since the last checkpoint")
+            os._exit(EXIT_ABORTED)  # at once: no unwinding through the step that is running
+        if signum == signal.SIGHUP:
+            _detach_from_lost_terminal()
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                _say("\nstopping at the next check (SIGINT): writing a checkpoint; press Ctrl-C again to "
+                     "abort without one")
 
     @property
     def raised(self) -> bool:

@@ -64,6 +64,22 @@ def in_comparison_order(names) -> list[str]:
     return sorted(names, key=lambda name: order.index(BACKENDS[name].role))
 
 
+def default_backend() -> str:
+    """The name a run uses when none is given: the registry's first alias (its module's recommended
+    backend, chosen by the device)."""
+    return next(iter(ALIASES)) if ALIASES else next(name for name, b in BACKENDS.items() if b.trains)
+
+
+def reference_backend(device: torch.device) -> str | None:
+    """The backend comparisons are taken over on `device`: the study's own pipeline (role reference), else
+    the first baseline."""
+    for role in ("reference", "baseline"):
+        names = runnable_backends(device, roles=(role,))
+        if names:
+            return names[0]
+    return None
+
+
 def backend_of(name: str) -> Backend:
     """The backend a name stands for, without a device: an alias is read as its first backend."""
     if name in ALIASES:
@@ -190,5 +206,6 @@ def make_loader(
 
 
 __all__ = ["ALIASES", "BACKENDS", "BACKEND_MODULES", "Backend", "Goal", "Loader", "LoaderSpec", "ROLES",
-           "available_cpus", "backend_choices", "backend_of", "check_loader_sizes", "in_comparison_order",
-           "make_loader", "resolve_backend", "resolve_device", "runnable_backends"]
+           "available_cpus", "backend_choices", "backend_of", "check_loader_sizes", "default_backend",
+           "in_comparison_order", "make_loader", "reference_backend", "resolve_backend", "resolve_device",
+           "runnable_backends"]
