@@ -31,6 +31,7 @@ infinity: the weights are checked at every epoch's end and before each write.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import sys
 import time
@@ -41,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from planktonio.errors import PlanktonioError
+from planktonio.files import write_atomic
 
 from . import checkpoint, distributed, run_record
 from .checkpoint import CheckpointPolicy
@@ -234,6 +236,9 @@ class Trainer:
         if self.ex.ctx.is_main:
             self.write_best()
             checkpoint.save_atomic(state, self.out / "last.pt")
+            # Where last.pt stands, for job scripts that read it without torch (slurm/common.sh).
+            write_atomic(self.out / "last.json", json.dumps({"epoch": self.epoch, "step": self.batches_done,
+                                                             "finished": finished}) + "\n")
         distributed.barrier()  # no rank leaves (and maybe exits) before the files are there
         self.best_written = True
         self.policy.written()
