@@ -20,6 +20,7 @@ never each other.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -30,17 +31,17 @@ from ..dataset import PreparedDataset
 from ..errors import PlanktonioError
 from ..shards import ShardSet
 from ..transforms import DEFAULT_TRANSFORMS, Output, Transform
-from . import cache_loader, dali_loader, memory_loader, sharding, torchvision_loader
+from . import sharding
 from .backend import ROLES, Backend, Goal
 from .base import Loader, LoaderSpec
 
-# The registry: one entry per backend module, in the order tables list them.
-BACKEND_MODULES = (
-    dali_loader,
-    torchvision_loader,
-    cache_loader,
-    memory_loader,
-)
+# The registry: one entry per backend module of this package, in the order tables list them.
+BACKEND_MODULES = tuple(importlib.import_module(f".{name}", __name__) for name in (
+    "dali_loader",
+    "torchvision_loader",
+    "cache_loader",
+    "memory_loader",
+))
 
 BACKENDS: dict[str, Backend] = {b.name: b for module in BACKEND_MODULES for b in module.BACKENDS}
 # Names that stand for a backend chosen by the device: the first of their list that runs there.
