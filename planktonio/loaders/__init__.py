@@ -41,6 +41,7 @@ BACKEND_MODULES = tuple(importlib.import_module(f".{name}", __name__) for name i
     "torchvision_loader",
     "cache_loader",
     "memory_loader",
+    "pil_loader",
 ))
 
 BACKENDS: dict[str, Backend] = {b.name: b for module in BACKEND_MODULES for b in module.BACKENDS}
