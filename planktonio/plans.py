@@ -114,7 +114,12 @@ def center_crop(widths: np.ndarray, heights: np.ndarray, size: int, resize: int)
 
 
 def make_plan(transform: Transform, widths, heights, *, seed: int, epoch: int) -> Plan:
-    """The plan of every image of a manifest (position p: widths[p] x heights[p]) for one epoch."""
+    """The plan of every image of a manifest (position p: widths[p] x heights[p]) for one epoch.
+
+    With transform.period K, epoch e has the plan of epoch e mod K.
+    """
+    if transform.period is not None:
+        epoch %= transform.period
     widths = np.asarray(widths, dtype=np.int64)
     heights = np.asarray(heights, dtype=np.int64)
     if transform.crop == "center":

@@ -44,6 +44,10 @@ class Transform:
         trained with it).
     hflip: probability of a horizontal flip (0 for none).
     mean/std: per-channel normalisation, on the 0..1 scale.
+    period: None, or K: the random crops and flips of epoch e are those of
+        epoch e mod K (the images' order still changes every epoch). A run
+        whose plans repeat can keep K views of each image's frozen features
+        (train/feature_cache.py) instead of recomputing them every epoch.
     """
 
     crop: str = "center"
@@ -54,6 +58,7 @@ class Transform:
     hflip: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    period: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,6 +85,8 @@ class Transform:
             problems.append(f"hflip is a probability in [0, 1], not {self.hflip!r}")
         if not all(math.isfinite(v) for v in self.mean) or not all(0 < v < math.inf for v in self.std):
             problems.append("mean must be finite numbers and std positive ones")
+        if self.period is not None and not (_is_int(self.period) and self.period >= 1):
+            problems.append(f"period must be an integer >= 1 (or null), not {self.period!r}")
         if problems:
             raise PlanktonioError("bad transform: " + "; ".join(problems))
 
@@ -95,6 +102,11 @@ class Transform:
             raise PlanktonioError(
                 f"unknown transform key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
+
+    @property
+    def deterministic(self) -> bool:
+        """Every epoch gives each image the same crop and flip."""
+        return self.crop == "center" and self.hflip in (0, 0.0, 1, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -39,6 +39,10 @@ class ModelConfig:
     name: str = setting("alexnet", help="any torchvision classification model, or tiny-cnn")
     weights: str | None = setting(None, help="a local state-dict file (never downloaded); null: random weights")
     freeze: str = setting("none", choices=FREEZE, help="none | features | all-but-head")
+    # train: the study's recipe (frozen layers still run in training mode: the dropout before AlexNet's
+    # frozen fc6 and fc7 stays on); eval: they run in eval mode, no dropout there: a linear probe of the
+    # features, another recipe with another result.
+    frozen_mode: str = setting("train", choices=("train", "eval"), help="train | eval (a linear probe)")
 
 
 @dataclass
@@ -103,6 +107,14 @@ class TrainingConfig:
     tensorboard: bool = setting(False, help="also write TensorBoard event files to the run folder")
     speed_run: bool = setting(False, help="a run measured for its speed (profiling suite): no checkpoint is "
                                           "written and the best weights are not tested")
+    # The feature cache (train/feature_cache.py): auto computes once what every epoch would compute
+    # identically (a frozen prefix on a deterministic or periodic transform) where it fits its budget.
+    feature_cache: str = setting("auto", choices=("auto", "on", "off"), help="auto | on | off")
+    feature_cache_budget_mb: float | None = setting(None, help="most MiB the kept activations may take "
+                                                              "(default: half the GPU's free memory, else half "
+                                                              "the host's available memory)")
+    feature_cache_dir: str | None = setting(None, help="where the activations are kept on disk (default: "
+                                                       "RUN/feature-cache; a sweep shares one)")
     # How long a rank waits in a collective for the others before the job is
     # declared hung (a rank stopped, a wedged GPU): the process group's timeout.
     collective_timeout_s: float = setting(600.0)
@@ -114,6 +126,8 @@ class TrainingConfig:
                   (self.check_every >= 1, "check_every", "check_every must be >= 1"),
                   (self.checkpoint_every_s >= 0, "checkpoint_every_s", "checkpoint_every_s must be >= 0"),
                   (self.collective_timeout_s > 0, "collective_timeout_s", "collective_timeout_s must be > 0"),
+                  (self.feature_cache_budget_mb is None or self.feature_cache_budget_mb >= 0,
+                   "feature_cache_budget_mb", "feature_cache_budget_mb must be >= 0"),
                   (re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None, "device",
                    "device must be auto, cpu, cuda or cuda:N")]
         return [(key, message) for ok, key, message in checks if not ok]

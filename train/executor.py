@@ -64,13 +64,15 @@ class Executor:
         checkpoint.seed_rank(t.seed, self.ctx.rank)  # from here on, each rank its own dropout masks
         self._ddp = None
 
-    def training_net(self) -> torch.nn.Module:
-        """The model to train: wrapped in DistributedDataParallel when there are several ranks."""
+    def training_net(self, module: torch.nn.Module | None = None) -> torch.nn.Module:
+        """What the steps run (the model, or the part of it after a feature cache's cut): wrapped in
+        DistributedDataParallel when there are several ranks."""
+        net = self.net if module is None else module
         if not self.ctx.distributed:
-            return self.net
+            return net
         if self._ddp is None:
             self._ddp = DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return self._ddp
 
     def loader_for(self, split: str, batch_size: int, train: bool):
@@ -85,21 +87,22 @@ class Executor:
         loader = self.config.loader
         return self.loader_for(split, loader.eval_batch_size or loader.batch_size, False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
         with autocast(self.device, self.amp_dtype):
-            return self.net(images)
+            return (self.net if net is None else net)(images)
 
     @torch.no_grad()
-    def evaluate(self, loader, collect: bool = False):
+    def evaluate(self, loader, collect: bool = False, net: torch.nn.Module | None = None):
         """Loss, accuracy and top-5 over a whole split (every image once across ranks).
 
         collect: also return this rank's predictions and labels (CPU tensors).
+        net: what to run on the batches (the model's part after a feature cache's cut; default the model).
         """
         self.model.eval()
         distributed.broadcast_buffers(self.model)
         sums, predictions, targets = RunningSums(self.device), [], []
         for images, labels in loader:
-            logits = self.forward(images).float()
+            logits = self.forward(images, net).float()
             sums.add(F.cross_entropy(logits, labels), logits, labels)
             if collect:
                 predictions.append(logits.argmax(dim=1))

@@ -43,12 +43,14 @@ from tqdm import tqdm
 
 from planktonio.errors import PlanktonioError
 from planktonio.files import write_atomic
+from planktonio.loaders import resolve_backend
 
 from . import checkpoint, distributed, run_record
 from .checkpoint import CheckpointPolicy
 from .config import Config, dump
 from .early_stopping import EarlyStopping
 from .executor import Executor
+from .feature_cache import FeatureCache
 from .metrics import EpochStats, RunningSums
 from .model import set_train_mode
 from .profiler import StepProfiler
@@ -62,7 +64,8 @@ from .writers import MetricsLog, MetricsWriters
 # Keys a resumed run may change: they continue a run (more epochs, more
 # patience) or change how it reports, never what it computes.
 RESUMABLE_CHANGES = {"training.epochs", "training.patience", "training.progress", "training.check_every",
-                     "training.checkpoint_every_s", "training.tensorboard", "training.collective_timeout_s"}
+                     "training.checkpoint_every_s", "training.tensorboard", "training.collective_timeout_s",
+                     "training.feature_cache", "training.feature_cache_budget_mb", "training.feature_cache_dir"}
 
 
 class NonFinite(Exception):
@@ -88,12 +91,26 @@ class Trainer:
 
     def __init__(self, executor: Executor, out: Path):
         self.ex, self.config, self.out = executor, executor.config, out
-        o, t = self.config.optimizer, self.config.training
-        self.net = executor.training_net()
+        o, t, loader = self.config.optimizer, self.config.training, self.config.loader
         self.optimizer = make_optimizer(o.name, executor.model, executor.device, o.lr, o.momentum, o.weight_decay)
         self.scaler = make_scaler(executor.precision, executor.device)
-        self.train_loader = executor.loader_for("train", self.config.loader.batch_size, True)
-        self.valid_loader = executor.eval_loader("valid")
+        self.loader_name = resolve_backend(loader.backend, executor.device)
+        # What every epoch would compute identically is computed once where it can be (feature_cache.py);
+        # the steps then run the rest of the model on the kept activations.
+        self.features = FeatureCache(executor, out, log=lambda line: say(executor.ctx, line))
+        if self.features.decide():
+            self.features.prepare()
+            self.eval_net = self.features.cut.rest
+            self.net = executor.training_net(self.eval_net)
+            self.train_loader = self.features.batches("train", loader.batch_size, True)
+            self.valid_loader = self.features.batches("valid", loader.eval_batch_size or loader.batch_size, False)
+        else:
+            if t.feature_cache == "auto":
+                say(executor.ctx, f"feature cache off: {self.features.reason}")
+            self.eval_net = None  # the whole model
+            self.net = executor.training_net()
+            self.train_loader = executor.loader_for("train", loader.batch_size, True)
+            self.valid_loader = executor.eval_loader("valid")
 
         # Progress, early stopping and the best weights: restored by resume().
         self.epoch, self.batches_done, self.partial = 0, 0, EpochStats()
@@ -121,7 +138,7 @@ class Trainer:
             return None
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(epoch)
-        set_train_mode(ex.model)
+        set_train_mode(ex.model, self.config.model.frozen_mode)
         self.train_loader.set_epoch(epoch, skip_batches=self.batches_done)
         steps, every = len(self.train_loader), self.config.training.check_every
         # A bar on an interactive terminal only: in batch logs (Slurm) the epoch lines suffice.
@@ -186,7 +203,7 @@ class Trainer:
 
     def validate(self) -> EpochStats:
         self.phase = "validation (all_reduce)"
-        return self.ex.evaluate(self.valid_loader)
+        return self.ex.evaluate(self.valid_loader, net=self.eval_net)
 
     def check_finite(self, when: str) -> None:
         """Raise NonFinite, on every rank alike, if a weight, buffer or optimizer state holds a NaN or an infinity."""
@@ -372,7 +389,7 @@ def _run(trainer: Trainer, data: Path, state: dict | None) -> int:
     writers = MetricsWriters(out, f"{out.name}: {config.model.name}", trainer.epoch, config.training.tensorboard) \
         if ctx.is_main else None
     say(ctx, f"{config.model.name} ({config.model.freeze} frozen), {ex.precision}, "
-             f"{trainer.train_loader.backend} loader, {ctx.world_size} process(es) on {ex.device}, "
+             f"{trainer.loader_name} loader, {ctx.world_size} process(es) on {ex.device}, "
              f"{len(trainer.train_loader)} steps of {config.loader.batch_size} per epoch")
     trainer.stop_flag.install()
     try:
@@ -486,9 +503,11 @@ def _finish(trainer: Trainer, stop_reason: str) -> None:
         if trainer.best is not None:
             ex.model.load_state_dict(trainer.best["model"])
         trainer.phase = "testing the best weights (all_reduce)"
-        loader = ex.eval_loader("test")
+        batch_size = trainer.config.loader.eval_batch_size or trainer.config.loader.batch_size
+        loader = trainer.features.batches("test", batch_size, False) \
+            if trainer.features.report["used"] else ex.eval_loader("test")
         try:
-            stats = ex.evaluate(loader)
+            stats = ex.evaluate(loader, net=trainer.eval_net)
         finally:
             loader.close()
         test = {k.removeprefix("test_"): v for k, v in stats.summary("test").items()}
@@ -500,4 +519,5 @@ def _write_summary(trainer: Trainer, stop_reason: str, test: dict | None) -> Non
     ex = trainer.ex
     write_summary(trainer.out, MetricsLog(trainer.out / "metrics.jsonl").records(), stop_reason,
                   best_epoch=trainer.early.best_epoch, test=test, precision=ex.precision,
-                  loader=trainer.train_loader.backend, world_size=ex.ctx.world_size, device=ex.device)
+                  loader=trainer.loader_name, world_size=ex.ctx.world_size, device=ex.device,
+                  extra={"feature_cache": trainer.features.report})

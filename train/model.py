@@ -117,12 +117,44 @@ def freeze(model: nn.Module, mode: str, head: str) -> None:
         parameter.requires_grad_(False)
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """model.train(), except that fully frozen BatchNorm layers keep their running statistics."""
+def forward_steps(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The model's forward as a flat sequence of named modules, for the families whose forward is one."""
+    if isinstance(model, (torchvision.models.AlexNet, torchvision.models.VGG)):
+        return [*((f"features.{n}", m) for n, m in model.features.named_children()), ("avgpool", model.avgpool),
+                ("flatten", nn.Flatten(1)), *((f"classifier.{n}", m) for n, m in model.classifier.named_children())]
+    if isinstance(model, torchvision.models.ResNet):
+        return [(name, getattr(model, name)) for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2",
+                                                          "layer3", "layer4", "avgpool")] + \
+            [("flatten", nn.Flatten(1)), ("fc", model.fc)]
+    if isinstance(model, TinyCNN):
+        return [*((f"features.{n}", m) for n, m in model.features.named_children()), ("avgpool", model.avgpool),
+                *((f"classifier.{n}", m) for n, m in model.classifier.named_children())]
+    return None
+
+
+FROZEN_MODES = ("train", "eval")
+
+
+def set_train_mode(model: nn.Module, frozen_mode: str = "train") -> None:
+    """model.train(), except that fully frozen BatchNorm layers keep their running statistics.
+
+    frozen_mode "eval" (a linear probe): every module before the first one that
+    trains runs in eval mode too, so the frozen layers' dropout is off. That
+    changes the result (another recipe than the study's): measure it.
+    """
     model.train()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
                 p.requires_grad for p in module.parameters()):
+            module.eval()
+    if frozen_mode == "eval":
+        steps = forward_steps(model)
+        if steps is None:
+            raise PlanktonioError(f"model.frozen_mode eval: {type(model).__name__}'s forward is not a sequence "
+                                  f"of modules this program knows; use frozen_mode train")
+        for _, module in steps:
+            if any(p.requires_grad for p in module.parameters()):
+                break
             module.eval()
 
 
