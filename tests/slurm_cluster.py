@@ -1,10 +1,17 @@
-"""A one-node Slurm cluster on localhost for the job-script tests.
+"""A two-node Slurm cluster on localhost for the job-script tests.
 
 Debian's Slurm (slurmctld, slurmd, slurm-client) and munge, started directly
 (there is no systemd), each with its own files in a temporary folder: a munge
-key and socket, slurm.conf, gres.conf with four "GPUs" that are symlinks to
-/dev/null (Slurm needs device files; torch still sees no CUDA, so jobs run in
-CPU mode). Only the daemons started here are stopped, by pid.
+key and socket, slurm.conf, gres.conf with four "GPUs" a node that are
+symlinks to /dev/null (Slurm needs device files; torch still sees no CUDA, so
+jobs run in CPU mode). Only the daemons started here are stopped, by pid.
+
+Two nodes on one host, as Slurm's multiple-slurmd setup has them: one
+NodeName line per node with its own Port=, `%n` (the node's name) in
+SlurmdSpoolDir, SlurmdPidFile and SlurmdLogFile, and one `slurmd -N <node>`
+each. Each node has its own loopback address (127.0.0.1, 127.0.0.2: Linux
+routes all of 127/8 to lo), so that a job script that took its MASTER_ADDR
+from the wrong node would be seen to.
 """
 
 from __future__ import annotations
@@ -17,10 +24,10 @@ import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd")
+NODES = ("node1", "node2")
+DAEMONS = ("munged", "slurmctld", *(f"slurmd-{node}" for node in NODES))  # their pid files, in start order
 # squeue reasons that mean the job will never start on this cluster.
 NEVER_RUNS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "DependencyNeverSatisfied"}
-NODE = "node1"
 
 
 def unavailable_reason() -> str | None:
@@ -49,8 +56,8 @@ def _free_port() -> int:
 
 class LocalSlurm:
     def __init__(self, root: Path, cpus: int = 40, gpus: int = 4):
-        # A Cirrus GPU node's shape (40 cores, 4 GPUs), whatever this machine
-        # has: SlurmdParameters=config_overrides lets slurmd accept it.
+        # Cirrus GPU nodes' shape (40 cores, 4 GPUs each), whatever this machine
+        # has: SlurmdParameters=config_overrides lets each slurmd accept it.
         self.root = Path(root)
         self.cpus, self.gpus = cpus, gpus
         self.conf = self.root / "slurm.conf"
@@ -58,29 +65,35 @@ class LocalSlurm:
 
     def _write_config(self) -> None:
         r = self.root
-        for folder in ("state", "spool", "log", "dev"):
+        for folder in ("state", "log", *(f"spool/{node}" for node in NODES), *(f"dev/{node}" for node in NODES)):
             (r / folder).mkdir(parents=True, exist_ok=True)
-        for i in range(self.gpus):
-            (r / "dev" / f"gpu{i}").symlink_to("/dev/null")
+        for node in NODES:
+            for i in range(self.gpus):
+                (r / "dev" / node / f"gpu{i}").symlink_to("/dev/null")
         (r / "munge.key").write_bytes(os.urandom(1024))
         (r / "munge.key").chmod(0o600)
         r.chmod(0o755)  # munged wants a socket directory others can reach
+        nodes = "\n".join(
+            f"NodeName={node} NodeAddr=127.0.0.{i} NodeHostname={socket.gethostname()} Port={_free_port()} "
+            f"CPUs={self.cpus} RealMemory=8000 Gres=gpu:{self.gpus} State=UNKNOWN"
+            for i, node in enumerate(NODES, start=1))
+        # cred_expire: a requeued job waits this long before it may start again
+        # (Slurm's default, 120 s, would be most of a requeue test's time).
         self.conf.write_text(f"""\
 ClusterName=planktonio-test
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 AuthType=auth/munge
-AuthInfo=socket={r}/munge.sock
+AuthInfo=socket={r}/munge.sock,cred_expire=15
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -95,10 +108,11 @@ SlurmdParameters=config_overrides
 SchedulerParameters=sched_interval=1
 MinJobAge=600
 KillWait=5
-NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname={socket.gethostname()} CPUs={self.cpus} RealMemory=8000 Gres=gpu:{self.gpus} State=UNKNOWN
-PartitionName=gpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+{nodes}
+PartitionName=gpu Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
-        (r / "gres.conf").write_text(f"NodeName={NODE} Name=gpu File={r}/dev/gpu[0-{self.gpus - 1}]\n")
+        (r / "gres.conf").write_text("".join(f"NodeName={node} Name=gpu File={r}/dev/{node}/gpu[0-{self.gpus - 1}]\n"
+                                             for node in NODES))
 
     def start(self, timeout: float = 30) -> None:
         self._write_config()
@@ -107,11 +121,12 @@ PartitionName=gpu Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscri
                         f"--log-file={r}/log/munged.log", f"--pid-file={r}/munged.pid",
                         f"--seed-file={r}/munged.seed"], check=True, env=self.env)
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env)
-        subprocess.run(["slurmd", "-f", str(self.conf), "-N", NODE], check=True, env=self.env)
+        for node in NODES:
+            subprocess.run(["slurmd", "-f", str(self.conf), "-N", node], check=True, env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=self.env)
-            if state.stdout.strip() == "idle":
+            state = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, env=self.env)
+            if state.stdout.split() == ["idle"] * len(NODES):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"Slurm did not come up: {self.log_tail()}")
