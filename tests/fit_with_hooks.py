@@ -11,6 +11,19 @@ writes DIR/mask-rank<R>.json, the dropout mask its random state would draw
 now (drawn on a copy of the state, so the run itself is unchanged).
 STEP_SECONDS: each training step takes that much longer (a slow run, so that
 a test's signals arrive mid-epoch).
+
+A rank that fails, as the OOM killer, a GPU's ECC error or a wedged GPU make
+it (the Slurm tests start this module in their jobs through
+PLANKTONIO_TRAIN_MODULE): FAULT_SIGNAL (KILL, STOP, ...) is sent by the rank
+FAULT_RANK to itself right after its training step FAULT_AT_STEP (counted from
+1 in this process, so a restarted process fails further on) or after step S of
+epoch E with FAULT_AT=E:S (the same place in every attempt). With FAULT_ONCE=PATH
+only the first process to get there fails, and leaves PATH behind (the time it
+failed).
+
+RANKS=DIR: each rank writes DIR/rank<R>.json at start: where Slurm put it
+(node, local rank, the GPUs it was given, the GPU index it takes) and the
+MASTER_ADDR it meets the others at.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from train import loop
+from train import distributed, loop
 from train.__main__ import main
 
 
@@ -50,9 +63,52 @@ def install_hooks(sigterm_at: int | None, sigterm_rank: int | None, masks: Path 
     loop.train_step = train_step
 
 
+def install_fault(sig: signal.Signals, rank: int, at_step: int | None, at: tuple[int, int] | None,
+                  once: Path | None) -> None:
+    if distributed.from_environment().rank != rank:
+        return
+    original_step, original_epoch = loop.train_step, loop.Trainer.train_epoch
+    seen = {"steps": 0, "trainer": None}
+
+    def train_epoch(self, epoch):
+        seen["trainer"] = self  # where the run stands: its epoch and the steps done in it
+        return original_epoch(self, epoch)
+
+    def train_step(*args, **kwargs):
+        result = original_step(*args, **kwargs)
+        seen["steps"] += 1
+        trainer = seen["trainer"]
+        here = (trainer.epoch, trainer.batches_done + 1)  # batches_done counts this step only after it returns
+        if (seen["steps"] == at_step or here == at) and not (once is not None and once.exists()):
+            if once is not None:
+                once.write_text(f"{time.time()}\n")
+            os.kill(os.getpid(), sig)
+        return result
+
+    loop.train_step, loop.Trainer.train_epoch = train_step, train_epoch
+
+
+def write_placement(folder: Path) -> None:
+    ctx = distributed.from_environment()
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{ctx.rank}.json").write_text(json.dumps({
+        "rank": ctx.rank, "world_size": ctx.world_size, "local_rank": ctx.local_rank,
+        "node": os.environ.get("SLURMD_NODENAME"), "gpus": gpus,
+        "device_index": distributed.device_index(ctx.local_rank, len(gpus)),
+        "master_addr": os.environ.get("MASTER_ADDR")}))
+
+
 if __name__ == "__main__":
     env = os.environ
     install_hooks(int(env["SIGTERM_AT_STEP"]) if "SIGTERM_AT_STEP" in env else None,
                   int(env["SIGTERM_RANK"]) if "SIGTERM_RANK" in env else None,
                   Path(env["MASKS"]) if "MASKS" in env else None, float(env.get("STEP_SECONDS", "0")))
+    if "FAULT_SIGNAL" in env:
+        install_fault(signal.Signals[f"SIG{env['FAULT_SIGNAL']}"], int(env.get("FAULT_RANK", "0")),
+                      int(env["FAULT_AT_STEP"]) if "FAULT_AT_STEP" in env else None,
+                      tuple(map(int, env["FAULT_AT"].split(":"))) if "FAULT_AT" in env else None,
+                      Path(env["FAULT_ONCE"]) if "FAULT_ONCE" in env else None)
+    if "RANKS" in env:
+        write_placement(Path(env["RANKS"]))
     sys.exit(main(sys.argv[1:]))
