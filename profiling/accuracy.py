@@ -84,7 +84,10 @@ class Sweep:
             raise PlanktonioError(f"--reference {self.reference}: no such arm; arms: {', '.join(names)}")
 
     def overrides_of(self, arm: Arm, seed: int) -> list[str]:
-        return [*self.overrides, *arm.overrides, f"training.seed={seed}", "training.progress=false"]
+        # One feature cache for the sweep: arms and seeds that share a frozen prefix (its weights, the
+        # transforms, the data) compute its activations once (train/feature_cache.py fingerprints them).
+        return [*self.overrides, *arm.overrides, f"training.seed={seed}", "training.progress=false",
+                f"training.feature_cache_dir={self.out / 'feature-cache'}"]
 
     def run_dir(self, arm: Arm, seed: int) -> Path:
         return self.out / arm.name / f"seed{seed}"

@@ -15,8 +15,12 @@ must measure everything, in this order, within `--minutes` (7 by default):
    every candidate loader with AMP, and the reference (the study's own
    pipeline) in FP32 as the study ran it. Speed runs: no checkpoint, no test
    pass (the AMP-against-FP32 question is stage 5's, the loaders' stage 4's);
-7. a trace of the same training, read back by `inspect`;
-8. the report with its goal checks, OUT/report/report.md.
+7. the study's own recipe (train/configs/study.yaml: AlexNet frozen but its
+   new head, fp32, batch 24, resize 256 / centre crop 224) for all of its 91
+   epochs, end to end: the feature cache's one pass, then every epoch on
+   the kept activations, against the study's 6,218 s on a V100;
+8. a trace of the fast training, read back by `inspect`;
+9. the report with its goal checks, OUT/report/report.md.
 
 Each stage is a process of its own, so GPU memory is each benchmark's own
 (nothing left behind by an earlier one). A stage gets a share of what is
@@ -51,7 +55,7 @@ import torch
 from planktonio import PreparedDataset
 from planktonio.errors import PlanktonioError
 from planktonio.files import write_atomic
-from planktonio.loaders import (BACKENDS, default_backend, reference_backend, resolve_backend, resolve_device,
+from planktonio.loaders import (BACKENDS, default_backend, in_comparison_order, resolve_backend, resolve_device,
                                 runnable_backends)
 from train import config as config_module
 
@@ -60,6 +64,8 @@ from .settings import Suite
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_CONFIG = Path("train/configs/fast.yaml")  # relative to the checkout, as in the README
+STUDY_CONFIG = Path("train/configs/study.yaml")
+STUDY_EPOCHS = 91        # the study's run: 91 epochs in 6,218 s on one V100 (DESIGN.md)
 REPORT_RESERVE_S = 20.0  # the report, written by this process at the end
 MIN_STAGE_S = 5.0        # less than this: a stage is skipped, not started
 # The budget each plan is sized for: at it, every stage gets at least its estimate.
@@ -80,12 +86,14 @@ class Sizes:
     training: tuple[str, ...]  # overrides of fast.yaml
     trace: tuple[str, ...]
     smoke: tuple[str, ...]
+    study: tuple[str, ...]     # overrides of study.yaml
     estimates: dict            # stage kind -> expected seconds at the nominal budget
 
 
 # The GPU host (an H100 or H200, 16 cores) on the 17-class NDSB set at 255 px (prepare --min-images 1000
 # --per-class 500,100,100: 8,500 training images, 33 batches of 256 an epoch). The estimates add up to
-# 375 s of the 420: each stage's process imports torch and DALI (about 10 s) before it measures.
+# 355 s of the 420 (the report takes 20 more): each stage's process imports torch and DALI (about 10 s)
+# before it measures. Study: 91 epochs of 354 steps of 24 on the kept activations, about 1 ms a step.
 ON_GPU = Sizes(
     loader_batch=256, loader_repeats=2, loader_warmup=10,
     # 12 combinations at most (freezing x precision x layout) of AlexNet at batch 256: about 300 steps.
@@ -94,8 +102,9 @@ ON_GPU = Sizes(
     training=(),
     trace=("--wait", "2", "--warmup", "3", "--active", "5"),
     smoke=("--batch-size", "64"),
-    estimates={"doctor": 10, "smoke": 30, "gpu-tests": 45, "loaders": 70, "amp": 45, "train": 25,
-               "trace": 25, "inspect": 10})
+    study=(f"training.epochs={STUDY_EPOCHS}", f"training.patience={STUDY_EPOCHS}"),
+    estimates={"doctor": 10, "smoke": 25, "gpu-tests": 40, "loaders": 60, "amp": 45, "train": 25,
+               "study": 45, "trace": 20, "inspect": 10})
 # A CPU: the same programs on tiny-cnn at 64 px, so the whole suite takes a minute or two.
 TINY = ("model.name=tiny-cnn", "model.weights=null", "model.freeze=none", "loader.batch_size=16",
         "loader.eval_batch_size=32", "optimizer.lr=0.01", "augment.train.size=64", "augment.eval.resize=72",
@@ -108,7 +117,11 @@ ON_CPU = Sizes(
     training=TINY,
     trace=("--wait", "1", "--warmup", "1", "--active", "3"),
     smoke=("--batch-size", "16", "--model", "tiny-cnn", "--image-size", "64"),
-    estimates={"doctor": 8, "smoke": 25, "loaders": 30, "amp": 20, "train": 25, "trace": 20, "inspect": 8})
+    # the recipe in small: tiny-cnn at 64 px, its features frozen, 10 epochs
+    study=("training.epochs=10", "training.patience=10", *TINY[:2], "model.freeze=all-but-head", *TINY[3:],
+           "augment.train.resize=72"),
+    estimates={"doctor": 8, "smoke": 25, "loaders": 30, "amp": 20, "train": 25, "study": 20, "trace": 20,
+               "inspect": 8})
 
 
 @dataclass
@@ -131,10 +144,12 @@ def _scaled(count: int, scale: float, least: int = 1) -> int:
     return max(least, round(count * scale))
 
 
-def training_overrides(sizes: Sizes, config_file: Path) -> tuple[list[str], str | None]:
-    """What every end-to-end run sets on top of fast.yaml, and a note when the weights are absent."""
-    overrides = ["training.epochs=2", "training.progress=false", "training.channels_last=true",
-                 "training.speed_run=true", *sizes.training]
+def training_overrides(sizes: Sizes, config_file: Path, extra: tuple[str, ...] | None = None) \
+        -> tuple[list[str], str | None]:
+    """What every end-to-end run sets on top of its config, and a note when the weights are absent."""
+    if extra is None:
+        extra = ("training.epochs=2", "training.channels_last=true", *sizes.training)
+    overrides = ["training.progress=false", "training.speed_run=true", *extra]
     note = None
     weights = config_module.load(REPO / config_file, overrides).model.weights
     if weights and not (Path(weights).is_file() or (REPO / weights).is_file()):
@@ -144,14 +159,12 @@ def training_overrides(sizes: Sizes, config_file: Path) -> tuple[list[str], str 
     return overrides, note
 
 
-def training_runs(backends: list[str], device: torch.device) -> list[tuple[str, str]]:
+def training_runs(backends: list[str]) -> list[tuple[str, str]]:
     """(backend, precision) of the end-to-end runs: each candidate with AMP, the reference in FP32 (as the
-    study ran it); without a reference, the first baseline."""
+    study ran it); without the reference among `backends`, their first baseline."""
     runs = [(name, "amp") for name in backends if BACKENDS[name].role == "candidate" and BACKENDS[name].trains]
-    reference = reference_backend(device)
-    if reference in backends:
-        runs.append((reference, "fp32"))
-    return runs
+    references = in_comparison_order(name for name in backends if BACKENDS[name].role in ("reference", "baseline"))
+    return runs + [(references[0], "fp32")] if references else runs
 
 
 def chosen_backends(suite: Suite, device: torch.device) -> list[str]:
@@ -190,7 +203,7 @@ def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage],
         estimate["amp"], result="amp.json"))
     overrides, note = training_overrides(sizes, FAST_CONFIG)
     runs = []
-    for backend, precision in training_runs(backends, device):
+    for backend, precision in training_runs(backends):
         name = f"{backend}-{precision}"
         run = out / "train" / name
         sets = [*overrides, f"loader.backend={backend}", f"training.precision={precision}"]
@@ -202,6 +215,13 @@ def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage],
     training = {"file": str(FAST_CONFIG), "overrides": overrides, "note": note, "epochs": 2, "channels_last": True,
                 "model": config_module.load(REPO / FAST_CONFIG, overrides).model.name}
     traced = backends[0] if suite.backends != ("auto",) else resolve_backend(default_backend(), device)
+    study_sets, study_note = training_overrides(sizes, STUDY_CONFIG, (*sizes.study, f"loader.backend={traced}"))
+    study_run = out / "train" / "study-cached"
+    stages.append(Stage("study recipe", [
+        py, "-m", "train", "fit", "--config", str(STUDY_CONFIG), "--data", data, "--out", str(study_run),
+        *[arg for s in study_sets for arg in ("--set", s)]], estimate["study"]))
+    training["study"] = {"stage": "study recipe", "run": str(study_run), "file": str(STUDY_CONFIG),
+                         "overrides": study_sets, "note": study_note}
     trace_sets = [*overrides, f"loader.backend={traced}", "training.precision=amp"]
     stages.append(Stage("trace", [
         py, "-m", "profiling", "trace", "--config", str(FAST_CONFIG), "--data", data, "--out", str(out / "trace"),
@@ -286,7 +306,7 @@ def run(suite: Suite) -> Path:
     out = Path(suite.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     # What an earlier call left in OUT must not pass for this call's results.
-    for r in runs:
+    for r in [*runs, training_config["study"]]:
         shutil.rmtree(r["run"], ignore_errors=True)
     shutil.rmtree(out / "trace", ignore_errors=True)
     for name in (*RESULTS, "gpu-tests.xml"):
@@ -337,7 +357,23 @@ def training_result(runs: list[dict], stages: dict[str, Stage], environment: dic
             "peak_gpu_memory_mb": summary.get("peak_gpu_memory_mb"),
             "device_memory_mb": summary.get("device_memory_mb"),
         })
-    return {"kind": "training", "environment": environment, "config": config, "runs": rows}
+    return {"kind": "training", "environment": environment, "config": config, "runs": rows,
+            "study": study_result(config["study"], stages)}
+
+
+def study_result(study: dict, stages: dict[str, Stage]) -> dict:
+    """The study's recipe end to end: the feature cache's pass and every epoch, against the study's time."""
+    run = Path(study["run"])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        if (run / "metrics.jsonl").is_file() else []
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    cache = summary.get("feature_cache") or {}
+    epochs_s = sum(m["epoch_seconds"] for m in metrics)
+    return {"status": stages[study["stage"]].status, "run": str(run), "epochs": len(metrics),
+            "feature_cache": cache, "pass_seconds": cache.get("seconds"), "epochs_seconds": epochs_s,
+            "total_seconds": epochs_s + (cache.get("seconds") or 0.0), "process_seconds": stages[study["stage"]].seconds,
+            "mean_images_per_s": summary.get("mean_images_per_s"), "val_acc": metrics[-1]["val_acc"] if metrics else None,
+            "note": study.get("note"), "study_seconds": 6218, "study_epochs": STUDY_EPOCHS}
 
 
 def _doctor_verdict(stage: Stage) -> str | None:

@@ -28,7 +28,7 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
     status = {s["name"]: s["status"] for s in summary["stages"]}
     # no GPU: no GPU tests; the candidate trains with AMP, the reference (here the first baseline) in FP32
     assert list(status) == ["doctor", "smoke", "loaders", "amp", "train dali-cpu-amp", "train torchvision-fp32",
-                            "trace", "inspect"]
+                            "study recipe", "trace", "inspect"]
     assert all(status[name] == "ok" for name in list(status)[1:]), status
     assert status["doctor"] != "not run"  # ok, or failed: either way recorded, never fatal
     assert all((out / "logs" / f"{name.replace(' ', '-')}.log").is_file() for name in status)
@@ -37,6 +37,8 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
     assert [(r["loader"], r["precision"]) for r in training["runs"]] == [("dali-cpu", "amp-bf16"),
                                                                         ("torchvision", "fp32")]
     assert not any((out / "train" / name / "last.pt").exists() for name in ("dali-cpu-amp", "torchvision-fp32"))
+    study = training["study"]  # the study's recipe in small, its frozen prefix computed once
+    assert study["epochs"] == 10 and study["feature_cache"]["used"] and study["total_seconds"] > 0
     assert all(r["epochs"] == 2 and r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1
                for r in training["runs"])
     assert training["config"]["model"] == "tiny-cnn"  # a CPU: the fast configuration made tiny
@@ -49,6 +51,7 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
         assert heading in report
     assert "| dali-cpu | candidate | amp-bf16 |" in report and "TF32 off" in report
     assert "not an accuracy comparison" in report and "## Smoke check" in report
+    assert "### The study's recipe, end to end" in report and "the feature cache computed" in report
     assert list((out / "report").glob("training-*.png"))
 
 

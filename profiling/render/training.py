@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import Section, bar_chart, best_on_gpu, environment_line, goal, or_dash
+from .common import Section, bar_chart, best_on_gpu, environment_line, goal, on_gpu, or_dash
 
 KIND = "training"
 END_TO_END_GOAL = 16000  # images/s, a candidate loader with AMP, on one GPU
+STUDY_GOAL_S = 10.0      # the study's 91 epochs, feature cache included, on one H100-class GPU
 
 
 def section(index: int, source: Path, result: dict, out: Path) -> Section:
@@ -40,8 +41,16 @@ def section(index: int, source: Path, result: dict, out: Path) -> Section:
                   ylabel="images/s", title=f"end-to-end training, {env.get('device')}",
                   line=END_TO_END_GOAL if env.get("device") != "cpu" else None)
         lines += ["", f"![end-to-end training]({chart.name})"]
-    lines += ["", f"Measured with: {environment_line(env)}", ""]
+    study = result.get("study")
     goals = []
+    if study:
+        lines += ["", *study_lines(study)]
+        if on_gpu(env) and study["epochs"] == study["study_epochs"] and study["total_seconds"]:
+            goals.append(goal(f"the study's recipe, all {study['study_epochs']} epochs with the feature cache "
+                              f"({env.get('device')}): under {STUDY_GOAL_S:g} s (the study: "
+                              f"{study['study_seconds']:,} s on a V100)", study["total_seconds"], STUDY_GOAL_S,
+                              source, lower_is_better=True, unit=" s"))
+    lines += ["", f"Measured with: {environment_line(env)}", ""]
     candidates = [r for r in measured if r.get("role") == "candidate" and r["precision"] != "fp32"]
     if best := best_on_gpu(env, candidates, key=lambda r: r["images_per_s"]):
         goals.append(goal(f"end to end, the fastest loader + AMP ({best['loader']}, {best['precision']}, "
@@ -50,3 +59,24 @@ def section(index: int, source: Path, result: dict, out: Path) -> Section:
         goals.append(goal(f"end to end, {best['loader']} + AMP: data wait < 5% ({best['precision']})",
                           100 * best["data_wait_fraction"], 5.0, source, lower_is_better=True, unit="%"))
     return Section(lines, goals)
+
+
+def study_lines(study: dict) -> list[str]:
+    """The study's recipe end to end: the one pass of the feature cache, then the epochs on its output."""
+    cache = study.get("feature_cache") or {}
+    lines = ["### The study's recipe, end to end", ""]
+    if study.get("note"):
+        lines += [f"> {study['note']}", ""]
+    if not study["epochs"]:
+        return lines + [f"Not measured: {study['status']}.", ""]
+    if cache.get("used"):
+        how = (f"the feature cache computed {cache['values_per_image']:,} {cache['dtype']} values per image once "
+               f"({cache['bytes'] / 2**20:.0f} MiB, {cache['source']}) in {study['pass_seconds']:.1f} s, then "
+               f"{study['epochs']} epochs on them took {study['epochs_seconds']:.1f} s")
+    else:
+        how = f"{study['epochs']} epochs without the feature cache took {study['epochs_seconds']:.1f} s"
+    return lines + [f"train/configs/study.yaml: {how}: {study['total_seconds']:.1f} s in all "
+                    f"({study['process_seconds']:.0f} s with the process's start-up), "
+                    f"{or_dash(study['mean_images_per_s'], ',.0f')} training images/s; the study's first version took "
+                    f"{study['study_seconds']:,} s for {study['study_epochs']} epochs on one V100. Status: "
+                    f"{study['status']}.", ""]
