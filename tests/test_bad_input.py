@@ -7,7 +7,6 @@ The file changed after prepare (finding 9) is tested in test_loaders.py.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import signal

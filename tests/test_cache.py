@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, PlanktonioError, make_loader, prepare
+from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, make_loader, prepare
 from planktonio.dataset import PreparedDataset, SplitPlan
 from planktonio.loaders import BACKENDS, runnable_backends
 from planktonio.loaders.cache_loader import CacheLoader, CacheOptions

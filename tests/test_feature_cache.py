@@ -187,7 +187,7 @@ def test_auto_stays_off_with_its_reason_and_on_refuses(synthetic, tmp_path, caps
     for section, update in change.items():
         values[section] = {**values[section], **update}
     assert fit(config_module.from_dict(values), synthetic, tmp_path / "auto") == 0
-    assert f"feature cache off:" in capsys.readouterr().out and not summary(tmp_path / "auto")["feature_cache"]["used"]
+    assert "feature cache off:" in capsys.readouterr().out and not summary(tmp_path / "auto")["feature_cache"]["used"]
     values["training"]["feature_cache"] = "on"
     with pytest.raises(PlanktonioError, match=f"training.feature_cache on: it cannot apply here: .*{reason}"):
         fit(config_module.from_dict(values), synthetic, tmp_path / "on")

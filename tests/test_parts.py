@@ -5,7 +5,6 @@ settings declared once, and the layering rules of the code (backends as plugins)
 from __future__ import annotations
 
 import ast
-import json
 import re
 from pathlib import Path
 

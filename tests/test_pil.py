@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, make_loader
+from planktonio import TRAIN_AUGMENT, make_loader
 from planktonio.loaders import BACKENDS, default_backend, reference_backend
 
 

@@ -412,7 +412,7 @@ def _run(trainer: Trainer, data: Path, state: dict | None) -> int:
 
 
 def _epochs(trainer: Trainer, writers: MetricsWriters | None, state: dict | None) -> int:
-    ex, out, config = trainer.ex, trainer.out, trainer.config
+    ex, config = trainer.ex, trainer.config
     ctx, device = ex.ctx, ex.device
     # A run with no work left gets here only when it stopped before writing summary.json
     # (killed while testing the best weights): it finishes now.
@@ -426,7 +426,7 @@ def _epochs(trainer: Trainer, writers: MetricsWriters | None, state: dict | None
         if train is None:
             trainer.save_checkpoint()
             say(ctx, f"stopping on {trainer.stop_flag.signal_name or 'a signal'} at epoch {epoch}, step "
-                     f"{trainer.batches_done}: {out / 'last.pt'} written; continue with --resume")
+                     f"{trainer.batches_done}: {_saved(trainer)}")
             return EXIT_INTERRUPTED
         validation_started = time.perf_counter()
         train = train.reduced(device)
@@ -453,10 +453,16 @@ def _epochs(trainer: Trainer, writers: MetricsWriters | None, state: dict | None
                  f"{record['images_per_s']:.0f} img/s, data wait {100 * record['data_wait_fraction']:.0f}%")
         if stop_reason is None and stop:
             say(ctx, f"stopping on {trainer.stop_flag.signal_name or 'a signal'} after epoch {epoch}: "
-                     f"{out / 'last.pt'} written; continue with --resume")
+                     f"{_saved(trainer)}")
             return EXIT_INTERRUPTED
     _finish(trainer, stop_reason)
     return EXIT_OK
+
+
+def _saved(trainer: Trainer) -> str:
+    if trainer.config.training.speed_run:
+        return "a speed run writes no checkpoint: nothing to resume"
+    return f"{trainer.out / 'last.pt'} written; continue with --resume"
 
 
 def epoch_record(epoch: int, train: EpochStats, valid: EpochStats, lr: float, world_size: int,
