@@ -230,3 +230,62 @@ def test_layers_import_downwards_only():
             text = path.read_text()
             for name in forbidden:
                 assert not re.search(rf"^\s*(from|import) {name}\b", text, re.M), f"{path} imports {name}"
+
+
+def test_dali_outputs_are_bound_to_torchs_stream_and_held_until_used(monkeypatch):
+    """On a GPU, DALI's outputs are asked for on torch's current stream of the loader's device (DALI then
+    makes that stream wait on the GPU; no host wait, as a share_outputs() without a stream would do), and
+    each batch's tensors are held until an event recorded after its use has completed."""
+    from planktonio.loaders import dali_graph
+
+    class FakeOutput:
+        def __init__(self, value):
+            self.value = value
+
+        def as_tensor(self):
+            return self
+
+    class FakePipe:
+        def __init__(self):
+            self.asked, self.count = [], 0
+
+        def schedule_run(self):
+            pass
+
+        def share_outputs(self, cuda_stream=None):
+            self.asked.append(cuda_stream)
+            self.count += 1
+            return [FakeOutput(self.count)]
+
+        def release_outputs(self):
+            pass
+
+    done = {"events": []}
+
+    class FakeEvent:
+        def __init__(self):
+            self.finished = False
+            done["events"].append(self)
+
+        def record(self, stream):
+            self.stream = stream
+
+        def query(self):
+            return self.finished
+
+    device = torch.device("cuda", 1)
+    monkeypatch.setattr(dali_graph.torch.cuda, "current_stream", lambda d=None: f"stream of {d}")
+    monkeypatch.setattr(dali_graph.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(dali_graph.torch, "from_dlpack", lambda output: torch.tensor([output.value]))
+    pipe = FakePipe()
+    outputs = dali_graph.PipelineOutputs(pipe, device)
+    first = outputs.next()
+    second = outputs.next()  # asking for batch 2 means batch 1's work is queued: an event marks it
+    assert pipe.asked == [f"stream of {device}"] * 2 and first[0].item() == 1 and second[0].item() == 2
+    assert len(outputs._held) == 1 and done["events"][0].stream == f"stream of {device}"
+    outputs.next()
+    assert len(outputs._held) == 2  # batch 1's event has not completed: still held
+    for event in done["events"]:
+        event.finished = True
+    outputs.next()
+    assert len(outputs._held) == 1  # completed ones let go; the batch just consumed is held anew
