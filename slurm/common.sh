@@ -111,6 +111,11 @@ run_training() {
     # restart (the same failure again), or when the failure is the input's
     # (exit 2) or the run's divergence (exit 3): those would fail the same way.
     local status restarts=0 resumed_from="" position failure output
+    case "$PLANKTONIO_MAX_RESTARTS" in
+        "" | *[!0-9]*)
+            echo "planktonio: PLANKTONIO_MAX_RESTARTS must be a whole number (0 for no restarts), not '$PLANKTONIO_MAX_RESTARTS'" >&2
+            exit "$EXIT_USAGE" ;;
+    esac
     output="$(mktemp "${TMPDIR:-/tmp}/planktonio-step.XXXXXX")"
     # shellcheck disable=SC2064  # the file's name now, not at exit
     trap "rm -f '$output'" EXIT

@@ -160,27 +160,11 @@ def test_a_gpu_job_that_sees_no_gpu_stops_with_the_doctors_reason(cluster, site)
     assert not (Path(site["PLANKTONIO_RUNS"]) / job / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("script, nodes, per_node", [
-    ("slurm/train-node.sbatch", 1, 2),
-    ("slurm/train-nodes.sbatch", 1, 2),
-    ("slurm/train-nodes.sbatch", 2, 2),
-])
-def test_data_parallel_training(cluster, site, tmp_path, script, nodes, per_node):
-    """One process per (fake) GPU through srun, on one node and on two."""
-    job = submit(cluster, site, f"--nodes={nodes}", f"--ntasks-per-node={per_node}", "--cpus-per-task=1",
-                 f"--gres=gpu:{per_node}", script, env={**HOOKED, "RANKS": str(tmp_path)})
-    finished(cluster, job)
-    run = Path(site["PLANKTONIO_RUNS"]) / job
-    world = nodes * per_node
-    assert f"{world} process(es)" in job_log(site, job) and "doctor verdict: ok" in job_log(site, job)
-    metrics = read_metrics(run)
-    # 64 training images split over the ranks in steps of 16; 16 validation images, each seen once.
-    assert all(m["train_images"] == 64 and m["val_images"] == 16 for m in metrics)
-    assert json.loads((run / "summary.json").read_text())["world_size"] == world
-    # Where each rank ran: Slurm's block distribution (ranks 0-1 on node1, 2-3 on node2), a local
-    # rank counted on each node, which takes that node's GPU of the same index; every rank meets
-    # the others at the first node's address, whichever node it runs on.
-    placed = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(world)]
+def placement(cluster, folder: Path, world: int, per_node: int) -> None:
+    """Where each rank ran: Slurm's block distribution (ranks 0 to per_node - 1 on node1, the next on
+    node2), a local rank counted on each node, which takes that node's GPU of the same index; every rank
+    meets the others at the first node's address, whichever node it runs on (node2's is 127.0.0.2)."""
+    placed = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
     first = cluster.run("scontrol", "show", "node", "node1").stdout.split("NodeAddr=")[1].split()[0]
     for rank, p in enumerate(placed):
         assert (p["node"], p["local_rank"], p["world_size"]) == (f"node{rank // per_node + 1}", rank % per_node, world)
@@ -188,17 +172,41 @@ def test_data_parallel_training(cluster, site, tmp_path, script, nodes, per_node
         assert p["master_addr"] == first == "127.0.0.1"
 
 
-@pytest.fixture(scope="module")
-def two_node_run(cluster, site) -> list[dict]:
-    """An uninterrupted run on two nodes, one rank each: what every interrupted one must end like."""
-    job = submit(cluster, site, *TWO_NODES, "slurm/train-nodes.sbatch", *EPOCHS4)
+@pytest.mark.parametrize("script", ["slurm/train-node.sbatch", "slurm/train-nodes.sbatch"])
+def test_data_parallel_training_on_one_node(cluster, site, tmp_path, script):
+    """One process per (fake) GPU through srun: --nodes=1 and 2 tasks (two nodes: the next test)."""
+    job = submit(cluster, site, "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=gpu:2", script,
+                 env={**HOOKED, "RANKS": str(tmp_path)})
     finished(cluster, job)
-    metrics = learned(Path(site["PLANKTONIO_RUNS"]) / job)
-    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
-    return metrics
+    run = Path(site["PLANKTONIO_RUNS"]) / job
+    assert "2 process(es)" in job_log(site, job) and "doctor verdict: ok" in job_log(site, job)
+    metrics = read_metrics(run)
+    # 64 training images, 32 a rank in 2 steps of 16; 16 validation images, each seen once.
+    assert all(m["train_images"] == 64 and m["val_images"] == 16 for m in metrics)
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    placement(cluster, tmp_path, world=2, per_node=2)
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, site, tmp_path_factory) -> dict:
+    """train-nodes.sbatch on two nodes, one rank each, uninterrupted: what every interrupted one must end like."""
+    ranks = tmp_path_factory.mktemp("ranks")
+    job = submit(cluster, site, *TWO_NODES, "slurm/train-nodes.sbatch", *EPOCHS4, env={**HOOKED, "RANKS": str(ranks)})
+    finished(cluster, job)
+    return {"job": job, "ranks": ranks, "metrics": learned(Path(site["PLANKTONIO_RUNS"]) / job)}
+
+
+def test_data_parallel_training_on_two_nodes(cluster, site, two_node_run):
+    run = Path(site["PLANKTONIO_RUNS"]) / two_node_run["job"]
+    assert "2 process(es)" in job_log(site, two_node_run["job"])
+    assert all(m["train_images"] == 64 and m["val_images"] == 16 for m in read_metrics(run))
+    assert [m["epoch"] for m in two_node_run["metrics"]] == [0, 1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    placement(cluster, two_node_run["ranks"], world=2, per_node=1)
 
 
 def test_sigusr1_on_two_nodes_checkpoints_requeues_and_resumes_exactly(cluster, site, two_node_run):
+    """What Slurm does at --signal=USR1@300: SIGUSR1 to every rank of the step, on both nodes."""
     # Slow steps (1 s) so that the signal, sent once epoch 0 is logged, arrives mid-run.
     job = submit(cluster, site, *TWO_NODES, "slurm/train-nodes.sbatch", *EPOCHS4,
                  env={**HOOKED, "STEP_SECONDS": "1"})
@@ -209,7 +217,7 @@ def test_sigusr1_on_two_nodes_checkpoints_requeues_and_resumes_exactly(cluster, 
     assert state["Restarts"] == "1"
     log = job_log(site, job)
     assert log.count("stopping on SIGUSR1") == 1 and "requeueing job" in log and "resuming" in log
-    assert learned(run) == two_node_run  # each epoch once, and the same numbers
+    assert learned(run) == two_node_run["metrics"]  # each epoch once, and the same numbers
 
 
 def restart_lines(log: str) -> list[str]:
@@ -230,7 +238,7 @@ def test_a_killed_rank_costs_a_restart_from_last_pt_not_the_job(cluster, site, t
     # The surviving rank says so in one line, and exits with the code the script restarts on.
     assert "rank 0 on" in log and "srun: error: node1: task 0: Exited with exit code 76" in log
     assert "Traceback" not in log
-    assert learned(Path(site["PLANKTONIO_RUNS"]) / job) == two_node_run
+    assert learned(Path(site["PLANKTONIO_RUNS"]) / job) == two_node_run["metrics"]
 
 
 def test_a_hung_rank_is_found_by_the_collective_timeout_and_restarted(cluster, site, tmp_path, two_node_run):
@@ -252,7 +260,7 @@ def test_a_hung_rank_is_found_by_the_collective_timeout_and_restarted(cluster, s
         "all-reduce) at epoch 2, step 1 (srun: Killed); resuming from last.pt at epoch 2, step 0"]
     finished(cluster, job)
     assert "Traceback" not in log.read_text()
-    assert learned(Path(site["PLANKTONIO_RUNS"]) / job) == two_node_run
+    assert learned(Path(site["PLANKTONIO_RUNS"]) / job) == two_node_run["metrics"]
 
 
 def test_a_failure_that_repeats_is_restarted_once_then_stops_with_the_reason(cluster, site):
@@ -293,7 +301,7 @@ def test_a_single_gpu_job_restarts_within_its_limit_and_not_without_a_checkpoint
 
 
 @pytest.mark.parametrize("signal_name, loader", [
-    ("USR1", []),  # what Slurm does at --signal=USR1@300: SIGUSR1 to the job's step processes
+    # (SIGUSR1, what Slurm does at --signal=USR1@300, is sent to a two-node job above.)
     # scancel's SIGTERM to every process of the step, DataLoader workers included
     ("TERM", ["--set", "loader.backend=torchvision", "--set", "loader.workers=2"]),
 ])
