@@ -135,6 +135,9 @@ def who_left(ctx: Context, error: BaseException) -> str:
         if len(ranks) == 1:
             return f"rank {ranks[0]} on {host}"
         return f"a rank on {host}"
+    others = [(rank, host) for rank, host, _ in ctx.peers if rank != ctx.rank]
+    if len(others) == 1:  # two ranks: the one that is not this one
+        return f"rank {others[0][0]} on {others[0][1]}"
     return "another rank"
 
 
