@@ -228,6 +228,18 @@ def test_numbers_in_scientific_notation_are_numbers(tmp_path):
     assert config.training.checkpoint_every_s == 100.0 and config.optimizer.momentum == 0.5
 
 
+def test_on_and_off_are_the_words_they_look_like(tmp_path):
+    """YAML 1.1 would read `off` as false (and refuse it for a choice of words); YAML 1.2 reads a string."""
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  feature_cache: off\n  progress: false\n")
+    config = config_module.load(path, ["training.tensorboard=true"])
+    assert config.training.feature_cache == "off" and config.training.progress is False
+    assert config_module.load(None, ["training.feature_cache=on"]).training.feature_cache == "on"
+    with pytest.raises(PlanktonioError, match=r"--set training.progress=yes: training.progress: expected true or "
+                                              r"false, got 'yes'"):
+        config_module.load(None, ["training.progress=yes"])
+
+
 def test_a_bad_set_value_names_the_set_and_a_bad_file_value_its_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optimizer:\n  lr: -1\n")

@@ -8,9 +8,12 @@ unknown key, a value of the wrong type or out of range is an error raised
 before a data set is opened or a model built, and it says where the value
 came from: the config file and line, or the `--set` that gave it.
 
-Numbers are read as YAML 1.2 reads them: `1e-3` and `3E-4` are numbers (YAML
-1.1, PyYAML's default, reads them as strings). A key given twice in one
-mapping is an error naming it and both lines, not the last one silently.
+Numbers and booleans are read as YAML 1.2 reads them: `1e-3` and `3E-4` are
+numbers (YAML 1.1, PyYAML's default, reads them as strings), and only
+true/false are booleans (YAML 1.1 also reads on, off, yes and no as booleans,
+so `feature_cache: off` would not be the string it looks like). A key given
+twice in one mapping is an error naming it and both lines, not the last one
+silently.
 """
 
 from __future__ import annotations
@@ -234,6 +237,13 @@ class _YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml12_bool(loader, node):
+    """true/false are booleans; yes, no, on, off stay the strings they are (YAML 1.2)."""
+    value = loader.construct_scalar(node)
+    return value.lower() == "true" if value.lower() in ("true", "false") else value
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:bool", _yaml12_bool)
 # YAML 1.2 floats without a dot: 1e-3, 3E-4, -2e+5 (YAML 1.1 needs 1.0e-3).
 _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float",
                                   re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
