@@ -65,11 +65,12 @@ import numpy as np
 import pandas as pd
 
 from planktonio.errors import PlanktonioError
+from train import ranges
 
 from .stats import percentile
 
-COMPUTE_RANGES = ("forward", "backward", "optimizer")
-RANGES = ("data", *COMPUTE_RANGES)
+COMPUTE_RANGES = ranges.COMPUTE  # the names train/step.py and train/timing.py give a step's ranges
+RANGES = ranges.ALL
 BREAKDOWN = ("compute", "copies", "communication", "loader", "idle_data", "idle_host")
 COPY_CATEGORIES = ("gpu_memcpy", "gpu_memset", "memcpy", "memset")  # the last two: older kineto versions
 COPY_DIRECTIONS = ("HtoD", "DtoH", "DtoD")

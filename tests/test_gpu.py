@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, make_loader
+from planktonio.loaders import runnable_backends
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +31,7 @@ def test_mixed_decoder_matches_cpu_pipeline(synthetic):
     assert torch.quantile(diff[:: max(1, diff.numel() // 1_000_000)], 0.999) < 8
 
 
-@pytest.mark.parametrize("backend", ["dali-gpu", "dali-cpu", "torchvision"])
+@pytest.mark.parametrize("backend", runnable_backends(torch.device("cuda")))
 def test_every_backend_delivers_to_the_gpu(synthetic, backend):
     out = Output("float16", "NHWC")
     loader = make_loader(backend, synthetic, "train", batch_size=8, device="cuda", workers=2,

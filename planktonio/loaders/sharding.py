@@ -1,16 +1,17 @@
 """Which images each shard (rank) reads, and how many batches an epoch has.
 
-Both backends follow these rules, so a run can switch loaders without
-changing what each rank sees or how many steps an epoch takes:
+Every backend follows these rules (through Loader.batch_plan, base.py), and
+so does the feature cache (train/feature_cache.py), so a run can switch
+loaders without changing what each rank sees or how many steps an epoch takes:
 
 - evaluation: shard i of S reads the contiguous slice [N*i//S, N*(i+1)//S)
-  of the manifest (DALI's reader splits the same way), in order, last
-  batch partial: every image exactly once per epoch across all shards.
+  of the manifest, in order, last batch partial: every image exactly once
+  per epoch across all shards.
 - training: every epoch is a fresh permutation of the manifest, a function
   of (seed, epoch) shared by all ranks (DistributedSampler's scheme); rank i
   takes every S-th image of its first (N//S)*S and yields (N//S)//B full
   batches. Every rank thus takes the same number of optimizer steps, which
-  DDP needs, and both backends read the same images in the same order.
+  DDP needs, and every backend reads the same images in the same order.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def _stats_line(row: dict) -> str | None:
         if key.endswith("_bytes") and isinstance(value, (int, float)):
             return f"{key.removesuffix('_bytes').replace('_', ' ')} {value / 2**20:.1f} MiB"
         if isinstance(value, float):
-            return f"{key.replace('_', ' ')} {value:.2f}"
+            return f"{key.replace('_', ' ')} {value:,.0f}" if value.is_integer() else \
+                f"{key.replace('_', ' ')} {value:.2f}"
         return f"{key.replace('_', ' ')} {value}"
     return f"{row['backend']}: " + ", ".join(shown(k, v) for k, v in stats.items()) + " (after its first epoch)."
 
@@ -113,7 +114,8 @@ def section(index: int, source: Path, result: dict, out: Path) -> Section:
     if config.get("augment", True):  # the goals are about the training pipeline
         goals += backend_goals(rows, config, env, source)
     for r in decoding:
-        if r.get("boundary_vs_batch") is not None:
+        # This project's pipelines promise it (the study's own pipeline, the reference, is only shown).
+        if r.get("boundary_vs_batch") is not None and role(r) in ("candidate", "baseline"):
             # A median of a few boundaries against a median of many batches: 10% is within the
             # spread of batch latencies here (a pipeline rebuilt per epoch cost about 3 batches).
             goals.append(goal(f"{r['backend']}: an epoch boundary costs at most one ordinary batch "
