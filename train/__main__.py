@@ -15,7 +15,7 @@ from pathlib import Path
 
 from planktonio.errors import PlanktonioError
 
-from .signals import EXIT_USAGE
+from .signals import EXIT_ABORTED, EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except PlanktonioError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (start-up, the feature cache's pass)
+        print("\ninterrupted before training started: nothing to save (a feature cache file is written only "
+              "once complete)", file=sys.stderr)
+        return EXIT_ABORTED
 
 
 if __name__ == "__main__":
