@@ -77,6 +77,21 @@ def test_the_metrics_writers_write_every_record_a_plot_and_tensorboard(tmp_path)
     assert [(e.step, e.value) for e in events.Scalars("train/train_loss")] == [(0, 2.0), (1, 5.0)]
 
 
+def test_the_learning_curves_are_redrawn_at_most_once_per_interval_and_at_close(tmp_path, monkeypatch):
+    # Redrawn after every fast epoch, the plot's thread held the GIL long enough to make a cached run 6.5x
+    # slower: within an interval only the latest records are kept, and close() draws them.
+    from train import writers as writers_module
+    drawn = []
+    monkeypatch.setattr(writers_module, "plot_curves", lambda records, path, title: drawn.append(len(records)))
+    monkeypatch.setattr(writers_module.CurvesPlot, "every_s", 3600.0)
+    writers = MetricsWriters(tmp_path, "run", first_epoch=0, tensorboard=False)
+    for epoch in range(50):
+        writers.write(record(epoch, 1.0))
+    assert drawn == []  # nothing within the first interval
+    writers.close()
+    assert drawn == [50]
+
+
 def test_a_run_draws_its_learning_curves(tmp_path, synthetic):
     from train import config as config_module
     from train.loop import fit

@@ -409,6 +409,8 @@ def _run(trainer: Trainer, data: Path, state: dict | None) -> int:
         trainer.valid_loader.close()
         if writers is not None:
             writers.close()
+            if writers.curves.error is not None:
+                say(ctx, f"warning: {writers.curves.path} was not drawn: {writers.curves.error}", error=True)
 
 
 def _epochs(trainer: Trainer, writers: MetricsWriters | None, state: dict | None) -> int:
