@@ -137,14 +137,16 @@ class FeatureBatches:
 
     def __iter__(self):
         order, view = self._order(), self.features[self.epoch % self.features.shape[0]]
+        # The epoch's order is copied to where the activations and the labels are once, not per batch:
+        # a cached epoch on a GPU is a fraction of a second of small kernels, and a copy from pageable
+        # host memory makes the host wait.
+        order_at_view, order_at_labels = order.to(view.device), order.to(self.labels.device)
         for index in range(self.skip_batches, len(self)):
-            positions = order[index * self.batch_size:(index + 1) * self.batch_size]
-            if view.device != self.device:  # host memory: gather there, copy the batch over
-                batch = view.index_select(0, positions)
+            batch_slice = slice(index * self.batch_size, (index + 1) * self.batch_size)
+            batch = view.index_select(0, order_at_view[batch_slice])
+            if view.device != self.device:  # host memory: gathered there, the batch is copied over
                 batch = (batch.pin_memory() if self.device.type == "cuda" else batch).to(self.device, non_blocking=True)
-            else:
-                batch = view.index_select(0, positions.to(view.device))
-            yield batch, self.labels.index_select(0, positions.to(self.labels.device))
+            yield batch, self.labels.index_select(0, order_at_labels[batch_slice])
         self.set_epoch(self.epoch + 1)
 
     def close(self) -> None:
