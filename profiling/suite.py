@@ -66,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST_CONFIG = Path("train/configs/fast.yaml")  # relative to the checkout, as in the README
 STUDY_CONFIG = Path("train/configs/study.yaml")
 STUDY_EPOCHS = 91        # the study's run: 91 epochs in 6,218 s on one V100 (DESIGN.md)
+STUDY_SECONDS = 6218
 REPORT_RESERVE_S = 20.0  # the report, written by this process at the end
 MIN_STAGE_S = 5.0        # less than this: a stage is skipped, not started
 # The budget each plan is sized for: at it, every stage gets at least its estimate.
@@ -336,14 +337,20 @@ def run(suite: Suite) -> Path:
 # ------------------------------------------------------------------ results
 
 
+def run_outputs(run: Path) -> tuple[list[dict], dict]:
+    """A training run's metrics.jsonl lines and summary.json, as far as the run got to write them."""
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
+        if (run / "metrics.jsonl").is_file() else []
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    return metrics, summary
+
+
 def training_result(runs: list[dict], stages: dict[str, Stage], environment: dict, config: dict) -> dict:
     """The end-to-end runs as one result: the second (last) epoch's speed, the first's for contrast."""
     rows = []
     for r in runs:
         run = Path(r["run"])
-        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-            if (run / "metrics.jsonl").is_file() else []
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+        metrics, summary = run_outputs(run)
         last = metrics[-1] if metrics else {}
         rows.append({
             "loader": summary.get("loader", r["loader"]), "role": r["role"],
@@ -364,16 +371,14 @@ def training_result(runs: list[dict], stages: dict[str, Stage], environment: dic
 def study_result(study: dict, stages: dict[str, Stage]) -> dict:
     """The study's recipe end to end: the feature cache's pass and every epoch, against the study's time."""
     run = Path(study["run"])
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-        if (run / "metrics.jsonl").is_file() else []
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    metrics, summary = run_outputs(run)
     cache = summary.get("feature_cache") or {}
     epochs_s = sum(m["epoch_seconds"] for m in metrics)
     return {"status": stages[study["stage"]].status, "run": str(run), "epochs": len(metrics),
             "feature_cache": cache, "pass_seconds": cache.get("seconds"), "epochs_seconds": epochs_s,
             "total_seconds": epochs_s + (cache.get("seconds") or 0.0), "process_seconds": stages[study["stage"]].seconds,
             "mean_images_per_s": summary.get("mean_images_per_s"), "val_acc": metrics[-1]["val_acc"] if metrics else None,
-            "note": study.get("note"), "study_seconds": 6218, "study_epochs": STUDY_EPOCHS}
+            "note": study.get("note"), "study_seconds": STUDY_SECONDS, "study_epochs": STUDY_EPOCHS}
 
 
 def _doctor_verdict(stage: Stage) -> str | None:

@@ -54,15 +54,13 @@ import torch.distributed as dist
 from torch import nn
 
 from planktonio import make_loader
+from planktonio.dataset import SPLITS
 from planktonio.errors import PlanktonioError
 from planktonio.loaders import sharding
 
 from . import checkpoint, distributed
 from .model import forward_steps, set_train_mode
 from .step import autocast
-
-CHOICES = ("auto", "on", "off")
-SPLITS = ("train", "valid", "test")
 
 
 # ------------------------------------------------------------------ where to cut
@@ -156,12 +154,6 @@ class FeatureBatches:
 # ------------------------------------------------------------------ the decision and the pass
 
 
-def _content_digest(values) -> str:
-    digest = hashlib.sha256()
-    checkpoint._feed(digest, values)
-    return digest.hexdigest()
-
-
 class FeatureCache:
     """Decides whether a run caches, computes or loads the activations, and makes the batches."""
 
@@ -223,10 +215,12 @@ class FeatureCache:
     def _fits(self) -> tuple[bool, str | None]:
         """Whether the activations fit the budget; self.placement says where they go."""
         width, dtype = self._feature_size()
-        counts = {split: len(self.ex.dataset.entries(split)) for split in SPLITS
-                  if (self.ex.dataset.path / f"{split}.txt").is_file()}
+        # the images of each split there is (a data set may have no test split), read once for the run
+        self.counts = {split: len(self.ex.dataset.entries(split)) for split in SPLITS
+                       if (self.ex.dataset.path / f"{split}.txt").is_file()}
         per_image = width * torch.empty((), dtype=dtype).element_size()
-        self.needed = per_image * (self.views() * counts["train"] + sum(v for k, v in counts.items() if k != "train"))
+        self.needed = per_image * (self.views() * self.counts["train"] +
+                                   sum(n for split, n in self.counts.items() if split != "train"))
         budget = self.config.training.feature_cache_budget_mb
         device = self.ex.device
         host_room = psutil.virtual_memory().available // 2
@@ -253,7 +247,7 @@ class FeatureCache:
         train = self.config.transform("train")
         info = self.ex.dataset.path / "image_info.json"
         parts = {
-            "prefix_weights": _content_digest({k: v for k, v in self.cut.prefix.state_dict().items()}),
+            "prefix_weights": checkpoint.content_checksum(self.cut.prefix.state_dict()),
             "prefix_modules": repr(self.cut.prefix),
             "transforms": {"train": train.to_dict(), "eval": self.config.transform("eval").to_dict()},
             "data": self.ex.dataset.fingerprint(),
@@ -274,8 +268,7 @@ class FeatureCache:
         if stored is None:
             self.log(f"feature cache: computing {', '.join(self.cut.names[-3:])} once per image "
                      f"({self.needed / 2**20:.1f} MiB, {self.views()} view(s) of each training image)")
-            stored = {split: self._compute(split) for split in SPLITS
-                      if (self.ex.dataset.path / f"{split}.txt").is_file() and self.ex.dataset.entries(split)}
+            stored = {split: self._compute(split) for split, count in self.counts.items() if count}
             if self.ex.ctx.is_main:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 checkpoint.save_atomic({"fingerprint": fingerprint, "features": {k: v[0].cpu() for k, v in
@@ -344,7 +337,7 @@ class FeatureCache:
             loader.close()
         mine = torch.stack(per_view)
         labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-        return _gather_shares(mine, labels.to(mine.device), ex.ctx, len(ex.dataset.entries(split)))
+        return _gather_shares(mine, labels.to(mine.device), ex.ctx, self.counts[split])
 
     # ------------------------------------------------------------ batches
 
@@ -360,7 +353,8 @@ def _gather_shares(mine: torch.Tensor, labels: torch.Tensor, ctx, total: int) ->
     if not ctx.distributed:
         return mine, labels
     views, _, width = mine.shape
-    largest = max(len(sharding.eval_shard_range(total, r, ctx.world_size)) for r in range(ctx.world_size))
+    sizes = [len(sharding.eval_shard_range(total, r, ctx.world_size)) for r in range(ctx.world_size)]
+    largest = max(sizes)
     # gloo gathers CPU tensors, NCCL cuda ones: the activations travel on the process group's device
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     padded = torch.zeros(views, largest, width, dtype=mine.dtype, device=device)
@@ -371,7 +365,6 @@ def _gather_shares(mine: torch.Tensor, labels: torch.Tensor, ctx, total: int) ->
     label_shares = [torch.empty_like(padded_labels) for _ in range(ctx.world_size)]
     dist.all_gather(shares, padded)
     dist.all_gather(label_shares, padded_labels)
-    sizes = [len(sharding.eval_shard_range(total, r, ctx.world_size)) for r in range(ctx.world_size)]
     features = torch.cat([share[:, :n] for share, n in zip(shares, sizes)], dim=1).to(mine.device)
     return features, torch.cat([share[:n] for share, n in zip(label_shares, sizes)]).to(mine.device)
 

@@ -103,14 +103,13 @@ class Trainer:
             self.eval_net = self.features.cut.rest
             self.net = executor.training_net(self.eval_net)
             self.train_loader = self.features.batches("train", loader.batch_size, True)
-            self.valid_loader = self.features.batches("valid", loader.eval_batch_size or loader.batch_size, False)
         else:
             if t.feature_cache == "auto":
                 say(executor.ctx, f"feature cache off: {self.features.reason}")
             self.eval_net = None  # the whole model
             self.net = executor.training_net()
             self.train_loader = executor.loader_for("train", loader.batch_size, True)
-            self.valid_loader = executor.eval_loader("valid")
+        self.valid_loader = self.eval_loader("valid")
 
         # Progress, early stopping and the best weights: restored by resume().
         self.epoch, self.batches_done, self.partial = 0, 0, EpochStats()
@@ -122,6 +121,13 @@ class Trainer:
         self.profiler: StepProfiler | None = None
         self.mean_loss = math.nan      # the running training loss, as of the last check
         self.phase = "start-up"        # what the ranks were doing together, for a lost peer's message
+
+    def eval_loader(self, split: str):
+        """A split's evaluation batches: of the kept activations when the feature cache is used, else of images."""
+        if self.features.report["used"]:
+            loader = self.config.loader
+            return self.features.batches(split, loader.eval_batch_size or loader.batch_size, False)
+        return self.ex.eval_loader(split)
 
     # ------------------------------------------------------------ an epoch
 
@@ -511,9 +517,7 @@ def _finish(trainer: Trainer, stop_reason: str) -> None:
         if trainer.best is not None:
             ex.model.load_state_dict(trainer.best["model"])
         trainer.phase = "testing the best weights (all_reduce)"
-        batch_size = trainer.config.loader.eval_batch_size or trainer.config.loader.batch_size
-        loader = trainer.features.batches("test", batch_size, False) \
-            if trainer.features.report["used"] else ex.eval_loader("test")
+        loader = trainer.eval_loader("test")
         try:
             stats = ex.evaluate(loader, net=trainer.eval_net)
         finally:

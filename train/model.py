@@ -132,9 +132,6 @@ def forward_steps(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return None
 
 
-FROZEN_MODES = ("train", "eval")
-
-
 def set_train_mode(model: nn.Module, frozen_mode: str = "train") -> None:
     """model.train(), except that fully frozen BatchNorm layers keep their running statistics.
 

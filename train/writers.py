@@ -123,7 +123,7 @@ class CurvesPlot:
                     return
             try:
                 plot_curves(records, self.path, self.title)
-            except Exception as error:  # a plot must never stop a run; close() reports it
+            except Exception as error:  # a plot must never stop a run; the run reports it after close()
                 self.error = error
             self._next_draw = time.monotonic() + self.every_s
 
