@@ -1,6 +1,8 @@
 # The two commands of the README:
 #   make demo   the main job on the embedded synthetic data set (no download, no GPU needed)
-#   make test   the test suite
+#   make test   the test suite's fast tier (every test but the slow tier's)
+# and the slow tier, which .ci/run runs too:
+#   make test-slow   real Slurm jobs and programs that take minutes by nature (pytest -m slow)
 # Both create the virtual environment in .venv first (torch + torchvision as a
 # matching pair, DALI; see constraints.txt). pip's cache makes a second set-up fast.
 
@@ -10,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-slow venv clean
 
 venv: $(STAMP)
 
@@ -21,7 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 # The demo: the study's transfer recipe in small (pretrain tiny-cnn on four
 # synthetic classes, fine-tune its new head on four others with the features

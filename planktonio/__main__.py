@@ -104,8 +104,12 @@ def run(args: argparse.Namespace) -> int | None:
         print(result.summary())
         print(f"manifests in {args.out}")
     elif args.command == "pack":
-        from .shards import SHARDS_DIR, pack, parse_size
-        for r in pack(args.data, parse_size(args.shard_size)):
+        from .declared import parse_size
+        from .shards import SHARDS_DIR, pack
+        shard_size = parse_size(args.shard_size, "--shard-size")
+        if shard_size <= 0:
+            raise PlanktonioError(f"--shard-size {args.shard_size}: must be more than 0 bytes")
+        for r in pack(args.data, shard_size):
             print(f"{r.split}: {r.images} images in {r.shards} shard(s), {r.bytes / 2**20:.1f} MiB"
                   + (f" ({r.reused} kept from an interrupted pack)" if r.reused else ""))
         print(f"shards and index in {args.data / SHARDS_DIR}; every loader now reads them")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, fields
 from typing import Any
@@ -34,6 +35,22 @@ class SettingsError(PlanktonioError):
     def __init__(self, problems: list[Problem], prefix: str = "bad config"):
         self.problems = problems
         super().__init__(f"{prefix}: " + "; ".join(p.message for p in problems))
+
+
+class Bytes(int):
+    """A setting's type: a size in bytes, written as a number of bytes or with a unit (512MiB, 2GB, 1.5GiB;
+    K, M, G and their B and iB forms are all powers of 1024, as memory is counted)."""
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'256MB' -> bytes; a plain number is bytes. A PlanktonioError names `what` and shows the forms."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT]?)(?:I?B)?)?\s*", str(text).upper())
+    if not match:
+        raise PlanktonioError(f"{what} {text!r}: expected a size such as 256MB, 1.5GiB or 1048576 (bytes)")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str = "", choices: tuple | None = None,
@@ -65,6 +82,15 @@ def _check(key: str, value: Any, kind: Any) -> tuple[Any, str | None]:
     if value is None:
         return None, f"{key}: a value is required"
     origin = typing.get_origin(kind)
+    if kind is Bytes:
+        if _is_number(value) and math.isfinite(value) and value >= 0:
+            return int(value), None  # a plain int: configs are written back as YAML
+        if isinstance(value, str):
+            try:
+                return parse_size(value, key), None
+            except PlanktonioError as error:
+                return None, str(error)
+        return None, f"{key}: expected a size in bytes (a number, or text such as 512MiB), got {value!r}"
     if kind is bool:
         return (value, None) if isinstance(value, bool) else (None, f"{key}: expected true or false, got {value!r}")
     if kind is int:

@@ -58,16 +58,7 @@ STAMP_FORMAT = 1
 # What pack names a shard ("train-00000.tar"): a plain file name, never a path or a hidden file.
 SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
 DEFAULT_SHARD_SIZE = 256 * 2**20
-_UNITS = {"": 1, "B": 1, "KB": 2**10, "K": 2**10, "MB": 2**20, "M": 2**20, "GB": 2**30, "G": 2**30}
 REPACK = "rerun `python -m planktonio pack`"
-
-
-def parse_size(text: str) -> int:
-    """'256MB' -> bytes (KB, MB, GB are powers of 1024); a plain number is bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
-    if not match or float(match.group(1)) <= 0:
-        raise PlanktonioError(f"shard size {text!r}: expected a size such as 256MB, 1GB or 1048576")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def key_of(position: int) -> str:
@@ -159,6 +150,8 @@ def pack(data: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE) -> list[
     dataset = PreparedDataset.load(data)
     out = dataset.path / SHARDS_DIR
     out.mkdir(exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # what an interrupted pack was writing: written again below
+        stale.unlink(missing_ok=True)
     results = []
     for split in SPLITS:
         entries = dataset.entries(split)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from planktonio.errors import PlanktonioError
+from planktonio.files import write_atomic
 
 from .cli import add_arguments, settings_from
 
@@ -164,7 +165,7 @@ def _inspect(args: argparse.Namespace) -> int:
         written = {"kind": "inspect", "environment": environment, "trace": str(trace), "result": result}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(written, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(written, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from planktonio.errors import PlanktonioError
+from planktonio.files import atomic_file, write_atomic
 from planktonio.loaders import BACKENDS, in_comparison_order, resolve_device, runnable_backends
 from train import config as config_module
 
@@ -202,12 +203,13 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy % (bar: mean, dots: seeds)")
     ax.set_title(f"test accuracy per arm, {result['seeds']} seed(s)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
 def write_report(result: dict, out: Path, environment: dict) -> Path:
-    (out / "accuracy.json").write_text(json.dumps({**result, "environment": environment}, indent=2) + "\n")
+    write_atomic(out / "accuracy.json", json.dumps({**result, "environment": environment}, indent=2) + "\n")
     plot(result, out / "accuracy.png")
     lines = [f"# Accuracy by arm ({result['seeds']} seeds)", "",
              f"Config {result['config']}, data {result['data']}, overrides {result['overrides'] or 'none'}. "
@@ -220,7 +222,7 @@ def write_report(result: dict, out: Path, environment: dict) -> Path:
                                            ("device", "torch", "torchvision", "dali", "cpu_count", "date", "command")
                                            if environment.get(k) is not None), ""]
     report = out / "report.md"
-    report.write_text("\n".join(lines))
+    write_atomic(report, "\n".join(lines))
     return report
 
 

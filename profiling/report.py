@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from planktonio.errors import PlanktonioError
+from planktonio.files import write_atomic
 
 from .render import SECTIONS
 
@@ -46,5 +47,5 @@ def write_report(paths: list[Path], out: Path, title: str = "planktonio measurem
     if goals:
         text += ["## Goals", "", *goals, ""]
     report = out / "report.md"
-    report.write_text("\n".join(text + body))
+    write_atomic(report, "\n".join(text + body))
     return report

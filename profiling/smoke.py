@@ -1,6 +1,6 @@
 """`python -m profiling smoke`: in under a minute, does every GPU path of this project work on this machine?
 
-Run it first on a machine lent for minutes, before `profiling suite`: each
+Run it first on a new machine or in a new job, before `profiling suite`: each
 check is tried on its own and reported (ok, or the first line of what
 failed), so one broken piece names itself instead of sinking the suite:
 - every loader backend of the registry that runs on the device: built, and a

@@ -1,8 +1,8 @@
 """`python -m profiling suite`: every measurement of this project, as one command within a time budget.
 
-The GPU test host is lent now and then, for minutes (15 of device time for a
-whole session, its start-up and every transfer included), so one command
-must measure everything, in this order, within `--minutes` (7 by default):
+GPU time is often short (a reserved slot, an interactive job, a node
+borrowed between jobs), so one command measures everything, in this order,
+within `--minutes` (7 by default):
 1. `planktonio doctor` (what this machine can run, a decode through each decoder);
 2. `profiling smoke` (every GPU path tried once: each loader backend, AMP
    steps, NCCL where there are two GPUs), so a broken piece names itself;
@@ -25,7 +25,7 @@ must measure everything, in this order, within `--minutes` (7 by default):
 Each stage is a process of its own, so GPU memory is each benchmark's own
 (nothing left behind by an earlier one). A stage gets a share of what is
 left of the budget, in proportion to its estimate (`Stage.estimate_s`, its
-expected seconds on the GPU host, or on a 2-core CPU for the tiny plan);
+expected seconds on a GPU node, or on a 2-core CPU for the tiny plan);
 time a stage leaves unused goes to the stages after it. A stage that
 overruns its share is stopped (SIGTERM, then SIGKILL) and reported as timed
 out while the rest goes on; the benchmarks write each row as they measure
@@ -65,7 +65,7 @@ from .settings import Suite
 REPO = Path(__file__).resolve().parents[1]
 FAST_CONFIG = Path("train/configs/fast.yaml")  # relative to the checkout, as in the README
 STUDY_CONFIG = Path("train/configs/study.yaml")
-STUDY_EPOCHS = 91        # the study's run: 91 epochs in 6,218 s on one V100 (DESIGN.md)
+STUDY_EPOCHS = 91        # the study's run: 91 epochs in 6,218 s on one V100 (README, "Training")
 STUDY_SECONDS = 6218
 REPORT_RESERVE_S = 20.0  # the report, written by this process at the end
 MIN_STAGE_S = 5.0        # less than this: a stage is skipped, not started
@@ -91,7 +91,7 @@ class Sizes:
     estimates: dict            # stage kind -> expected seconds at the nominal budget
 
 
-# The GPU host (an H100 or H200, 16 cores) on the 17-class NDSB set at 255 px (prepare --min-images 1000
+# A GPU node (H100 or H200 class, 16 cores) on the 17-class NDSB set at 255 px (prepare --min-images 1000
 # --per-class 500,100,100: 8,500 training images, 33 batches of 256 an epoch). The estimates add up to
 # 355 s of the 420 (the report takes 20 more): each stage's process imports torch and DALI (about 10 s)
 # before it measures. Study: 91 epochs of 354 steps of 24 on the kept activations, about 1 ms a step.

@@ -1,4 +1,8 @@
-"""Shared fixtures: small data sets the tests make themselves, and markers.
+"""Shared fixtures: small data sets the tests make themselves, one finished run, markers and tiers.
+
+Data sets and the finished run are made once per test session (per xdist
+worker) and only read by the tests; a test that changes a run works on its own
+copy (`run_copy`). Helpers shared by several modules are in tests/helpers.py.
 
 The "coloured" set gives every image one flat, unique colour, so the image
 a loader returns can be identified after decoding, resizing and cropping
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,8 @@ from PIL import Image
 from planktonio import prepare
 from planktonio.dataset import SplitPlan
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, small_config
+
 NDSB = REPO.parent / "shared" / "data" / "ndsb"
 
 # Colour channel levels far enough apart to survive JPEG and resizing.
@@ -84,6 +90,32 @@ def synthetic(tmp_path_factory):
     synthesize(root / "source", classes=4, per_class=24)
     prepare(root / "source", root / "prepared", plan=SplitPlan(per_class=(16, 4, 4)), seed=0, workers=1)
     return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def plankton(tmp_path_factory):
+    """4 synthetic classes x 60 images (40/10/10) at 128 px: the data the training tests learn from."""
+    from planktonio.synth import synthesize
+    root = tmp_path_factory.mktemp("plankton")
+    synthesize(root / "images", classes="copepod,chaetognath,diatom_chain,radiolarian", per_class=60, size=128)
+    prepare(root / "images", root / "prepared", plan=SplitPlan(per_class=(40, 10, 10)), workers=1)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, plankton):
+    """One finished run (tests/helpers.py SMALL, 2 epochs on `plankton`): config.yaml, run.json,
+    metrics.jsonl, last.pt, best.pt, summary.json. Read it; change a copy (run_copy)."""
+    from train.loop import fit
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert fit(small_config(training={"epochs": 2}), plankton, run) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of the finished run for a test that changes it."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,6 +21,12 @@ epoch E with FAULT_AT=E:S (the same place in every attempt). With FAULT_ONCE=PAT
 only the first process to get there fails, and leaves PATH behind (the time it
 failed).
 
+HOLD_AT=E:S: right after its training step S of epoch E, the process writes
+the file HOLD_FILE and holds there, so that a test's signal arrives at a
+known step whatever the machine's speed: until a stop signal has been seen
+(HOLD_UNTIL=signal, the default; the run then goes on to its next check) or
+until the process is ended (HOLD_UNTIL=forever).
+
 RANKS=DIR: each rank writes DIR/rank<R>.json at start: where Slurm put it
 (node, local rank, the GPUs it was given, the GPU index it takes) and the
 MASTER_ADDR it meets the others at.
@@ -78,11 +84,31 @@ def install_fault(sig: signal.Signals, rank: int, at_step: int | None, at: tuple
         result = original_step(*args, **kwargs)
         seen["steps"] += 1
         trainer = seen["trainer"]
-        here = (trainer.epoch, trainer.batches_done + 1)  # batches_done counts this step only after it returns
+        here = (trainer.progress.epoch, trainer.progress.batches_done + 1)  # batches_done counts it once it returns
         if (seen["steps"] == at_step or here == at) and not (once is not None and once.exists()):
             if once is not None:
                 once.write_text(f"{time.time()}\n")
             os.kill(os.getpid(), sig)
+        return result
+
+    loop.train_step, loop.Trainer.train_epoch = train_step, train_epoch
+
+
+def install_hold(at: tuple[int, int], marker: Path, forever: bool) -> None:
+    original_step, original_epoch = loop.train_step, loop.Trainer.train_epoch
+    seen = {"trainer": None}
+
+    def train_epoch(self, epoch):
+        seen["trainer"] = self
+        return original_epoch(self, epoch)
+
+    def train_step(*args, **kwargs):
+        result = original_step(*args, **kwargs)
+        trainer = seen["trainer"]
+        if (trainer.progress.epoch, trainer.progress.batches_done + 1) == at:
+            marker.write_text(f"{os.getpid()}\n")
+            while forever or not trainer.stop_flag.raised:
+                time.sleep(0.01)
         return result
 
     loop.train_step, loop.Trainer.train_epoch = train_step, train_epoch
@@ -109,6 +135,9 @@ if __name__ == "__main__":
                       int(env["FAULT_AT_STEP"]) if "FAULT_AT_STEP" in env else None,
                       tuple(map(int, env["FAULT_AT"].split(":"))) if "FAULT_AT" in env else None,
                       Path(env["FAULT_ONCE"]) if "FAULT_ONCE" in env else None)
+    if "HOLD_AT" in env:
+        install_hold(tuple(map(int, env["HOLD_AT"].split(":"))), Path(env["HOLD_FILE"]),
+                     env.get("HOLD_UNTIL", "signal") == "forever")
     if "RANKS" in env:
         write_placement(Path(env["RANKS"]))
     sys.exit(main(sys.argv[1:]))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, make_loader, prepare
+from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, make_loader, memory, prepare
 from planktonio.dataset import PreparedDataset, SplitPlan
 from planktonio.loaders import BACKENDS, runnable_backends
 from planktonio.loaders.cache_loader import CacheLoader, CacheOptions
@@ -150,7 +150,8 @@ def test_a_budget_too_small_keeps_the_images_in_host_memory_or_refuses(synthetic
     for (a, _), (b, _) in zip(within, over, strict=True):  # the same batches, gathered and copied per batch
         assert torch.equal(a, b)
     assert over.device_bytes == 0 and over.cache_bytes == needed
-    with pytest.raises(PlanktonioError, match=r"needs 11\.9 MiB decoded, over the budget left of 11\.9 MiB"):
+    with pytest.raises(PlanktonioError, match=r"needs 11\.9 MiB decoded, over .* cache budget on cpu \(image cache: "
+                                              r"at most 11\.9 MiB"):
         loader("cache", synthetic, "train", options={"budget_bytes": needed - 1, "overflow": "error"}, **kwargs)
     with pytest.raises(PlanktonioError, match="loader.options.overflow must be one of host, error, not 'disk'"):
         loader("cache", synthetic, "train", options={"overflow": "disk"}, **kwargs)
@@ -163,12 +164,14 @@ def test_one_budget_is_shared_by_a_process_s_cache_loaders(synthetic):
     fits, the valid split (16) still fits what is left, the test split (16) does not and goes to host
     memory; a closed loader gives its share back."""
     image = 3 * 255 * 255
-    options = {"budget_bytes": (64 + 16 + 8) * image, "overflow": "host"}
+    budget = memory.Budget.of(torch.device("cpu"))
+    before = budget.reserved.get("image cache", 0)  # loaders of other tests not yet collected
+    options = {"budget_bytes": before + (64 + 16 + 8) * image, "overflow": "host"}
     train = loader("cache", synthetic, "train", batch_size=8, options=options)
     valid = loader("cache", synthetic, "valid", batch_size=8, options=options)
     test = loader("cache", synthetic, "test", batch_size=8, options=options)
     assert (train.placement, valid.placement, test.placement) == ("device", "device", "host")
-    assert train.budget is valid.budget is test.budget and train.budget.left == 8 * image
+    assert budget.reserved["image cache"] - before == (64 + 16) * image  # the test split's is counted apart
     valid.close()
     assert loader("cache", synthetic, "test", batch_size=8, options=options).placement == "device"
 
@@ -177,7 +180,7 @@ def test_host_stores_are_allocated_in_chunks_of_a_power_of_two():
     """torch's pinned allocator rounds each allocation up to a power of two: a 9 GB store in one piece
     would pin 16 GB. In chunks of 256 MiB, what is pinned (each chunk rounded up) stays within one
     chunk of what is needed, and every image lies wholly inside one chunk."""
-    from planktonio.loaders.cache_loader import CHUNK_BYTES, plan_chunks
+    from planktonio.memory import CHUNK_BYTES, plan_chunks
     image = 3 * 255 * 255
     item_bytes = np.full(9 * 2**30 // image, image, dtype=np.int64)  # 9 GiB of 255 px images
     chunk_of, offset, sizes = plan_chunks(item_bytes, CHUNK_BYTES)
@@ -193,10 +196,9 @@ def test_host_stores_are_allocated_in_chunks_of_a_power_of_two():
 
 def test_a_store_in_several_chunks_gives_the_batches_of_one_in_one_piece(synthetic, monkeypatch):
     """Host placement, chunks of 5 images: gathering a batch across chunks gives the same batches."""
-    from planktonio.loaders import cache_loader
     kwargs = dict(batch_size=8, seed=1, transform=TRAIN_AUGMENT)
     whole = CacheLoader(loader("cache", synthetic, "train", **kwargs).spec, fast_path=True)
-    monkeypatch.setattr(cache_loader, "CHUNK_BYTES", 5 * 3 * 255 * 255)
+    monkeypatch.setattr(memory, "CHUNK_BYTES", 5 * 3 * 255 * 255)
     chunked = loader("cache", synthetic, "train", options={"budget_bytes": 0}, **kwargs)
     chunked = CacheLoader(chunked.spec, CacheOptions(budget_bytes=0), fast_path=True)
     assert chunked.placement == "host"

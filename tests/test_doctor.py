@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +14,7 @@ import torch
 from planktonio import doctor
 from planktonio.doctor import cuda_major, dali_can_run, has_hardware_jpeg_decoder, torch_can_run
 
-from .conftest import REPO
+from .helpers import REPO, run_planktonio
 
 # torch._C._cuda_getArchFlags() of torch 2.14.1 (CUDA 13.0), the pin before
 # issue 8, and of torch 2.10.0 (CUDA 12.8), the pin since.
@@ -86,16 +85,11 @@ def test_hardware_jpeg_decoder_by_gpu(name, hardware):
 # ------------------------------------------------------------------ the command here
 
 
-def run_doctor(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "planktonio", "doctor", *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
-
-
 @no_gpu
-def test_doctor_here_says_there_is_no_gpu_and_passes(tmp_path):
-    result = run_doctor("--json", str(tmp_path / "doctor.json"))
-    assert result.returncode == 0, result.stderr
-    last = result.stdout.strip().splitlines()[-1]
+def test_doctor_here_says_there_is_no_gpu_and_passes(tmp_path, capsys):
+    code, out, err = run_planktonio(["doctor", "--json", tmp_path / "doctor.json"], capsys)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
     assert last.startswith("doctor verdict: ok - no GPU visible"), last
     report = json.loads((tmp_path / "doctor.json").read_text())
     assert report["ok"] is True and report["gpus"] == [] and report["verdict"] == last
@@ -110,10 +104,10 @@ def test_doctor_here_says_there_is_no_gpu_and_passes(tmp_path):
 
 
 @no_gpu
-def test_doctor_fails_when_a_gpu_is_required_and_none_is_visible():
-    result = run_doctor("--require-gpu")
-    assert result.returncode == 1
-    assert "doctor verdict: FAILED - a GPU is required (--require-gpu) but none is visible" in result.stderr
+def test_doctor_fails_when_a_gpu_is_required_and_none_is_visible(capsys):
+    code, _, err = run_planktonio(["doctor", "--require-gpu"], capsys)
+    assert code == 1
+    assert "doctor verdict: FAILED - a GPU is required (--require-gpu) but none is visible" in err
 
 
 # ------------------------------------------------------------------ simulated machines

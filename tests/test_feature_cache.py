@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ from train.feature_cache import find_cut
 from train.loop import fit
 from train.model import build_model
 
-from .conftest import REPO
+from .helpers import torchrun
 
 TIMING = ("images_per_s", "data_wait_fraction", "epoch_seconds")
 CENTRE = {"crop": "center", "size": 64, "resize": 72}
@@ -35,7 +33,7 @@ def settings(model="alexnet", freeze="all-but-head", train=CENTRE, **training):
     return {"model": {"name": model, "freeze": freeze},
             "loader": {"backend": "torchvision", "batch_size": 8, "workers": 0},
             "optimizer": {"name": "sgd", "lr": 0.01}, "training": {"epochs": 2, "progress": False, "seed": 1,
-                                                                   "checkpoint_every_s": 0.0, **training},
+                                                                   **training},
             "augment": {"train": train, "eval": CENTRE}}
 
 
@@ -110,10 +108,7 @@ def test_two_gloo_ranks_cached_and_uncached_end_alike(synthetic, tmp_path):
     for name, mode in (("cached", "auto"), ("plain", "off")):
         config = tmp_path / f"{name}.yaml"
         config.write_text(json.dumps(settings(feature_cache=mode)))
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "train", "fit", "--config", str(config), "--data", str(synthetic), "--out",
-                               str(tmp_path / name)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        done = torchrun("-m", "train", "fit", "--config", config, "--data", synthetic, "--out", tmp_path / name)
         assert done.returncode == 0, done.stdout + done.stderr
         runs[name] = done.stdout
     assert "feature cache: computed" in runs["cached"] and "feature cache" not in runs["plain"]
@@ -180,7 +175,7 @@ def test_another_manifest_is_another_cache(synthetic, tmp_path):
 @pytest.mark.parametrize("change, reason", [
     ({"augment": {"train": {"crop": "random_resized", "size": 64, "resize": 72}}}, "does not repeat"),
     ({"model": {"name": "tiny-cnn", "freeze": "none"}}, "nothing before it to compute once"),
-    ({"training": {"feature_cache_budget_mb": 0.001}}, "over the budget"),
+    ({"training": {"feature_cache_budget_bytes": 1000}}, "over .* cache budget"),
 ])
 def test_auto_stays_off_with_its_reason_and_on_refuses(synthetic, tmp_path, capsys, change, reason):
     values = settings("tiny-cnn")

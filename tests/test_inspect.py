@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import subprocess
 import sys
 import tracemalloc
 
@@ -27,7 +25,8 @@ from profiling.inspect_compare import compare, format_comparison
 from profiling.inspect_ranks import analyse_ranks
 from profiling.inspect_trace import BREAKDOWN, analyse, format_report, load_events, shares_of_step
 
-from .conftest import REPO
+from .helpers import process_env, run_process
+from .helpers import run_profiling
 
 DELAY = 0.2  # seconds a delayed loader sleeps before each batch: 30-40 times a step here
 STEPS = 3    # recorded ("active") steps of every traced run
@@ -44,17 +43,12 @@ def no_nan(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-def profiling_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "profiling", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=300)
-
-
 def traced(data, out, processes: int = 1, delay: float | None = None, delay_rank: int | None = None):
     """Runs `profiling trace` (under torch.distributed.run for several processes) and returns its folder."""
     out.mkdir(parents=True, exist_ok=True)
     config = out / "tiny.yaml"
     config.write_text(json.dumps(CONFIG))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = process_env()
     env.pop("DELAY_RANK", None)
     if delay:
         env["DELAY_SECONDS"] = str(delay)
@@ -65,7 +59,7 @@ def traced(data, out, processes: int = 1, delay: float | None = None, delay_rank
         command += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command += ["-m", "tests.delayed_loader" if delay else "profiling", "trace", "--config", str(config),
                 "--data", str(data), "--out", str(out), "--wait", "1", "--warmup", "1", "--active", str(STEPS)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_process(command, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -90,12 +84,12 @@ def delayed_pair(synthetic, tmp_path_factory):
 # ------------------------------------------------------------------ every rank of a run
 
 
-def test_every_rank_of_a_gloo_run_matches_its_trace_read_alone(gloo_run, tmp_path):
+def test_every_rank_of_a_gloo_run_matches_its_trace_read_alone(gloo_run, tmp_path, capsys):
     assert sorted(p.name for p in gloo_run.glob("trace-rank*")) == ["trace-rank0.json.gz", "trace-rank1.json.gz"]
     out = tmp_path / "ranks.json"
-    result = profiling_cli("inspect", gloo_run, "--json", out)
-    assert result.returncode == 0, result.stderr
-    assert "rank steps" in result.stdout and "verdict: 2 ranks" in result.stdout
+    code, stdout, err = run_profiling(["inspect", gloo_run, "--json", out], capsys)
+    assert code == 0, err
+    assert "rank steps" in stdout and "verdict: 2 ranks" in stdout
     ranks = no_nan(out.read_text())
     assert ranks["kind"] == "inspect-ranks" and [r["rank"] for r in ranks["ranks"]] == [0, 1]
     for row in ranks["ranks"]:
@@ -129,7 +123,7 @@ def test_a_rank_slowed_in_its_data_path_is_named_the_straggler(straggler_run):
 # ------------------------------------------------------------------ two runs compared
 
 
-def test_a_delay_in_the_data_path_is_found_in_the_data_range(delayed_pair, tmp_path):
+def test_a_delay_in_the_data_path_is_found_in_the_data_range(delayed_pair, tmp_path, capsys):
     """The delay d (0.1 s per batch) must show as a change of the "data" range between 0.9 d and 1.5 d
     per step, while no compute range changes by more than d / 4.
 
@@ -141,8 +135,8 @@ def test_a_delay_in_the_data_path_is_found_in_the_data_range(delayed_pair, tmp_p
     plain, delayed = delayed_pair
     delay_ms = 1000 * DELAY / 2
     out = tmp_path / "compare.json"
-    result = profiling_cli("inspect", plain, delayed, "--json", out)
-    assert result.returncode == 0, result.stderr
+    code, _, err = run_profiling(["inspect", plain, delayed, "--json", out], capsys)
+    assert code == 0, err
     comparison = no_nan(out.read_text())
     assert comparison["kind"] == "inspect-compare"
     ranges = {r["name"]: r["change_ms"] for r in comparison["ranges"]}
@@ -465,10 +459,10 @@ def test_inspect_refuses_an_empty_folder_and_three_paths(tmp_path, capsys):
 # ------------------------------------------------------------------ report
 
 
-def test_report_shows_every_rank_and_the_comparison(straggler_run, delayed_pair, tmp_path):
+def test_report_shows_every_rank_and_the_comparison(straggler_run, delayed_pair, tmp_path, capsys):
     ranks, comparison = tmp_path / "ranks.json", tmp_path / "compare.json"
-    assert profiling_cli("inspect", straggler_run, "--json", ranks).returncode == 0
-    assert profiling_cli("inspect", *delayed_pair, "--json", comparison).returncode == 0
+    assert run_profiling(["inspect", straggler_run, "--json", ranks], capsys)[0] == 0
+    assert run_profiling(["inspect", *delayed_pair, "--json", comparison], capsys)[0] == 0
     text = report.write_report([ranks, comparison], tmp_path / "report").read_text()
     assert f"| 1 | {STEPS} |" in text and "rank 1 is the straggler" in text
     assert "| range `data` |" in text and 'the largest change is in the "data" range' in text

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, PlanktonioError, make_loader
-from planktonio.dataset import PreparedDataset
+from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, PlanktonioError, make_loader, prepare
+from planktonio.dataset import PreparedDataset, SplitPlan
 from planktonio.loaders import BACKENDS, runnable_backends, sharding
 
 from .conftest import batch_indices
+from .helpers import python
 
 CPU = torch.device("cpu")
 # Every backend this machine runs, and those that read every image as planned (not the upper bound).
@@ -347,9 +350,6 @@ def test_a_dropped_torchvision_loader_ends_its_workers(coloured, collect):
     """Workers ignore SIGTERM (the training process handles scancel's), so nothing but the loader
     may stop them: dropped without close(), whether freed at once or by the cyclic garbage
     collector, or still alive at exit, its workers end and the process exits."""
-    import subprocess
-    import sys
-    from .conftest import REPO
     prepared, _ = coloured
     code = ("import gc, sys; from planktonio import make_loader\n"
             "def use():\n"
@@ -359,6 +359,93 @@ def test_a_dropped_torchvision_loader_ends_its_workers(coloured, collect):
             "kept = use()\n"
             "gc.collect()\n")
     for mode in ("drop", "keep"):
-        result = subprocess.run([sys.executable, "-c", code if collect else code.replace("gc.collect()", ""), mode],
-                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        result = python("-c", code if collect else code.replace("gc.collect()", ""), mode, timeout=120)
         assert result.returncode == 0, result.stderr
+
+
+def test_exif_orientation_is_applied_alike_by_every_backend(tmp_path):
+    """Chosen: every backend shows the picture upright (DALI's decoders do; torchvision now applies
+    the EXIF orientation too), and prepare records the upright size for the plans."""
+    source = tmp_path / "source"
+    for c in range(2):
+        (source / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            pixels = np.zeros((40, 80, 3), dtype=np.uint8)  # 80 wide, 40 high: left half dark, right bright
+            pixels[:, 40:] = 230
+            pixels[:, :40] = 30 + 20 * i + 5 * c  # no two alike: a copy under two classes would be dropped
+            exif = Image.Exif()
+            exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+            Image.fromarray(pixels).save(source / f"c{c}" / f"img{i}.jpg", exif=exif.tobytes(), quality=95)
+    prepare(source, tmp_path / "prepared", plan=SplitPlan(per_class=(1, 1, 1)), workers=1)
+    info = PreparedDataset.load(tmp_path / "prepared").image_info("valid", 2)
+    assert info.width.tolist() == [40, 40] and info.height.tolist() == [80, 80]  # upright: 40 wide, 80 high
+    transform = EVAL_TRANSFORM.__class__(size=32, resize=32)
+    outputs = {}
+    for backend in ("dali-cpu", "torchvision"):
+        with make_loader(backend, tmp_path / "prepared", "valid", batch_size=2, device="cpu", workers=1,
+                         transform=transform) as loader:
+            outputs[backend] = next(iter(loader))[0]
+    std = torch.tensor(transform.std).view(1, 3, 1, 1)
+    assert ((outputs["dali-cpu"] - outputs["torchvision"]).abs() * std * 255).max() <= 2
+    # Turned clockwise, the dark left half is on top: the top rows are darker than the bottom ones.
+    image = outputs["torchvision"][0].mean(dim=0)
+    assert image[:8].mean() < image[-8:].mean() - 1
+
+
+def test_dali_outputs_are_bound_to_torchs_stream_and_held_until_used(monkeypatch):
+    """On a GPU, DALI's outputs are asked for on torch's current stream of the loader's device (DALI then
+    makes that stream wait on the GPU; no host wait, as a share_outputs() without a stream would do), and
+    each batch's tensors are held until an event recorded after its use has completed."""
+    from planktonio.loaders import dali_graph
+
+    class FakeOutput:
+        def __init__(self, value):
+            self.value = value
+
+        def as_tensor(self):
+            return self
+
+    class FakePipe:
+        def __init__(self):
+            self.asked, self.count = [], 0
+
+        def schedule_run(self):
+            pass
+
+        def share_outputs(self, cuda_stream=None):
+            self.asked.append(cuda_stream)
+            self.count += 1
+            return [FakeOutput(self.count)]
+
+        def release_outputs(self):
+            pass
+
+    done = {"events": []}
+
+    class FakeEvent:
+        def __init__(self):
+            self.finished = False
+            done["events"].append(self)
+
+        def record(self, stream):
+            self.stream = stream
+
+        def query(self):
+            return self.finished
+
+    device = torch.device("cuda", 1)
+    monkeypatch.setattr(dali_graph.torch.cuda, "current_stream", lambda d=None: f"stream of {d}")
+    monkeypatch.setattr(dali_graph.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(dali_graph.torch, "from_dlpack", lambda output: torch.tensor([output.value]))
+    pipe = FakePipe()
+    outputs = dali_graph.PipelineOutputs(pipe, device)
+    first = outputs.next()
+    second = outputs.next()  # asking for batch 2 means batch 1's work is queued: an event marks it
+    assert pipe.asked == [f"stream of {device}"] * 2 and first[0].item() == 1 and second[0].item() == 2
+    assert len(outputs._held) == 1 and done["events"][0].stream == f"stream of {device}"
+    outputs.next()
+    assert len(outputs._held) == 2  # batch 1's event has not completed: still held
+    for event in done["events"]:
+        event.finished = True
+    outputs.next()
+    assert len(outputs._held) == 1  # completed ones let go; the batch just consumed is held anew

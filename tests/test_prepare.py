@@ -1,4 +1,5 @@
-"""prepare: validation, stratified reproducible splits, manifests, clear errors."""
+"""prepare and square (planktonio/dataset.py, planktonio/square.py): validation, stratified reproducible
+splits, manifests, duplicates, what is taken and what is skipped, bit depths, and clear errors."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from planktonio import PlanktonioError, PreparedDataset, make_loader, prepare
+from planktonio import PlanktonioError, PreparedDataset, prepare
 from planktonio.dataset import SplitPlan, inspect_image
+from planktonio.square import square_tree
 
-from .conftest import REPO, jpeg_bytes, write_coloured_set
+from .conftest import jpeg_bytes, write_coloured_set
+from .helpers import one_line_error, run_planktonio
 
 
 @pytest.fixture
@@ -115,44 +118,26 @@ def test_error_messages(tmp_path, source, setup, kwargs, message):
         prepare(src, tmp_path / "out", workers=1, **kwargs)
 
 
-def test_cli_prints_error_not_traceback(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "planktonio", "prepare", "--source", str(tmp_path / "x"),
-                          "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 2
-    assert run.stderr.startswith("error: source") and "Traceback" not in run.stderr
+def test_cli_prints_error_not_traceback(tmp_path, capsys):
+    code, _, err = run_planktonio(["prepare", "--source", tmp_path / "x", "--out", tmp_path / "o"], capsys)
+    assert one_line_error(code, err).startswith("error: source")
 
 
-def test_cli_prepare_prints_summary(source, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "planktonio", "prepare", "--source", str(source),
-                          "--out", str(tmp_path / "o"), "--min-images", "20", "--per-class", "10,5,5",
-                          "--workers", "1"], capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 0, run.stderr
-    assert re.search(r"^total\s+90\s+30\s+15\s+15$", run.stdout, re.MULTILINE), run.stdout
-    assert "3 classes kept, 1 dropped" in run.stdout
+def test_cli_prepare_prints_summary(source, tmp_path, capsys):
+    code, out, err = run_planktonio(["prepare", "--source", source, "--out", tmp_path / "o", "--min-images", "20",
+                                      "--per-class", "10,5,5", "--workers", "1"], capsys)
+    assert code == 0, err
+    assert re.search(r"^total\s+90\s+30\s+15\s+15$", out, re.MULTILINE), out
+    assert "3 classes kept, 1 dropped" in out
 
 
-def test_prepared_dataset_reports_moved_files(coloured, tmp_path):
-    prepared, _ = coloured
-    meta = json.loads((prepared / "classes.json").read_text())
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    for name in ("train.txt", "valid.txt", "test.txt", "image_info.json"):
-        (moved / name).write_text((prepared / name).read_text())
-    (moved / "classes.json").write_text(json.dumps({**meta, "root": str(tmp_path / "gone")}))
-    with pytest.raises(PlanktonioError, match="listed in .*valid.txt but missing"):
-        make_loader("torchvision", moved, "valid", batch_size=2, device="cpu", workers=0)
-    with pytest.raises(PlanktonioError, match="classes.json: not found"):
-        PreparedDataset.load(tmp_path)
-
-
-def test_excluding_another_sets_classes_leaves_the_rest(source, tmp_path):
+def test_excluding_another_sets_classes_leaves_the_rest(source, tmp_path, capsys):
     """Pretraining data without the target's classes: `--exclude-classes-of TARGET`."""
     target = tmp_path / "target"
     prepare(source, target, min_images=20, plan=SplitPlan(per_class=(10, 5, 5)), workers=1)
-    run = subprocess.run([sys.executable, "-m", "planktonio", "prepare", "--source", str(source), "--out",
-                          str(tmp_path / "others"), "--fractions", "0.75,0.25,0", "--exclude-classes-of", str(target),
-                          "--workers", "1"], capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 0, run.stderr
+    code, _, err = run_planktonio(["prepare", "--source", source, "--out", tmp_path / "others", "--fractions",
+                                    "0.75,0.25,0", "--exclude-classes-of", target, "--workers", "1"], capsys)
+    assert code == 0, err
     others = PreparedDataset.load(tmp_path / "others")
     assert others.classes == ("rare",) and not set(others.classes) & set(PreparedDataset.load(target).classes)
     assert json.loads((tmp_path / "others" / "classes.json").read_text())["excluded_classes"] == [
@@ -224,7 +209,7 @@ def test_copies_within_a_class_are_listed_and_stay_in_one_split(source, tmp_path
             assert not result.rejected
 
 
-def test_copies_in_two_classes_are_dropped_listed_and_reported(source, tmp_path):
+def test_copies_in_two_classes_are_dropped_listed_and_reported(source, tmp_path, capsys):
     """The same bytes under two labels: no label can be trusted, so every copy is dropped."""
     stray = (source / "class0" / "img001.jpg").read_bytes()
     (source / "class1" / "stray.jpg").write_bytes(stray)
@@ -232,11 +217,10 @@ def test_copies_in_two_classes_are_dropped_listed_and_reported(source, tmp_path)
     (source / "class2" / "stray2.jpg").write_bytes(stray)
     copies = {"class0/img001.jpg": "class1, class2", "class1/stray.jpg": "class0, class2",
               "class2/stray.jpg": "class0, class1", "class2/stray2.jpg": "class0, class1"}
-    run = subprocess.run([sys.executable, "-m", "planktonio", "prepare", "--source", str(source), "--out",
-                          str(tmp_path / "o"), "--min-images", "20", "--workers", "1"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 0, run.stderr
-    assert "4 files of 1 image found in more than one class dropped" in run.stdout, run.stdout
+    code, out, err = run_planktonio(["prepare", "--source", source, "--out", tmp_path / "o", "--min-images", "20",
+                                      "--workers", "1"], capsys)
+    assert code == 0, err
+    assert "4 files of 1 image found in more than one class dropped" in out, out
     listed = {p for s in ("train", "valid", "test") for p, _ in read_manifest(tmp_path / "o" / f"{s}.txt")}
     assert not listed & set(copies) and len(listed) == 29 + 30 + 30
     with open(tmp_path / "o" / "rejected.csv") as f:
@@ -250,3 +234,121 @@ def test_copies_in_two_classes_are_dropped_listed_and_reported(source, tmp_path)
     assert {r["group"] for r in rows} == {"1"} and {r["split"] for r in rows} == {""}
     meta = json.loads((tmp_path / "o" / "classes.json").read_text())
     assert meta["usable_per_class"] == {"class0": 29, "class1": 30, "class2": 30}
+
+
+# ------------------------------------------------------------------ what prepare takes, and what it refuses
+
+
+def rejected_reasons(prepared) -> dict[str, str]:
+    with open(prepared / "rejected.csv") as f:
+        return {os.path.basename(r["path"]): r["reason"] for r in csv.DictReader(f)}
+
+
+def test_images_wider_than_8_bits_are_refused_with_the_reason_and_square_converts_them(tmp_path):
+    """Chosen: prepare refuses 16-bit and float images (the backends would read them differently:
+    DALI scales 16 bits to 8, torchvision kept uint16 and crashed on a mix), naming the fix;
+    `square` converts them by their full range (16 bits / 257, floats 0..1 x 255) instead of
+    turning them white."""
+    source = tmp_path / "source"
+    write_coloured_set(source, classes=2, per_class=4, size=16)
+    # Three different greys: the same picture under two classes would be dropped as a conflicting duplicate.
+    greys = {"class0/wide.jpg": 128, "class1/wide.jpg": 100, "class1/float.jpg": 64}
+    Image.fromarray(np.full((16, 16), 128 * 257, dtype=np.uint16)).save(source / "class0" / "wide.png")
+    Image.fromarray(np.full((16, 16), 100 * 257, dtype=np.uint16)).save(source / "class1" / "wide.tif")
+    Image.fromarray(np.full((16, 16), 64 / 255, dtype=np.float32)).save(source / "class1" / "float.tif")
+    result = prepare(source, tmp_path / "prepared", plan=SplitPlan(per_class=(2, 1, 1)), workers=1)
+    assert rejected_reasons(tmp_path / "prepared") == {
+        "wide.png": "unsupported bit depth", "wide.tif": "unsupported bit depth", "float.tif": "unsupported bit depth"}
+    assert sum(len(e) for e in result.splits.values()) == 8  # every 8-bit image kept
+    with open(tmp_path / "prepared" / "rejected.csv") as f:
+        assert "python -m planktonio square" in f.read()
+
+    written, failures = square_tree(source, tmp_path / "squared", size=16, workers=1)
+    assert written == 11 and not failures
+    for name, grey in greys.items():
+        pixels = np.asarray(Image.open(tmp_path / "squared" / name))
+        assert abs(float(pixels.mean()) - grey) < 2, name
+    prepared = prepare(tmp_path / "squared", tmp_path / "prepared2", plan=SplitPlan(per_class=(3, 1, 1)), workers=1)
+    assert not prepared.rejected
+
+
+def test_prepare_takes_sub_folders_lists_what_it_skips_and_refuses_unsafe_names(tmp_path):
+    """Chosen: images in sub-folders of a class folder belong to the class; every other file is
+    listed in skipped.csv with why; names that would break a manifest line are rejected."""
+    source = tmp_path / "source"
+    write_coloured_set(source, classes=2, per_class=3, size=16)
+    good = (source / "class0" / "img000.jpg").read_bytes()
+    for d, day in enumerate(("day1", "day2")):
+        (source / "class1" / day).mkdir()
+        for i in range(2):  # pictures of their own: copies of class0's would be dropped as mislabelled
+            (source / "class1" / day / f"{day}_{i}.jpg").write_bytes(jpeg_bytes(16, seed=2 * d + i))
+    (source / "class0" / "notes").write_text("no extension")
+    (source / "class0" / "frame.webp").write_bytes(b"RIFF")
+    (source / "top-level.jpg").write_bytes(good)
+    for name in ("line\nbreak.jpg", "form\x0cfeed.jpg", "para\u2028sep.jpg", "tab\tname.jpg"):
+        (source / "class0" / name).write_bytes(good)
+    result = prepare(source, tmp_path / "prepared", workers=1)
+    assert result.usable == {"class0": 3, "class1": 7}
+    listed = [p for entries in result.splits.values() for p, _ in entries]
+    assert {p for p in listed if "/day" in p} == {f"class1/{d}/{d}_{i}.jpg" for d in ("day1", "day2") for i in (0, 1)}
+    with open(tmp_path / "prepared" / "skipped.csv") as f:
+        skipped = {os.path.relpath(r["path"], source): r["reason"] for r in csv.DictReader(f)}
+    assert set(skipped) == {"class0/notes", "class0/frame.webp", "top-level.jpg"}
+    assert skipped["top-level.jpg"] == "not in a class folder"
+    assert sum(reason == "unsafe name" for reason in rejected_reasons(tmp_path / "prepared").values()) == 4
+    dataset = PreparedDataset.load(tmp_path / "prepared")
+    assert sorted(p for s in ("train", "valid", "test") for p, _ in dataset.entries(s)) == sorted(listed)
+    assert "4 skipped as not images" not in result.summary() and "3 skipped as not images" in result.summary()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fractions", "0.5,nan,0.5"], "fractions in \\[0, 1\\] summing to 1"),
+    (["--fractions", "nan,0.5,0.5"], "fractions in \\[0, 1\\] summing to 1"),
+    (["--workers", "-1"], "integer >= 1"),
+    (["--min-images", "-5"], "integer >= 1"),
+])
+def test_prepare_options_are_checked(coloured, tmp_path, capsys, args, message):
+    prepared, _ = coloured
+    root = PreparedDataset.load(prepared).root
+    code, _, err = run_planktonio(["prepare", "--source", root, "--out", tmp_path / "never-written", *args], capsys)
+    line = one_line_error(code, err)
+    assert re.search(message, line), line
+    assert not (tmp_path / "never-written").exists()
+
+
+def test_out_naming_a_file_and_a_bad_square_input_are_clear(coloured, tmp_path, capsys):
+    prepared, _ = coloured
+    root = PreparedDataset.load(prepared).root
+    (tmp_path / "file").write_text("x")
+    for command in ("prepare", "square"):
+        code, _, err = run_planktonio([command, "--source", root, "--out", tmp_path / "file"], capsys)
+        assert "is a file, not a folder" in one_line_error(code, err)
+
+
+def test_square_skips_a_decompression_bomb_and_keeps_colliding_names_apart(tmp_path, monkeypatch):
+    """One bad file is reported and skipped, not the end of the run; x.png and x.tif both survive."""
+    source = tmp_path / "source"
+    (source / "c").mkdir(parents=True)
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(source / "c" / "x.png")
+    Image.new("RGB", (20, 10), (10, 10, 200)).save(source / "c" / "x.tif")
+    Image.new("RGB", (3000, 3000), (0, 0, 0)).save(source / "c" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_000_000)  # 3000 x 3000 is over twice that: a bomb
+    written, failures = square_tree(source, tmp_path / "out", 16, workers=1)
+    assert written == 2 and len(failures) == 1 and "bomb.png" in failures[0], failures
+    red = np.asarray(Image.open(tmp_path / "out" / "c" / "x.jpg"))[..., 0].mean()
+    blue = np.asarray(Image.open(tmp_path / "out" / "c" / "x_tif.jpg"))[..., 2].mean()
+    assert red > 150 and blue > 150
+
+
+def test_an_unreadable_class_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    """Tests run as root, who reads everything: the folder's permission error is simulated."""
+    from planktonio import dataset
+    source = tmp_path / "source"
+    write_coloured_set(source, classes=2, per_class=2, size=8)
+
+    def walk(top, onerror=None):
+        onerror(PermissionError(13, "Permission denied", str(top)))
+        return iter(())
+    monkeypatch.setattr(dataset.os, "walk", walk)
+    with pytest.raises(PlanktonioError, match="class0: cannot be read \\(Permission denied\\); fix its permissions"):
+        prepare(source, tmp_path / "prepared", workers=1)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +13,10 @@ from profiling.amp_bench import run as run_amp
 from profiling.loader_bench import MIN_CPU_WINDOW
 from profiling.loader_bench import run as run_loaders
 from profiling.render.common import goal
-from profiling.settings import AmpBenchmark, LoaderBenchmark
+from profiling.settings import AmpBenchmark, LoaderBenchmark, TraceOptions
+from profiling.trace import run_trace
 
-from .conftest import REPO
+from .helpers import one_line_error, run_profiling, python, write_config
 
 
 # ------------------------------------------------------------------ statistics
@@ -47,13 +46,12 @@ def test_union_length_counts_overlaps_once():
 # ------------------------------------------------------------------ loaders
 
 
-def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
+def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path, capsys):
     out = tmp_path / "loaders.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "profiling", "loaders", "--data", str(synthetic), "--backends",
-         "dali-cpu,torchvision,memory", "--batch-size", "16", "--epochs", "2", "--warmup", "1",
-         "--repeats", "2", "--workers", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    code, stdout, err = run_profiling(["loaders", "--data", synthetic, "--backends", "dali-cpu,torchvision,memory",
+                                        "--batch-size", "16", "--epochs", "2", "--warmup", "1", "--repeats", "2",
+                                        "--workers", "2", "--json", out], capsys)
+    assert code == 0, err
     data = json.loads(out.read_text())
     assert data["kind"] == "loaders"
     for key in ("device", "torch", "torchvision", "dali", "cpu_count", "date", "command"):
@@ -78,7 +76,19 @@ def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path):
         assert r["peak_gpu_memory_mb"] is None and r.get("device_memory_added_mb") is None  # no GPU here
     dali = data["results"][0]
     assert dali["pipelines_built"] == 1  # one DALI pipeline for the warm-up and every timed epoch
-    assert "dali-cpu" in result.stdout and "vs torchvision" in result.stdout  # the first baseline measured
+    assert "dali-cpu" in stdout and "vs torchvision" in stdout  # the first baseline measured
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "must be >= 1"),
+    (["--repeats", "0"], "must be >= 1"),
+    (["--backends", "memory"], "name at least one loader backend"),
+    (["--backends", "ffcv"], "unknown loader backend 'ffcv'"),
+])
+def test_loader_benchmark_options_are_checked(coloured, capsys, args, message):
+    prepared, _ = coloured
+    code, _, err = run_profiling(["loaders", "--data", prepared, "--batch-size", "4", *args], capsys)
+    assert message in one_line_error(code, err)
 
 
 def test_the_upper_bound_replays_real_batches_from_the_device(synthetic):
@@ -137,17 +147,10 @@ def test_amp_benchmark_runs_on_cpu_and_says_so(synthetic):
 
 @pytest.fixture(scope="module")
 def trace_file(synthetic, tmp_path_factory):
+    """One traced run (tiny-cnn, DALI on the CPU, 3 recorded steps), made in this process."""
     out = tmp_path_factory.mktemp("trace")
-    config = out / "tiny.yaml"
-    config.write_text(json.dumps({
-        "model": {"name": "tiny-cnn"}, "loader": {"backend": "dali-cpu", "batch_size": 8, "workers": 2},
-        "training": {"progress": False},
-        "augment": {"train": {"crop": "random_resized", "size": 64, "resize": 72},
-                    "eval": {"crop": "center", "size": 64, "resize": 72}}}))
-    result = subprocess.run([sys.executable, "-m", "profiling", "trace", "--config", str(config), "--data",
-                             str(synthetic), "--out", str(out), "--wait", "1", "--warmup", "1", "--active", "3"],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    config = write_config(out / "tiny.yaml", loader={"backend": "dali-cpu", "batch_size": 8, "workers": 2})
+    assert run_trace(config, [], synthetic, out, TraceOptions(wait=1, warmup=1, active=3)) == 0
     return out / "trace-rank0.json.gz"
 
 
@@ -201,13 +204,12 @@ def loaders_result(rows: list[dict], device: str = "cpu") -> dict:
             "results": rows}
 
 
-def test_report_renders_tables_and_plots(trace_file, synthetic, tmp_path):
+def test_report_renders_tables_and_plots(trace_file, synthetic, tmp_path, capsys):
     loaders = tmp_path / "loaders.json"
     loaders.write_text(json.dumps(loaders_result([loader_row("dali-cpu", [1300.0, 1250.0, 1350.0]),
                                                   loader_row("torchvision", [600.0, 580.0, 640.0])])))
     inspected = tmp_path / "inspect.json"
-    subprocess.run([sys.executable, "-m", "profiling", "inspect", str(trace_file), "--json", str(inspected)],
-                   cwd=REPO, check=True, capture_output=True)
+    assert run_profiling(["inspect", trace_file, "--json", inspected], capsys)[0] == 0
     amp = tmp_path / "amp.json"
     amp.write_text(json.dumps({"environment": {"device": "cpu"}, **run_amp(AmpBenchmark(
         model="tiny-cnn", batch_size=2, steps=1, warmup=0, repeats=1, image_size=32, num_classes=3,
@@ -288,7 +290,6 @@ def test_the_report_imports_no_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'")
     path = tmp_path / "loaders.json"
     path.write_text(json.dumps(loaders_result([loader_row("dali-cpu", [1300.0]), loader_row("torchvision", [600.0])])))
-    done = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "report")], cwd=REPO,
-                          capture_output=True, text=True)
+    done = python("-c", code, path, tmp_path / "report")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "report" / "report.md").is_file()

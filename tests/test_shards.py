@@ -13,9 +13,9 @@ import torch
 from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, make_loader
 from planktonio.__main__ import main
 from planktonio.dataset import SPLITS, PreparedDataset
-from planktonio.files import temporary_path
 from planktonio import shards as shards_module
-from planktonio.shards import SHARDS_DIR, ShardSet, pack, parse_size
+from planktonio.declared import parse_size
+from planktonio.shards import SHARDS_DIR, ShardSet, pack
 
 from .conftest import batch_indices
 
@@ -127,7 +127,7 @@ def test_an_interrupted_pack_completes_when_rerun(coloured, tmp_path, monkeypatc
     def dies_on_the_third_shard(path, *args):
         calls.append(path.name)
         if len(calls) == 3:
-            temporary_path(path).write_bytes(b"half a shard")  # what a killed pack leaves
+            (path.parent / f".{path.name}.killed.tmp").write_bytes(b"half a shard")  # what a killed pack leaves
             raise KeyboardInterrupt
         return real_write(path, *args)
 
@@ -189,12 +189,14 @@ def test_dali_reads_the_shards_as_webdataset(packed):
 
 def test_pack_command_and_sizes(packed, tmp_path, capsys):
     assert parse_size("256MB") == 256 * 2**20 and parse_size("1gb") == 2**30 and parse_size("4096") == 4096
-    with pytest.raises(PlanktonioError, match="shard size '12 parsecs'"):
-        parse_size("12 parsecs")
+    assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("512 KiB") == 2**19
+    with pytest.raises(PlanktonioError, match="--shard-size '12 parsecs'"):
+        parse_size("12 parsecs", "--shard-size")
     folder = copy_prepared(packed[0], tmp_path / "cli")
     assert main(["pack", "--data", str(folder), "--shard-size", "16KB"]) == 0
     assert "train: 30 images in" in capsys.readouterr().out
     assert main(["pack", "--data", str(folder), "--shard-size", "lots"]) == 2
+    assert main(["pack", "--data", str(folder), "--shard-size", "0"]) == 2
 
 
 # ------------------------------------------------------------------ verified once, then by size and mtime

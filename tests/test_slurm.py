@@ -22,7 +22,9 @@ import pytest
 from .conftest import REPO
 from .slurm_cluster import LocalSlurm, unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+# The slow tier (`make test-slow`): real jobs on a real Slurm, each a few to tens of seconds of fixed waits.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
 
 SUBMIT = str(REPO / "slurm" / "submit")
 TINY = {

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import REPO
+from .helpers import python, run_profiling
 
 
-def suite(*args):
-    return subprocess.run([sys.executable, "-m", "profiling", "suite", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
-
-
+@pytest.mark.slow  # the whole suite, every stage its own process: about a minute here
+@pytest.mark.timeout(900)
 def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(synthetic, tmp_path):
     """One loader backend keeps it short (the loaders, AMP, two training runs: fp32 and AMP, a trace):
     it takes well under a minute; the budget is generous so that a busy machine does not time a stage
     out (each stage's share is a fraction of it), and the suite ends when its stages do."""
     out = tmp_path / "suite"
-    result = suite("--data", str(synthetic), "--out", str(out), "--minutes", "5", "--backends", "dali-cpu,torchvision")
+    result = python("-m", "profiling", "suite", "--data", synthetic, "--out", out, "--minutes", "5", "--backends",
+                    "dali-cpu,torchvision", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "suite.json").read_text())
     assert summary["seconds"] <= summary["budget_s"] == 300  # stages are stopped when they overrun
@@ -55,10 +51,11 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
     assert list((out / "report").glob("training-*.png"))
 
 
-def test_a_budget_too_small_for_anything_is_a_clear_error(synthetic, tmp_path):
-    result = suite("--data", str(synthetic), "--out", str(tmp_path / "suite"), "--minutes", "0.2")
-    assert result.returncode == 2
-    assert "--minutes 0.2: too small for any measurement" in result.stderr and "Traceback" not in result.stderr
+def test_a_budget_too_small_for_anything_is_a_clear_error(synthetic, tmp_path, capsys):
+    code, _, err = run_profiling(["suite", "--data", synthetic, "--out", tmp_path / "suite", "--minutes", "0.2"],
+                                 capsys)
+    assert code == 2
+    assert "--minutes 0.2: too small for any measurement" in err and "Traceback" not in err
     assert not (tmp_path / "suite").exists()
 
 

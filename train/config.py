@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from planktonio.declared import Problem, SettingsError, build, setting
+from planktonio.declared import Bytes, Problem, SettingsError, build, setting
 from planktonio.errors import PlanktonioError
 from planktonio.loaders import backend_choices, backend_of, check_loader_sizes, default_backend
 from planktonio.transforms import DEFAULT_TRANSFORMS, Transform
@@ -113,9 +113,9 @@ class TrainingConfig:
     # The feature cache (train/feature_cache.py): auto computes once what every epoch would compute
     # identically (a frozen prefix on a deterministic or periodic transform) where it fits its budget.
     feature_cache: str = setting("auto", choices=("auto", "on", "off"), help="auto | on | off")
-    feature_cache_budget_mb: float | None = setting(None, help="most MiB the kept activations may take "
-                                                              "(default: half the GPU's free memory, else half "
-                                                              "the host's available memory)")
+    feature_cache_budget_bytes: Bytes | None = setting(None, help="most the kept activations may take on the "
+                                                                  "training device (e.g. 4GiB), within the "
+                                                                  "process's cache budget (planktonio/memory.py)")
     feature_cache_dir: str | None = setting(None, help="where the activations are kept on disk (default: "
                                                        "RUN/feature-cache; a sweep shares one)")
     # How long a rank waits in a collective for the others before the job is
@@ -129,8 +129,6 @@ class TrainingConfig:
                   (self.check_every >= 1, "check_every", "check_every must be >= 1"),
                   (self.checkpoint_every_s >= 0, "checkpoint_every_s", "checkpoint_every_s must be >= 0"),
                   (self.collective_timeout_s > 0, "collective_timeout_s", "collective_timeout_s must be > 0"),
-                  (self.feature_cache_budget_mb is None or self.feature_cache_budget_mb >= 0,
-                   "feature_cache_budget_mb", "feature_cache_budget_mb must be >= 0"),
                   (re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None, "device",
                    "device must be auto, cpu, cuda or cuda:N")]
         return [(key, message) for ok, key, message in checks if not ok]
@@ -159,8 +157,12 @@ class ProfileConfig:
 
 SECTIONS = {"model": ModelConfig, "loader": LoaderConfig, "optimizer": OptimizerConfig,
             "training": TrainingConfig, "profile": ProfileConfig}
-# Keys renamed since runs were first written: an older run folder's config.yaml still loads.
-RENAMED = {("loader", "dali_threads"): "threads"}
+# Keys renamed since runs were first written: an older run folder's config.yaml still loads
+# (with the value converted where the unit changed).
+RENAMED = {("loader", "dali_threads"): ("threads", lambda value: value),
+           ("training", "feature_cache_budget_mb"): ("feature_cache_budget_bytes",
+                                                     lambda mib: mib if not isinstance(mib, (int, float)) or
+                                                     isinstance(mib, bool) else int(mib * 2**20))}
 
 
 @dataclass
@@ -186,9 +188,9 @@ def from_dict(values: dict[str, Any]) -> Config:
     values = copy.deepcopy(values or {})
     if not isinstance(values, dict):
         raise SettingsError([Problem("", f"a config is a mapping of sections, not {values!r}")])
-    for (section, old), new in RENAMED.items():
+    for (section, old), (new, convert) in RENAMED.items():
         if isinstance(values.get(section), dict) and old in values[section]:
-            values[section].setdefault(new, values[section].pop(old))
+            values[section].setdefault(new, convert(values[section].pop(old)))
     known = [*SECTIONS, "augment"]
     problems = [Problem(str(k), f"unknown config section {str(k)!r}; known: {', '.join(known)}")
                 for k in values if k not in known]

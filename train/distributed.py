@@ -10,6 +10,15 @@ that gives each task all of the node's GPUs shows four to every task (local
 ranks 0-3 take cuda:0-3); a site that binds one GPU per task shows each task
 only its own, as cuda:0, and every local rank then takes cuda:0
 (SLURM_LOCALID alone would ask for cuda:1-3 there: "invalid device ordinal").
+The rank binds that GPU (`torch.cuda.set_device`) before it joins the
+process group and hands it to the group (`device_id`): NCCL's object
+collectives (the gather of who is who below, checkpoints' random states)
+move their bytes through the *current* device, which would be cuda:0 on
+every rank of a node ("Duplicate GPU detected ... ncclInvalidUsage",
+Megatron-LM#661, torchtitan#1224).
+
+A run holds the process group in a `Session` (a context manager), which
+tears it down last, in the one order that cannot hang (see `Session`).
 
 When a peer leaves (killed, out of memory, a lost node) the surviving ranks'
 next collective fails with a transport error from deep inside gloo or NCCL,
@@ -23,10 +32,14 @@ it from last.pt.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+import sys
+import traceback
+import weakref
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -37,6 +50,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # this rank's device (its own GPU under DDP)
     # (rank, host, pid) of every rank, gathered once at start: who a lost peer was
     peers: tuple[tuple[int, str, int], ...] = field(default=(), compare=False)
 
@@ -75,18 +89,101 @@ def device_index(local_rank: int, visible: int) -> int:
     return local_rank % max(visible, 1)
 
 
-def init(device: torch.device, timeout_s: float) -> Context:
-    """Join the process group (when there are several ranks), with collectives timing out after timeout_s."""
-    ctx = from_environment()
+def rank_device(device: torch.device, ctx: Context, visible: int) -> torch.device:
+    """The device a rank computes on: under DDP, its own GPU (device_index); else as asked, with a bare
+    "cuda" made explicit (the current device)."""
+    if device.type != "cuda":
+        return device
+    if ctx.distributed:
+        return torch.device("cuda", device_index(ctx.local_rank, visible))
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+
+
+def join(requested: torch.device, timeout_s: float) -> Context:
+    """Bind this rank's device, then join the process group (when there are several ranks), collectives
+    timing out after timeout_s. The order is the point (module docstring): the GPU first, then the group
+    (given that GPU), then the first collective."""
+    place = from_environment()
+    cuda = requested.type == "cuda"
+    device = rank_device(requested, place, torch.cuda.device_count() if cuda else 0)
+    if cuda:
+        # The current device too: NCCL's object collectives, streams, events and kernels launched
+        # without a device argument (cuDNN's, DALI's) then go to this rank's GPU, not cuda:0.
+        torch.cuda.set_device(device)
+    ctx = replace(place, device=device)
     if not ctx.distributed:
         return ctx
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), device_id=device if cuda else None)
     peers = [None] * ctx.world_size
     dist.all_gather_object(peers, (ctx.rank, socket.gethostname(), os.getpid()))
-    return Context(ctx.rank, ctx.world_size, ctx.local_rank, tuple(peers))
+    return replace(ctx, peers=tuple(peers))
+
+
+# Objects that hold the process group (DDP models), so that the Session can check they are gone before it
+# destroys the group: one still alive then would free the group later, in its destructor (the hang below).
+_holders: weakref.WeakSet = weakref.WeakSet()
+
+
+def holds_the_group(obj) -> None:
+    _holders.add(obj)
+
+
+def _clear_frames(error: BaseException | None) -> None:
+    """Drop the local variables of the frames an exception (and the ones it chains) passed through:
+    they would keep a DDP model, and through it the process group, alive past the session."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+class Session:
+    """This process's place in a run (`with Session(device, timeout_s) as ctx:`): the device bound and the
+    process group joined on the way in, the group destroyed last on the way out, whatever the way out.
+
+    The order on the way out is what keeps a finished run from hanging at exit.
+    torch's process-group destructor waits for gloo's worker threads, and when
+    it runs inside the destructor of an object that keeps the GIL (DDP's
+    Reducer, freed with the model after destroy_process_group dropped torch's
+    own reference) it waits with the GIL held, while a worker thread that is
+    freeing a finished collective's tensor waits for the GIL: both wait
+    forever (pytorch/pytorch#56297, #190489; seen here at the exit of a
+    finished 2-rank gloo run). So, before the group is destroyed:
+    1. everything that holds the group is gone: the DDP model has one owner,
+       the Executor, which the caller closes inside the session (nothing else
+       keeps a reference: the Trainer that ran the steps has ended); the
+       frames of an exception on its way out are cleared (a step's frame
+       holds the DDP model), then reference cycles are collected; what still
+       holds the group (`holds_the_group`) is checked, and named;
+    2. no collective is pending: every collective here is waited for where it
+       is called (DDP's gradient buckets within backward);
+    3. destroy_process_group then holds the last reference, and frees the
+       group from Python, which lets the GIL go while it waits.
+    After a peer was lost the group is not destroyed: a collective left
+    pending with a dead peer cannot complete, and destroying the group would
+    wait on it. The process ends without it (its exit code says why).
+    """
+
+    def __init__(self, device: torch.device, timeout_s: float):
+        self.device, self.timeout_s = device, timeout_s
+
+    def __enter__(self) -> Context:
+        return join(self.device, self.timeout_s)
+
+    def __exit__(self, kind, error, tb) -> None:
+        _clear_frames(error)
+        gc.collect()
+        if not dist.is_initialized() or isinstance(error, PeerLost):
+            return
+        if len(_holders):  # a bug of ours: say it rather than hang at exit
+            print(f"internal error: {len(_holders)} object(s) still hold the process group at the run's end "
+                  f"({', '.join(type(h).__name__ for h in _holders)}); it is left for the process's exit",
+                  file=sys.stderr, flush=True)
+            return
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------ a peer that left
@@ -193,8 +290,3 @@ def gather_to_main(obj) -> list | None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from planktonio.errors import PlanktonioError
-
-from planktonio.files import write_atomic
+from planktonio.files import atomic_file, write_atomic
+from planktonio.loaders import resolve_device
 
 from . import checkpoint, config as config_module, distributed, run_record
 from .executor import Executor
@@ -36,18 +36,15 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
     if not other_data:
         run_record.check_same_data(run, data, "evaluate")
     state = checkpoint.load(run / f"{which}.pt")
-    executor = Executor(config, data)  # the model only: no optimizer, no training loader
-    try:
+    t = config.training
+    # the model only: no optimizer, no training loader
+    with distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
+            Executor(config, data, ctx) as executor:
         if list(executor.dataset.classes) != state["classes"]:
             raise PlanktonioError(f"{data} has other classes than the run was trained on")
         executor.model.load_state_dict(state["model"])
-        loader = executor.eval_loader(split)
-        try:
+        with executor.eval_loader(split) as loader:
             stats, predictions, labels = executor.evaluate(loader, collect=True)
-        finally:
-            loader.close()
-    finally:
-        distributed.shutdown()
     classes = list(executor.dataset.classes)
     confusion = confusion_matrix(predictions, labels, len(classes))
     result = {
@@ -66,7 +63,7 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
 
 
 def write_confusion_csv(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, "w") as f:
         writer = csv.writer(f)
         writer.writerow(["true \\ predicted", *classes])
         for name, row in zip(classes, confusion.tolist()):
@@ -93,5 +90,6 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path, titl
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

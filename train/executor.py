@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from planktonio import PreparedDataset, make_loader
-from planktonio.loaders import resolve_device
 
 from . import checkpoint, distributed
 from .config import Config
@@ -24,55 +23,51 @@ from .model import build_model
 from .step import AMP_DTYPES, autocast, loader_output, resolve_precision
 
 
-def rank_device(device: torch.device, ctx: distributed.Context, visible: int) -> torch.device:
-    """The device a rank computes on: under DDP, its own GPU (distributed.device_index); else as asked,
-    with a bare "cuda" made explicit (the current device)."""
-    if device.type != "cuda":
-        return device
-    if ctx.distributed:
-        return torch.device("cuda", distributed.device_index(ctx.local_rank, visible))
-    return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-
-
 class Executor:
-    def __init__(self, config: Config, data: Path):
-        self.config = config
+    """The model of a run on this rank's device, in its precision, over its data set (a context manager:
+    closing it lets go of the DistributedDataParallel wrapper, which holds the process group)."""
+
+    def __init__(self, config: Config, data: Path, ctx: distributed.Context):
+        self.config, self.ctx, self.device = config, ctx, ctx.device
         t = config.training
-        device = resolve_device(t.device)
-        self.ctx = distributed.init(device, t.collective_timeout_s)
-        device = rank_device(device, self.ctx, torch.cuda.device_count() if device.type == "cuda" else 0)
-        if device.type == "cuda":
-            # The current device too: streams, events and kernels launched without a device
-            # argument (cuDNN's, DALI's) then go to this rank's GPU, not cuda:0.
-            torch.cuda.set_device(device)
-        self.device = device
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             # Fixed-size batches: let cuDNN time its algorithms once and keep the fastest
             # (results then vary in the last bits between runs; resume is bitwise on CPUs only).
             torch.backends.cudnn.benchmark = True
-        self.precision = resolve_precision(t.precision, device)
+        self.precision = resolve_precision(t.precision, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
-        self.output = loader_output(self.precision, device, t.channels_last)  # what loaders emit
+        self.output = loader_output(self.precision, self.device, t.channels_last)  # what loaders emit
         self.dataset = PreparedDataset.load(data)
 
         torch.manual_seed(t.seed)  # the same initial head on every rank (DDP also broadcasts it)
         m = config.model
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model = build_model(m.name, self.dataset.num_classes, m.weights, m.freeze).to(
-            device, memory_format=memory_format)
+            self.device, memory_format=memory_format)
         self.net = torch.compile(self.model) if t.compile else self.model
         checkpoint.seed_rank(t.seed, self.ctx.rank)  # from here on, each rank its own dropout masks
         self._ddp = None
 
-    def training_net(self, module: torch.nn.Module | None = None) -> torch.nn.Module:
-        """What the steps run (the model, or the part of it after a feature cache's cut): wrapped in
-        DistributedDataParallel when there are several ranks."""
-        net = self.net if module is None else module
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the DDP wrapper: its Reducer holds the process group, which distributed.Session
+        destroys after this (the order that cannot hang at exit)."""
+        self._ddp = None
+
+    def training_net(self, module: torch.nn.Module) -> torch.nn.Module:
+        """What the steps run (the model, or its part after a feature cache's cut): wrapped in
+        DistributedDataParallel when there are several ranks. The Executor is the wrapper's one owner."""
         if not self.ctx.distributed:
-            return net
+            return module
         if self._ddp is None:
             self._ddp = DistributedDataParallel(
-                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            distributed.holds_the_group(self._ddp)
         return self._ddp
 
     def loader_for(self, split: str, batch_size: int, train: bool):

@@ -48,12 +48,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from planktonio import make_loader
+from planktonio import make_loader, memory
 from planktonio.dataset import SPLITS
 from planktonio.errors import PlanktonioError
 from planktonio.loaders import sharding
@@ -61,6 +60,8 @@ from planktonio.loaders import sharding
 from . import checkpoint, distributed
 from .model import forward_steps, set_train_mode
 from .step import autocast
+
+KIND = "feature cache"  # what its bytes are called in the process's cache budget (planktonio/memory.py)
 
 
 # ------------------------------------------------------------------ where to cut
@@ -221,23 +222,13 @@ class FeatureCache:
         per_image = width * torch.empty((), dtype=dtype).element_size()
         self.needed = per_image * (self.views() * self.counts["train"] +
                                    sum(n for split, n in self.counts.items() if split != "train"))
-        budget = self.config.training.feature_cache_budget_mb
-        device = self.ex.device
-        host_room = psutil.virtual_memory().available // 2
-        if budget is not None:
-            limit = int(budget * 2**20)
-            self.placement = device if self.needed <= limit else None
-        elif device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            self.placement = device if self.needed <= free // 2 else (
-                torch.device("cpu") if self.needed <= host_room else None)
-            limit = max(free // 2, host_room)
-        else:
-            limit = host_room
-            self.placement = device if self.needed <= limit else None
-        if self.placement is None:
+        device, cap = self.ex.device, self.config.training.feature_cache_budget_bytes
+        # On the device within the process's cache budget (planktonio/memory.py), else pinned host memory.
+        self.reservation = memory.place(self.needed, device, KIND, cap, host=device.type == "cuda")
+        if self.reservation is None:
             return False, (f"the activations need {self.needed / 2**20:.1f} MiB ({width} values per image), over "
-                           f"the budget of {limit / 2**20:.1f} MiB (training.feature_cache_budget_mb)")
+                           f"{memory.describe(device, KIND, cap)} (training.feature_cache_budget_bytes)")
+        self.placement = self.reservation.device
         return True, None
 
     # ------------------------------------------------------------ the one pass, or the file
@@ -279,7 +270,7 @@ class FeatureCache:
         else:
             source = f"read from {path}"
         for split, (features, labels) in stored.items():
-            pin = self.placement.type == "cpu" and self.ex.device.type == "cuda"
+            pin = self.reservation.pinned
             features = features.to(self.placement)
             self.features[split] = features.pin_memory() if pin else features
             self.labels[split] = labels.to(self.ex.device)

@@ -24,9 +24,13 @@ import errno
 import fcntl
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from planktonio.errors import PlanktonioError
+
+from . import distributed
 
 LOCK = ".lock"
 
@@ -88,3 +92,21 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextmanager
+def lock_run(out: Path, ctx: distributed.Context) -> Iterator[RunLock]:
+    """Rank 0 holds the run folder for the run's life; every rank learns whether it could, so that all stop
+    together when it could not."""
+    lock, refused = RunLock(out), None
+    if ctx.is_main:
+        try:
+            lock.acquire()
+        except PlanktonioError as error:
+            refused = error
+    try:
+        if distributed.all_sum([float(refused is not None)], ctx.device)[0] > 0:
+            raise refused or PlanktonioError(f"{out}: rank 0 could not take the run folder (its message says why)")
+        yield lock
+    finally:
+        lock.release()

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from planktonio import PreparedDataset
 from planktonio.errors import PlanktonioError
+from planktonio.files import write_atomic
 
 RUN_RECORD = "run.json"
 
 
 def write(out: Path, data: Path) -> None:
     record = {"data": str(Path(data).resolve()), "data_fingerprint": PreparedDataset.load(data).fingerprint()}
-    (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    write_atomic(out / RUN_RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def read(run: Path) -> dict:

@@ -2,8 +2,9 @@
 
 Rank 0 writes, after every epoch:
 - `metrics.jsonl`: one JSON line per epoch (the record the loop makes), the
-  file every other tool reads; a resumed run first drops the lines of the
-  epochs its last.pt does not cover, then writes them again;
+  file every other tool reads, appended a line at a time; a resumed run first
+  drops the lines of the epochs its last.pt does not cover (rewriting the
+  file atomically), then writes them again;
 - `learning-curves.png`: loss and accuracy, training and validation, per
   epoch, redrawn from all lines so far on a thread of its own, at most once
   every 30 s and once more at the end. Drawing takes a few tenths of a second
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from planktonio.errors import PlanktonioError
+from planktonio.files import atomic_file, write_atomic
 
 CURVES = "learning-curves.png"
 
@@ -57,7 +59,7 @@ class MetricsLog:
                                       f"line and resume again") from None
             if line_epoch < epoch:
                 kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -69,8 +71,6 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # no pyplot: safe off the main thread
-
-    from planktonio.files import atomic_file
 
     epochs = [r["epoch"] for r in records]
     figure = Figure(figsize=(9, 3.5))

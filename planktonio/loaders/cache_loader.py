@@ -9,16 +9,15 @@ the CPU, so that the CPU path CI runs is the GPU path's code but for one
 argument, and the pipeline takes encoded bytes (fn.external_source), so
 loose files and packed shards feed it alike. The images stay as uint8
 C x H x W tensors (`ImageStore`):
-- on the device when they fit the process's cache budget (`CacheBudget`: one
-  per process and device, shared by its cache loaders, so that the train,
-  valid and test loaders of a run together stay within it; the option
-  `budget_bytes`, default: no limit on the CPU, half the GPU's free memory
-  when the first cache loader is made on cuda);
+- on the device when they fit the process's cache budget on it
+  (planktonio/memory.py: one per process and device, shared with the feature
+  cache; on a GPU half its free memory when first asked), within the option
+  `budget_bytes`, which caps what the process's cache loaders take together
+  (a run's train, valid and test loaders);
 - past it, by the user's choice (`overflow`): in host memory (pinned when
-  the device is cuda, allocated in chunks of a power of two: torch's pinned
-  allocator rounds every allocation up to one, which would pin 16 GB for a
-  9 GB store), each batch gathered there and copied over, or a
-  PlanktonioError saying how much is needed.
+  the device is cuda, allocated in chunks: memory.py says why), each batch
+  gathered there and copied over, or a PlanktonioError saying how much is
+  needed and what is left.
 
 Where a batch is augmented: on the device, from the plan
 (planktonio/plans.py) as every backend: crop the box, resize to
@@ -52,7 +51,6 @@ Randomness: none here; sharding, order and plans come from Loader.batch_plan.
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -60,8 +58,9 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
+from .. import memory
 from ..dataset import inspect_image
-from ..declared import setting
+from ..declared import Bytes, setting
 from ..errors import PlanktonioError
 from . import sharding
 from .backend import Backend, Goal
@@ -70,17 +69,16 @@ from .dali_graph import decode, device_id
 from .ops import Normalizer, resize_flip
 
 DECODE_BATCH = 64     # images per DALI decode run
-GPU_SHARE = 0.5       # default budget on cuda: this share of the GPU's free memory
-CHUNK_BYTES = 1 << 28  # host stores are allocated in chunks of 256 MiB (a power of two: see ImageStore)
+KIND = "image cache"  # what its bytes are called in the process's cache budget (planktonio/memory.py)
 
 
 @dataclass(frozen=True)
 class CacheOptions:
     """The cache backend's own settings (the training config's `loader.options`)."""
 
-    budget_bytes: int | None = setting(None, help="decoded bytes the process's cache loaders may keep on the "
-                                                  "device together (default: no limit on a CPU, half the "
-                                                  "GPU's free memory on cuda)")
+    budget_bytes: Bytes | None = setting(None, help="decoded bytes the process's cache loaders may keep on the "
+                                                    "device together, within the process's cache budget "
+                                                    "(planktonio/memory.py; e.g. 2GiB); default: that budget")
     overflow: str = setting("host", choices=("host", "error"),
                             help="past the budget: keep the images in (pinned) host memory and copy each batch "
                                  "over, or refuse with the size needed")
@@ -89,51 +87,6 @@ class CacheOptions:
         if self.budget_bytes is not None and self.budget_bytes < 0:
             return [("budget_bytes", f"budget_bytes must be >= 0, not {self.budget_bytes}")]
         return []
-
-
-# ---------------------------------------------------------------- the budget
-
-
-class CacheBudget:
-    """The device bytes a process's cache loaders may hold together, on one device.
-
-    One budget per (device, budget_bytes option) in a process: a training run's
-    train, valid and test loaders share one, so together they stay within it
-    (per loader, three loaders could take 150% of the GPU before the model).
-    The default is measured from the device's free memory (not its total:
-    the model, other processes and DALI's pools are already there) when the
-    first cache loader asks.
-    """
-
-    _budgets: dict[tuple[str, int | None], "CacheBudget"] = {}
-
-    def __init__(self, limit: int | None):
-        self.limit, self.reserved = limit, 0
-
-    @classmethod
-    def of(cls, device: torch.device, budget_bytes: int | None) -> "CacheBudget":
-        key = (str(device), budget_bytes)
-        if key not in cls._budgets:
-            limit = budget_bytes
-            if limit is None and device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                limit = int(free * GPU_SHARE)
-            cls._budgets[key] = cls(limit)
-        return cls._budgets[key]
-
-    @property
-    def left(self) -> int | None:
-        return None if self.limit is None else self.limit - self.reserved
-
-    def reserve(self, size: int) -> bool:
-        """Take `size` bytes if they fit what is left; whether they did."""
-        if self.limit is not None and size > self.left:
-            return False
-        self.reserved += size
-        return True
-
-    def release(self, size: int) -> None:
-        self.reserved -= size
 
 
 # ---------------------------------------------------------------- resizing
@@ -182,37 +135,11 @@ def resize_flip_one(crop: torch.Tensor, flip: int, size: int) -> torch.Tensor:
 # ---------------------------------------------------------------- the store
 
 
-def plan_chunks(item_bytes: np.ndarray, chunk_bytes: int | None) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Pack items, in order, into chunks of at most chunk_bytes (an item larger than that gets a chunk of its own).
-
-    Returns each item's chunk and its byte offset there, and each chunk's size.
-    chunk_bytes None: one chunk for everything.
-    """
-    chunk_of = np.zeros(len(item_bytes), dtype=np.int64)
-    offset = np.zeros(len(item_bytes), dtype=np.int64)
-    sizes, used = [], 0
-    for i, size in enumerate(item_bytes.tolist()):
-        if sizes and (chunk_bytes is None or used + size <= chunk_bytes):
-            offset[i], used = used, used + size
-        else:
-            if sizes:
-                sizes[-1] = used
-            offset[i], used = 0, size
-            sizes.append(0)
-        chunk_of[i] = len(sizes) - 1
-    if sizes:
-        sizes[-1] = used
-    return chunk_of, offset, sizes
-
-
 class ImageStore:
     """Decoded uint8 3 x h x w images, by slot, in one or more flat chunks.
 
-    On the device: one chunk. In host memory: chunks of CHUNK_BYTES, because
-    torch's caching host allocator rounds every pinned allocation up to a
-    power of two (PowerOf2Ceil in ATen's CachingHostAllocator.h, no setting
-    turns it off): one 9 GB tensor would pin 16 GB, chunks of a power of two
-    waste at most part of the last one.
+    On the device: one chunk. In host memory: chunks of memory.CHUNK_BYTES
+    (pinned on a GPU host: one 9 GB tensor would pin 16 GB, see memory.py).
     """
 
     def __init__(self, widths: np.ndarray, heights: np.ndarray, device: torch.device, pin: bool,
@@ -220,9 +147,9 @@ class ImageStore:
         self.widths, self.heights = widths, heights
         self.equal = len(widths) > 0 and len(set(widths.tolist())) == 1 and len(set(heights.tolist())) == 1
         sizes = (3 * widths * heights).astype(np.int64)
-        self.chunk_of, self.offset, chunk_sizes = plan_chunks(sizes, chunk_bytes)
+        self.chunk_of, self.offset, chunk_sizes = memory.plan_chunks(sizes, chunk_bytes)
         self.sizes = sizes
-        self.chunks = [torch.empty(n, dtype=torch.uint8, device=device, pin_memory=pin) for n in chunk_sizes]
+        self.chunks = memory.allocate_chunks(chunk_sizes, device, pin)
         if self.equal:  # each chunk seen as a stack of equal images, for batched gathers
             shape = (3, int(heights[0]), int(widths[0]))
             self.stacks = [c.view(-1, *shape) for c in self.chunks]
@@ -367,26 +294,24 @@ class CacheLoader(Loader):
         self.slot_of = np.full(self.manifest_size, -1, dtype=np.int64)
         self.slot_of[self.cached_positions] = np.arange(len(self.cached_positions))
         self.needed_bytes = int((3 * spec.widths[self.cached_positions] * spec.heights[self.cached_positions]).sum())
-        self.budget = CacheBudget.of(spec.device, options.budget_bytes)
-        self.placement = self._placement()
-        if self.placement == "device":  # given back when the loader is closed or dropped
-            self._release = weakref.finalize(self, self.budget.release, self.needed_bytes)
+        self.reservation = self._place()  # given back when the loader is closed or dropped
+        self.placement = self.reservation.where
         self.labels = torch.tensor([label for _, label in spec.entries], dtype=torch.long, device=spec.device)
         self.store: ImageStore | None = None
         self.decode_seconds = 0.0
         self.cache_bytes = 0  # what the store holds; kept after close() for the benchmark's report
         self.normalize = Normalizer(spec.transform, spec.output, spec.device)
 
-    def _placement(self) -> str:
-        if self.budget.reserve(self.needed_bytes):
-            return "device"
-        if self.options.overflow == "error":
-            raise PlanktonioError(
-                f"cache: the {self.spec.split} split needs {self.needed_bytes / 2**20:.1f} MiB decoded, over the "
-                f"budget left of {self.budget.left / 2**20:.1f} MiB on {self.spec.device} (of "
-                f"{self.budget.limit / 2**20:.1f} MiB for the process's cache loaders); raise "
-                f"loader.options.budget_bytes, or set loader.options.overflow=host to keep it in host memory")
-        return "host"
+    def _place(self) -> memory.Reservation:
+        device, cap = self.spec.device, self.options.budget_bytes
+        reservation = memory.place(self.needed_bytes, device, KIND, cap, host=self.options.overflow == "host")
+        if reservation is None:
+            fix = ("raise loader.options.budget_bytes, or set loader.options.overflow=host to keep it in host "
+                   "memory" if self.options.overflow == "error" else "use another backend (dali-gpu decodes "
+                   "every epoch and keeps nothing)")
+            raise PlanktonioError(f"cache: the {self.spec.split} split needs {self.needed_bytes / 2**20:.1f} MiB "
+                                  f"decoded, over {memory.describe(device, KIND, cap)}; {fix}")
+        return reservation
 
     # ------------------------------------------------------------ what it holds
 
@@ -411,9 +336,8 @@ class CacheLoader(Loader):
         s = self.spec
         on_device = self.placement == "device"
         store_device = s.device if on_device else torch.device("cpu")
-        pin = not on_device and s.device.type == "cuda"  # page-locked: the per-batch copy is asynchronous
-        store = ImageStore(s.widths[self.cached_positions], s.heights[self.cached_positions], store_device, pin,
-                           chunk_bytes=None if on_device else CHUNK_BYTES)
+        store = ImageStore(s.widths[self.cached_positions], s.heights[self.cached_positions], store_device,
+                           self.reservation.pinned, chunk_bytes=None if on_device else memory.CHUNK_BYTES)
         decode_into(store, s, self.cached_positions, self.encoded)
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)
@@ -480,8 +404,7 @@ class CacheLoader(Loader):
 
     def close(self) -> None:
         self.store = None
-        if self.placement == "device":
-            self._release()
+        self.reservation.release()
 
 
 BACKENDS = (

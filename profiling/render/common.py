@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from planktonio.files import atomic_file  # noqa: E402
+
 ENV_KEYS = ("device", "driver", "cuda", "torch", "torchvision", "dali", "cpu_count", "date", "command")
 
 
@@ -61,7 +63,8 @@ def bar_chart(path: Path, labels, values, low=None, high=None, ylabel="", title=
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -81,7 +84,8 @@ def stacked_bars(path: Path, labels: list[str], breakdowns: list[dict], part_lab
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 

@@ -1,0 +1,206 @@
+"""Where a cache's bytes live: one budget per process and device for every cache, in bytes.
+
+Two caches keep large stores for a run's life: the decoded-image cache
+(loaders/cache_loader.py: uint8 images) and the feature cache
+(train/feature_cache.py: a frozen prefix's activations). Both place their
+bytes here, so that together they stay within one budget:
+
+- `Budget.of(device)`: what the process's caches may keep on one device. On a
+  GPU, half its free memory when first asked (not its total: the model, other
+  processes and DALI's pools are there already); in host memory ("cpu"), half
+  the memory available when first asked. One per process and device: before,
+  each cache took half the GPU's free memory for itself, so the two together
+  could take all of it.
+- a cache's own option (the cache backend's `budget_bytes`, the training
+  config's `feature_cache_budget_bytes`) caps what that kind of cache takes on
+  the device, within the budget; it never raises the budget.
+- `place(...)`: the device when its budget takes the bytes, else host memory
+  when the caller allows it (pinned on a GPU host: its per-batch copy is
+  asynchronous) and the host budget takes them, else nothing. What is placed
+  is given back with `Reservation.release()`, or when it is garbage collected.
+- `allocate_chunks`: host memory in pieces of at most CHUNK_BYTES, because
+  torch's pinned allocator rounds every allocation up to a power of two
+  (PowerOf2Ceil in ATen's CachingHostAllocator.h, no setting turns it off): a
+  9 GB store in one piece would pin 16 GB.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+import torch
+
+SHARE = 0.5            # default budget: this share of a GPU's free memory, or of the host's available memory
+CHUNK_BYTES = 1 << 28  # host stores are allocated in chunks of 256 MiB (a power of two: see above)
+HOST = torch.device("cpu")
+
+
+@dataclass
+class Budget:
+    """The bytes a process's caches may keep together on one device."""
+
+    device: str
+    limit: int
+    reserved: dict[str, int] = field(default_factory=dict)  # by kind of cache
+
+    _budgets = {}  # one per process and device: {device: Budget}
+
+    @classmethod
+    def of(cls, device: torch.device) -> "Budget":
+        key = str(device if device.type != "cuda" or device.index is not None
+                  else torch.device("cuda", torch.cuda.current_device()))
+        if key not in cls._budgets:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(torch.device(key))
+            else:
+                free = psutil.virtual_memory().available
+            cls._budgets[key] = cls(key, int(free * SHARE))
+        return cls._budgets[key]
+
+    @property
+    def used(self) -> int:
+        return sum(self.reserved.values())
+
+    @property
+    def left(self) -> int:
+        return self.limit - self.used
+
+    def fits(self, nbytes: int, kind: str, cap: int | None = None) -> bool:
+        """Whether nbytes more of `kind` fit the budget, and `kind`'s own cap if it has one."""
+        mine = self.reserved.get(kind, 0)
+        return nbytes <= self.left and (cap is None or mine + nbytes <= cap)
+
+    def reserve(self, nbytes: int, kind: str) -> None:
+        self.reserved[kind] = self.reserved.get(kind, 0) + nbytes
+
+    def release(self, nbytes: int, kind: str) -> None:
+        self.reserved[kind] = self.reserved.get(kind, 0) - nbytes
+
+
+class Reservation:
+    """Bytes of a cache for `asked` placed there (`where`: "device") or in host memory ("host"); given back
+    once."""
+
+    def __init__(self, where: str, asked: torch.device, nbytes: int, kind: str):
+        self.where, self.asked, self.nbytes, self.kind = where, asked, nbytes, kind
+        self.device = asked if where == "device" else HOST  # where the bytes are
+        budget = Budget.of(self.device)
+        # A kind's cap counts what it keeps on its device; past it, in host memory, it counts apart
+        # (on a CPU in the same budget: the same memory).
+        key = kind if where == "device" else f"{kind} past its cap"
+        budget.reserve(nbytes, key)
+        self._release = weakref.finalize(self, budget.release, nbytes, key)
+
+    @property
+    def pinned(self) -> bool:
+        """Host memory for a GPU: page-locked, so that each batch's copy is asynchronous."""
+        return self.where == "host" and self.asked.type == "cuda"
+
+    def release(self) -> None:
+        self._release()
+
+
+def place(nbytes: int, device: torch.device, kind: str, cap: int | None = None,
+          host: bool = True) -> Reservation | None:
+    """Where nbytes of a `kind` of cache go: on `device` within its budget (and `cap`, the cache's own option),
+    else in host memory if `host` and the host's budget takes them (on a CPU the device is host memory), else
+    None. The caller says what None means (a one-line error with the sizes, or no cache)."""
+    if Budget.of(device).fits(nbytes, kind, cap):
+        return Reservation("device", device, nbytes, kind)
+    # (on a CPU, host memory is the device's own: past the cap, the same memory read the way a GPU's
+    # host placement reads it, which keeps that path tested on machines without a GPU)
+    if host and Budget.of(HOST).fits(nbytes, kind):
+        return Reservation("host", device, nbytes, kind)
+    return None
+
+
+def describe(device: torch.device, kind: str, cap: int | None) -> str:
+    """The budget a placement was refused by, in words, for an error message."""
+    budget = Budget.of(device)
+    text = (f"{budget.left / 2**20:.1f} MiB left of the process's {budget.limit / 2**20:.1f} MiB cache budget on "
+            f"{budget.device}")
+    if cap is not None:
+        text += f" ({kind}: at most {cap / 2**20:.1f} MiB, {budget.reserved.get(kind, 0) / 2**20:.1f} MiB taken)"
+    return text
+
+
+# ---------------------------------------------------------------- host memory in chunks
+
+
+def plan_chunks(item_bytes: np.ndarray, chunk_bytes: int | None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Pack items, in order, into chunks of at most chunk_bytes (an item larger than that gets a chunk of its own).
+
+    Returns each item's chunk and its byte offset there, and each chunk's size.
+    chunk_bytes None: one chunk for everything.
+    """
+    chunk_of = np.zeros(len(item_bytes), dtype=np.int64)
+    offset = np.zeros(len(item_bytes), dtype=np.int64)
+    sizes, used = [], 0
+    for i, size in enumerate(item_bytes.tolist()):
+        if sizes and (chunk_bytes is None or used + size <= chunk_bytes):
+            offset[i], used = used, used + size
+        else:
+            if sizes:
+                sizes[-1] = used
+            offset[i], used = 0, size
+            sizes.append(0)
+        chunk_of[i] = len(sizes) - 1
+    if sizes:
+        sizes[-1] = used
+    return chunk_of, offset, sizes
+
+
+def allocate_chunks(chunk_sizes: list[int], device: torch.device, pin: bool) -> list[torch.Tensor]:
+    """Flat uint8 tensors of these sizes (pinned if asked: host memory for a GPU)."""
+    return [torch.empty(n, dtype=torch.uint8, device=device, pin_memory=pin) for n in chunk_sizes]
+
+
+class Rows:
+    """`count` rows of `width` values of one dtype: on a device in one piece, or in host memory in chunks of
+    whole rows of at most CHUNK_BYTES (pinned for a GPU). Written in place (`write`), read by gathering rows
+    (`gather`) straight into the batch's own buffer: pinned on a GPU host, then copied without a host wait."""
+
+    def __init__(self, count: int, width: int, dtype: torch.dtype, device: torch.device, pin: bool = False,
+                 chunk_bytes: int | None = CHUNK_BYTES):
+        self.count, self.width, self.dtype, self.device, self.pin = count, width, dtype, device, pin
+        row_bytes = width * torch.empty((), dtype=dtype).element_size()
+        per_chunk = count if device.type != "cpu" or chunk_bytes is None else max(1, chunk_bytes // row_bytes)
+        self.rows_per_chunk = max(per_chunk, 1)
+        sizes = [min(self.rows_per_chunk, count - start) for start in range(0, count, self.rows_per_chunk)] or [0]
+        self.chunks = [raw.view(dtype).view(n, width) for raw, n in
+                       zip(allocate_chunks([n * row_bytes for n in sizes], device, pin), sizes)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.chunks)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        """Rows [start, start + len(values)) from `values` (any device: copied over)."""
+        done = 0
+        while done < len(values):
+            chunk, at = divmod(start + done, self.rows_per_chunk)
+            n = min(len(values) - done, self.rows_per_chunk - at)
+            self.chunks[chunk][at:at + n].copy_(values[done:done + n])
+            done += n
+
+    def read(self) -> torch.Tensor:
+        """Every row, in one tensor on the store's device (for saving)."""
+        return self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
+
+    def gather(self, index: torch.Tensor, to: torch.device) -> torch.Tensor:
+        """The rows of `index` (a long tensor on the store's device) as one tensor on `to`."""
+        if len(self.chunks) == 1 and self.device == to:
+            return self.chunks[0].index_select(0, index)
+        out = torch.empty((len(index), self.width), dtype=self.dtype, pin_memory=self.pin)
+        if len(self.chunks) == 1:
+            torch.index_select(self.chunks[0], 0, index, out=out)
+        else:
+            chunk_of = torch.div(index, self.rows_per_chunk, rounding_mode="floor")
+            for chunk in torch.unique(chunk_of).tolist():
+                rows = (chunk_of == chunk).nonzero().squeeze(1)
+                out[rows] = self.chunks[chunk].index_select(0, index[rows] - chunk * self.rows_per_chunk)
+        # The caching host allocator keeps a pinned buffer from reuse until its copy has completed.
+        return out.to(to, non_blocking=self.pin)

@@ -1,0 +1,93 @@
+"""The shape of the code: layers import downwards only, backends are plugins (no backend's name outside
+its own module, no backend imports another), command-line defaults are the settings' defaults, and the
+fit loop's free functions leave the Trainer's state to the Trainer."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from planktonio.loaders import ALIASES, BACKENDS
+
+from .helpers import REPO
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    from profiling.__main__ import build_parser
+    from profiling.settings import AmpBenchmark, LoaderBenchmark, Smoke, Suite
+    parser = build_parser()
+    for command, cls, required in (("loaders", LoaderBenchmark, ["--data", "D"]), ("amp", AmpBenchmark, []),
+                                   ("smoke", Smoke, ["--data", "D"]),
+                                   ("suite", Suite, ["--data", "D", "--out", "O"])):
+        args = vars(parser.parse_args([command, *required]))
+        defaults = cls(**{k: args[k] for k in cls.__dataclass_fields__})
+        assert defaults == cls(**{k: args[k] for k in cls.__dataclass_fields__ if k in ("data", "out")}), command
+    args = parser.parse_args(["loaders", "--data", "D", "--backends", "dali-cpu,cache", "--no-eval-transform"])
+    assert args.backends == ("dali-cpu", "cache") and args.eval_transform is False
+
+
+def python_files(*folders):
+    return [p for folder in folders for p in sorted((REPO / folder).rglob("*.py"))]
+
+
+def backend_module_of(name: str) -> Path:
+    module = next(m for m in __import__("planktonio.loaders", fromlist=["BACKEND_MODULES"]).BACKEND_MODULES
+                  if any(b.name == name for b in m.BACKENDS) or name in getattr(m, "ALIASES", {}))
+    return Path(module.__file__)
+
+
+LIBRARIES = {"torchvision", "dali"}
+
+
+LIBRARY_FILES = {"planktonio/doctor.py", "profiling/environment.py", "profiling/render/common.py",
+                 "profiling/accuracy.py"}
+
+
+def test_no_backend_name_is_a_literal_outside_its_own_module():
+    """A new backend must not need edits elsewhere: the rest of the code reads the registry, never names."""
+    names = set(BACKENDS) | set(ALIASES)
+    found = []
+    for path in python_files("planktonio", "train", "profiling"):
+        relative = path.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                library = node.value in LIBRARIES and relative in LIBRARY_FILES
+                if path != backend_module_of(node.value) and not library:
+                    found.append(f"{relative}:{node.lineno}: {node.value!r}")
+    assert not found, found
+
+
+def test_backends_import_shared_pieces_never_each_other():
+    from planktonio.loaders import BACKEND_MODULES
+    backend_modules = {Path(m.__file__).stem for m in BACKEND_MODULES}
+    for module in BACKEND_MODULES:
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {node.module.split(".")[-1] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module}
+        assert not (imported & (backend_modules - {Path(module.__file__).stem})), module.__name__
+
+
+def test_layers_import_downwards_only():
+    """profiling -> train -> planktonio: planktonio imports neither, train does not import profiling."""
+    for folder, forbidden in (("planktonio", ("train", "profiling")), ("train", ("profiling",))):
+        for path in python_files(folder):
+            text = path.read_text()
+            for name in forbidden:
+                assert not re.search(rf"^\s*(from|import) {name}\b", text, re.M), f"{path} imports {name}"
+
+
+def test_no_free_function_of_the_fit_loop_changes_the_trainer():
+    """train/loop.py: the Trainer owns its epochs; a free function neither assigns a Trainer's attribute nor
+    calls a private method of one."""
+    tree = ast.parse((REPO / "train" / "loop.py").read_text())
+    found = []
+    for function in (node for node in tree.body if isinstance(node, ast.FunctionDef)):
+        for node in ast.walk(function):
+            if isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                found += [f"{function.name}: assigns {ast.unparse(t)}" for t in targets
+                          if isinstance(t, ast.Attribute)]
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{function.name}: uses {ast.unparse(node)}")
+    assert not found, found

@@ -1,0 +1,215 @@
+"""best.pt, last.pt and resume: what a run's checkpoints hold, when they are written, how a run continues.
+
+Like torchtitan's CheckpointManager, one object owns it all for the fit loop:
+- when: last.pt at the first epoch end at least `training.checkpoint_every_s`
+  after the previous checkpoint (checkpoint.CheckpointPolicy), and always on
+  a signal, at early stopping and at the end: the loop asks with `due()` and
+  `save()`. A crash (not a signal: that writes a checkpoint) therefore loses
+  at most the budget plus one epoch;
+- the best weights are kept in memory (`remember_best`) and written as best.pt
+  with the next checkpoint, so best.pt and last.pt come from the same moment,
+  except after a crash between their two renames, when best.pt can be one
+  improvement ahead (the resumed run then keeps it);
+- what last.pt holds: the model, the optimizer, the loss scaler, where the run
+  stands (`Progress`), early stopping, the config and classes, and every
+  rank's random state and share of the epoch so far;
+- never a NaN or an infinity (`check_finite` before every write);
+- resume: `load_for_resume` reads last.pt and refuses a config that would
+  compute something else; `restore` puts everything back.
+Files are written by rank 0; every rank calls `save` (it gathers the ranks'
+random states) and leaves it only once the files are there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from planktonio.errors import PlanktonioError
+from planktonio.files import write_atomic
+
+from . import checkpoint, distributed
+from .checkpoint import CheckpointPolicy
+from .config import Config
+from .early_stopping import EarlyStopping
+from .metrics import EpochStats
+
+# Keys a resumed run may change: they continue a run (more epochs, more
+# patience) or change how it reports, never what it computes.
+RESUMABLE_CHANGES = {"training.epochs", "training.patience", "training.progress", "training.check_every",
+                     "training.checkpoint_every_s", "training.tensorboard", "training.collective_timeout_s",
+                     "training.feature_cache", "training.feature_cache_budget_bytes", "training.feature_cache_dir"}
+
+
+@dataclass
+class Progress:
+    """Where a run stands: epochs completed, batches done in the current one, and what those measured."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    partial: EpochStats = field(default_factory=EpochStats)
+
+
+class NonFinite(Exception):
+    """The loss or the model's values stopped being finite; the message says where."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind  # summary.json's stop_reason: non_finite_loss or non_finite_weights
+
+
+def check_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, when: str) -> None:
+    """Raise NonFinite, on every rank alike, if a weight, buffer or optimizer state holds a NaN or an infinity."""
+    named = [*model.state_dict().items(), *checkpoint.optimizer_tensors(optimizer)]
+    culprit = checkpoint.first_non_finite(named)
+    if distributed.all_sum([float(culprit is not None)], device)[0] > 0:
+        raise NonFinite("non_finite_weights", f"{culprit or 'a value on another rank'} holds a NaN or an infinity "
+                                              f"{when} (the training diverged: lower optimizer.lr)")
+
+
+# ------------------------------------------------------------------ resume: which last.pt, if any
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(prefix + key)
+    return keys
+
+
+def load_for_resume(config: Config, out: Path, resume: bool) -> dict | None:
+    """last.pt to continue from, or None for a fresh run; refuses to overwrite or to mix configs."""
+    last = out / "last.pt"
+    if not last.exists():
+        return None
+    if not resume:
+        raise PlanktonioError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
+                              f"or choose another --out")
+    state = checkpoint.load(last)
+    differing = [key for key in _differing_keys(state["config"], config.to_dict()) if key not in RESUMABLE_CHANGES]
+    if config.optimizer.schedule == "cosine" and state["config"]["training"]["epochs"] != config.training.epochs:
+        raise PlanktonioError("--resume: training.epochs sets the length of the cosine learning-rate schedule, "
+                              "so changing it would change every later epoch's learning rate; start a new run "
+                              f"from this one's weights instead (--set model.weights={out / 'best.pt'})")
+    if differing:
+        raise PlanktonioError(f"--resume: the config differs from the run's in {', '.join(differing)}; "
+                              f"resume with the run's config ({out / 'config.yaml'}; only "
+                              f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    return state
+
+
+def has_work_left(state: dict, config: Config) -> bool:
+    """A run continues while it has epochs left and patience left (both may have been raised)."""
+    t = config.training
+    return state["epoch"] < t.epochs and state["early_stopping"]["bad_epochs"] < t.patience
+
+
+# ------------------------------------------------------------------ the checkpointer
+
+
+class Checkpointer:
+    """Writes best.pt and last.pt of a run and restores a run from them (see the module's docstring)."""
+
+    def __init__(self, out: Path, executor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 progress: Progress, early: EarlyStopping):
+        self.out, self.ex = out, executor
+        self.optimizer, self.scaler, self.progress, self.early = optimizer, scaler, progress, early
+        self.speed_run = executor.config.training.speed_run  # writes nothing: its time would count as training
+        self.policy = CheckpointPolicy(executor.config.training.checkpoint_every_s)
+        self.best: dict | None = None  # best.pt's content, kept in memory ...
+        self.best_written = True       # ... and whether the file holds it yet
+
+    def due(self) -> bool:
+        return self.policy.due()
+
+    def remember_best(self, epoch: int, val_loss: float) -> None:
+        """Keep the weights of the best validation loss in memory (best.pt follows with the next
+        checkpoint). Frozen parameters never change, so they are shared, not copied."""
+        model = self.ex.model
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        weights = {k: v if k in frozen else v.detach().clone() for k, v in model.state_dict().items()}
+        self.best = {"model": weights, "classes": list(self.ex.dataset.classes), "epoch": epoch,
+                     "val_loss": val_loss, "config": self.ex.config.to_dict()}
+        self.best_written = False
+
+    def state(self, finished: str | None = None) -> dict:
+        """Everything a resumed run needs; the random state of every rank (collective: all ranks call it)."""
+        ex, progress = self.ex, self.progress
+        return {
+            "model": ex.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": progress.epoch,
+            "batches_done": progress.batches_done,
+            "early_stopping": self.early.state(),
+            # One entry per rank: each draws its own random numbers and has its own share of the epoch so far.
+            "ranks": distributed.gather_to_main({"rng": checkpoint.rng_state(ex.device),
+                                                 "partial": asdict(progress.partial)}),
+            "config": ex.config.to_dict(),
+            "classes": list(ex.dataset.classes),
+            "world_size": ex.ctx.world_size,
+            "finished": finished,
+        }
+
+    def save(self, finished: str | None = None) -> None:
+        """best.pt if it changed, then last.pt, each written atomically; never a non-finite one. Every rank
+        calls it."""
+        if self.speed_run:
+            return
+        progress = self.progress
+        check_finite(self.ex.model, self.optimizer, self.ex.device,
+                     f"at epoch {progress.epoch}, step {progress.batches_done}, before writing last.pt")
+        state = self.state(finished)
+        if self.ex.ctx.is_main:
+            self.write_best()
+            checkpoint.save_atomic(state, self.out / "last.pt")
+            # Where last.pt stands, for job scripts that read it without torch (slurm/common.sh).
+            write_atomic(self.out / "last.json", json.dumps({"epoch": progress.epoch, "step": progress.batches_done,
+                                                             "finished": finished}) + "\n")
+        distributed.barrier()  # no rank leaves (and maybe exits) before the files are there
+        self.best_written = True
+        self.policy.written()
+
+    def write_best(self) -> None:
+        """best.pt, if the best weights changed since it was written (rank 0)."""
+        if self.ex.ctx.is_main and not self.best_written and self.best is not None and not self.speed_run:
+            checkpoint.save_atomic(self.best, self.out / "best.pt")
+
+    def restore(self, state: dict) -> None:
+        """Continue from last.pt's `state`: weights, optimizer, scaler, progress, early stopping, this rank's
+        random state, and the best weights of best.pt."""
+        ctx = self.ex.ctx
+        if state["world_size"] != ctx.world_size:
+            raise PlanktonioError(f"--resume: {self.out} was trained by {state['world_size']} process(es), this "
+                                  f"run has {ctx.world_size}; each rank's shard and random state continue only "
+                                  f"with {state['world_size']}")
+        self.ex.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress.epoch, self.progress.batches_done = state["epoch"], state["batches_done"]
+        self.early.restore(state["early_stopping"])
+        mine = state["ranks"][ctx.rank]
+        self.progress.partial = EpochStats.from_dict(mine["partial"])
+        checkpoint.restore_rng(mine["rng"], self.ex.device)
+        best = self.out / "best.pt"
+        if best.exists():
+            self.best = checkpoint.load(best)
+            # A crash between writing best.pt and last.pt leaves best.pt one improvement ahead: keep it.
+            if self.best["val_loss"] < self.early.best_loss:
+                self.early.best_loss, self.early.best_epoch = self.best["val_loss"], self.best["epoch"]
+
+    def last_good(self) -> str:
+        """Which checkpoint holds the last good state, for a run stopped by a non-finite value."""
+        last, best = self.out / "last.pt", self.out / "best.pt"
+        if last.exists():
+            return f"{last} keeps the last good checkpoint (epoch {checkpoint.load(last)['epoch']})"
+        if best.exists():
+            return f"no last.pt was written; {best} holds the best good weights"
+        return "no checkpoint was written: nothing good to keep; lower the learning rate and start again"
