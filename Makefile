@@ -12,7 +12,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow lint venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The job scripts, with Debian's shellcheck (following what they source).
+lint:
+	shellcheck -x slurm/*.sbatch slurm/common.sh slurm/submit slurm/sweep
 
 # The demo: the study's transfer recipe in small (pretrain tiny-cnn on four
 # synthetic classes, fine-tune its new head on four others with the features

@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = run(args)
-    except PlanktonioError as error:
+    except PlanktonioError as error:  # one line; exit 2, or 74 for a disk that cannot take a file
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     return status or 0
 
 

@@ -96,12 +96,17 @@ def scan_classes(source: Path) -> Scan:
         top = sorted(source.iterdir())
     except OSError as error:
         unreadable(error)
+    root = source.resolve()
     for entry in top:
         if not entry.is_dir():
             skipped[entry.name] = "not in a class folder"
             continue
         if entry.name.startswith("."):
             skipped[entry.name + "/"] = "hidden folder"
+            continue
+        if entry.is_symlink() and (entry.resolve() == root or entry.resolve() in root.parents):
+            skipped[entry.name + "/"] = (f"a link to {entry.resolve()}, the source folder itself or a folder above "
+                                         f"it: its images would be filed under a second class")
             continue
         files = []
         for folder, subfolders, names in os.walk(entry, onerror=unreadable):
@@ -450,7 +455,14 @@ def _image_info(source: Path, splits: dict[str, list[tuple[str, int]]], checks: 
             "bytes": [s.st_size for s in stats],
             "mtime_ns": [s.st_mtime_ns for s in stats],
         }
-    return info
+    return {**info, "checksum": _info_checksum(info)}
+
+
+def _info_checksum(info: dict) -> str:
+    """sha256 of the recorded sizes, bytes and dates of every split: an edited image_info.json (a width
+    changed by hand) would make DALI, which crops by the recorded size, cut the wrong box without a word."""
+    splits = {split: info[split] for split in SPLITS if split in info}
+    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
 
 
 def _skipped_csv(source: Path, skipped: dict[str, str]) -> str:
@@ -550,6 +562,9 @@ class PreparedDataset:
             text = manifest.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise PlanktonioError(f"{manifest}: cannot be read as UTF-8 text ({error}); rerun prepare") from None
+        if text.startswith("\ufeff"):
+            raise PlanktonioError(f"{manifest}: starts with a byte-order mark (U+FEFF: an editor saved it as "
+                                  f"'UTF-8 with BOM'); save it as plain UTF-8, or rerun prepare")
         entries = []
         for number, line in enumerate(text.split("\n"), start=1):  # "\n" only: prepare writes no other break
             if not line.strip():
@@ -608,11 +623,17 @@ class PreparedDataset:
         if not info_file.is_file():
             raise PlanktonioError(f"{info_file}: not found: {self.path} was prepared by an older planktonio; {rerun}")
         try:
-            fields = json.loads(info_file.read_text())[split]
+            recorded = json.loads(info_file.read_text())
+            fields = recorded[split]
             info = ImageInfo(*(np.asarray(fields[name], dtype=np.int64)
                                for name in ("width", "height", "bytes", "mtime_ns")))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OverflowError) as error:
             raise PlanktonioError(f"{info_file}: not a valid image_info.json ({error}); {rerun}") from None
+        # (files of an older prepare have no checksum: their sizes are taken as they are)
+        if "checksum" in recorded and recorded["checksum"] != _info_checksum(recorded):
+            raise PlanktonioError(f"{info_file}: its content does not match its checksum (edited since prepare "
+                                  f"wrote it: the recorded image sizes decide every crop); rerun "
+                                  f"`python -m planktonio prepare`")
         lengths = {len(a) for a in (info.width, info.height, info.bytes, info.mtime_ns)}
         if lengths != {count} or (count and min(info.width.min(), info.height.min()) < 1):
             raise PlanktonioError(f"{info_file}: its {split} entries do not match {self.manifest(split)} "

@@ -21,11 +21,14 @@ rewrites the file atomically), and a program's own log files.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+from .errors import DiskError
 
 # The process's umask, for the mode of a new file: mkstemp makes its temporary 0600.
 _UMASK = os.umask(0o022)
@@ -44,15 +47,31 @@ def remove_stale(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# What a write can fail with that is the disk's doing, not the program's: said in one line (DiskError).
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM,
+               errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+
+
+def disk_error(path: Path, error: OSError) -> DiskError:
+    reason = error.strerror or type(error).__name__
+    return DiskError(f"{path}: cannot be written ({reason}); free space, fix the folder's permissions or choose "
+                     f"another place (nothing written before was lost)")
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", *, durable: bool = False) -> Iterator[IO]:
     """Open a temporary file for writing; on a clean exit it replaces `path`, on an error it is removed.
 
     durable: fsync the data before the rename (checkpoints: a machine that
     crashes right after the rename must not come back with an empty file).
+    A disk that cannot take the file (full, read-only, a quota, a missing or
+    non-folder parent) is a DiskError naming `path`; the old file is intact.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise disk_error(path, error) from None
     tmp = Path(name)
     try:
         with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
@@ -62,9 +81,55 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, durable: bool = Fa
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would make it: mkstemp's 0600 hides shared runs' files
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        # (an error reading something else inside the block names that file: it stays what it is)
+        if error.errno in DISK_ERRNOS and error.filename in (None, str(tmp), str(path)):
+            raise disk_error(path, error) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(path: str | os.PathLike, what: str, make_parent: bool = False) -> None:
+    """Before expensive work: `path` can be written (its folder exists, or is made with make_parent, and takes
+    a file, and it is not a folder itself). A DiskError naming `what` (the option that gave it) otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise DiskError(f"{what} {path}: is a folder; name a file in it")
+    if make_parent and not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True)
+        except OSError as error:
+            raise DiskError(f"{what} {path}: its folder cannot be made ({error.strerror or error})") from None
+    if not path.parent.is_dir():
+        raise DiskError(f"{what} {path}: its folder {path.parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise DiskError(f"{what} {path}: cannot be written there ({error.strerror or error}); choose another "
+                        f"place") from None
+
+
+def check_folder_writable(folder: str | os.PathLike, what: str, make: bool = True) -> None:
+    """Before expensive work: `folder` exists or can be made (made, unless make=False: then its nearest
+    existing parent is tried), and takes a file. A DiskError otherwise."""
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise DiskError(f"{what} {folder}: is a file, not a folder")
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise DiskError(f"{what} {folder}: {existing} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise DiskError(f"{what} {folder}: cannot be written ({error.strerror or error}); choose another "
+                        f"place") from None
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes, *, durable: bool = False) -> None:

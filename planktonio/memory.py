@@ -178,17 +178,19 @@ class Rows:
         return sum(c.numel() * c.element_size() for c in self.chunks)
 
     def write(self, start: int, values: torch.Tensor) -> None:
-        """Rows [start, start + len(values)) from `values` (any device: copied over)."""
+        """Rows [start, start + len(values)) from `values` (any device: copied over; from a GPU into pinned
+        memory without waiting: synchronise before reading them on the host)."""
         done = 0
         while done < len(values):
             chunk, at = divmod(start + done, self.rows_per_chunk)
             n = min(len(values) - done, self.rows_per_chunk - at)
-            self.chunks[chunk][at:at + n].copy_(values[done:done + n])
+            self.chunks[chunk][at:at + n].copy_(values[done:done + n], non_blocking=self.pin)
             done += n
 
-    def read(self) -> torch.Tensor:
-        """Every row, in one tensor on the store's device (for saving)."""
-        return self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
+    def host_chunks(self) -> list[torch.Tensor]:
+        """The rows as host tensors, in order, without joining them (for saving: no second copy of a host
+        store; a device store is copied over once)."""
+        return [chunk if chunk.device.type == "cpu" else chunk.cpu() for chunk in self.chunks]
 
     def gather(self, index: torch.Tensor, to: torch.device) -> torch.Tensor:
         """The rows of `index` (a long tensor on the store's device) as one tensor on `to`."""

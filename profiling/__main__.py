@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from planktonio.errors import PlanktonioError
-from planktonio.files import write_atomic
+from planktonio.files import check_folder_writable, check_writable, write_atomic
 
 from .cli import add_arguments, settings_from
 
@@ -91,6 +91,12 @@ def _wrote(path: Path | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    json_path = getattr(args, "json", None)
+    # Where results go, before the work, not after it: a place that cannot be written costs nothing.
+    if json_path is not None:
+        check_writable(json_path, "--json", make_parent=True)
+    if args.command in ("accuracy", "suite", "report"):
+        check_folder_writable(Path(args.out), "--out", make=False)
     if args.command in ("smoke", "loaders", "amp"):
         from .environment import describe_environment
         environment = describe_environment()
@@ -149,7 +155,7 @@ def _inspect(args: argparse.Namespace) -> int:
         raise PlanktonioError(f"inspect: {len(args.traces)} paths given; give one trace or folder, or two to compare")
     if args.top < 1:
         raise PlanktonioError(f"inspect --top {args.top}: must be at least 1")
-    environment = describe_environment()
+    environment = describe_environment(devices=False)
     if len(args.traces) == 2:
         result = compare(*args.traces, args.top)
         print(format_comparison(result))
@@ -164,7 +170,6 @@ def _inspect(args: argparse.Namespace) -> int:
         print(format_report(trace, result))
         written = {"kind": "inspect", "environment": environment, "trace": str(trace), "result": result}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.json, json.dumps(written, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
@@ -174,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except PlanktonioError as error:
+    except PlanktonioError as error:  # one line; exit 2, or 74 for a disk that cannot take a file
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 import shlex
 import sys
 
-import torch
+
+def installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def describe_environment() -> dict:
+def describe_environment(devices: bool = True) -> dict:
+    """The date, the command, the machine and the versions a result was measured with. devices=False: the
+    versions as installed, without importing torch or asking for GPUs (reading traces needs neither, and
+    importing torch costs most of a gigabyte of memory)."""
+    if not devices:
+        return {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "profiling",
+                                                         *sys.argv[1:]]),
+            "hostname": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": installed("torch"),
+            "torchvision": installed("torchvision"), "dali": installed("nvidia-dali-cuda120") or installed(
+                "nvidia-dali-cuda130"), "device": None}
+    import torch
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "profiling", *sys.argv[1:]]),

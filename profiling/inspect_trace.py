@@ -60,6 +60,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -122,7 +123,7 @@ def _read_at_most(stream, limit: int) -> bytearray | None:
     return text
 
 
-def _read_json(path: Path, max_bytes: int | None = None):
+def _read_json(path: Path, max_bytes: int | None = None, object_hook=None):
     limit = trace_size_limit() if max_bytes is None else max_bytes
     try:
         with open(path, "rb") as raw:
@@ -130,7 +131,7 @@ def _read_json(path: Path, max_bytes: int | None = None):
             raw.seek(0)
             text = _read_at_most(gzip.GzipFile(fileobj=raw) if compressed else raw, limit)
         if text is not None:
-            return json.loads(text)
+            return json.loads(text, object_hook=object_hook)
     except (OSError, EOFError, zlib.error, ValueError, RecursionError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise PlanktonioError(f"trace {path}: cannot be read as a Chrome trace ({reason})") from None
@@ -150,23 +151,19 @@ def load_events(path: Path, max_bytes: int | None = None) -> pd.DataFrame:
     max_bytes: the most JSON text to read (default: trace_size_limit()).
     """
     path = Path(path)
-    trace = _read_json(path, max_bytes)
+    trace = _read_json(path, max_bytes, object_hook=_compact_event)
     if isinstance(trace, list):  # Chrome's array format: the events alone
         trace = {"traceEvents": trace}
     events = trace.get("traceEvents") if isinstance(trace, dict) else None
     if not isinstance(events, list):
         raise PlanktonioError(f"trace {path}: not a Chrome trace (expected an object with a traceEvents list, "
                               f"or a list of events)")
-    def arg(event: dict, key: str):
-        args = event.get("args")
-        return args.get(key) if isinstance(args, dict) else None
-
-    rows = [{"name": e["name"], "cat": e.get("cat"), "ts": e.get("ts"), "dur": e.get("dur"), "pid": e.get("pid"),
-             "tid": e.get("tid"), "bytes": arg(e, "bytes"), "stream": arg(e, "stream"),
-             "correlation": arg(e, "correlation")}
-            for e in events if isinstance(e, dict) and e.get("ph") == "X" and isinstance(e.get("name"), str)]
-    frame = pd.DataFrame(rows, columns=["name", "cat", "ts", "dur", "pid", "tid", "bytes", "stream", "correlation"])
-    frame["cat"] = frame["cat"].where(frame["cat"].map(lambda c: isinstance(c, str)), "")
+    rows = [e for e in events if isinstance(e, _Event)]
+    description = _describe(trace)
+    del trace, events  # the parsed JSON: the columns below are all that is kept
+    frame = pd.DataFrame(rows, columns=list(_Event._fields))
+    del rows
+    frame["cat"] = frame["cat"].where(frame["cat"].map(lambda c: isinstance(c, str)), "").astype("category")
     for column in ("ts", "dur", "bytes", "stream", "correlation"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     frame = frame[np.isfinite(frame["ts"])].reset_index(drop=True)
@@ -174,8 +171,36 @@ def load_events(path: Path, max_bytes: int | None = None) -> pd.DataFrame:
     frame["bytes"] = frame["bytes"].where(np.isfinite(frame["bytes"]) & (frame["bytes"] > 0), 0.0)
     if frame.empty:
         raise PlanktonioError(f"trace {path}: no timed events")
-    frame.attrs.update(_describe(trace), path=str(path))
+    frame.attrs.update(description, path=str(path))
     return frame
+
+
+class _Event(NamedTuple):
+    """What is read of a complete ("X") event: a tuple, not the dict JSON makes (a million dicts of
+    a trace took most of 2 GB; their tuples a fraction of that)."""
+
+    name: str
+    cat: object
+    ts: object
+    dur: object
+    pid: object
+    tid: object
+    bytes: object
+    stream: object
+    correlation: object
+
+
+def _compact_event(obj: dict):
+    """json's object hook: an event becomes an _Event as soon as it is parsed (None when it is not a complete
+    event with a name); every other object (args, the trace itself) stays a dict."""
+    if "ph" not in obj:
+        return obj
+    if obj.get("ph") != "X" or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("args")
+    args = args if isinstance(args, dict) else {}
+    return _Event(obj["name"], obj.get("cat"), obj.get("ts"), obj.get("dur"), obj.get("pid"), obj.get("tid"),
+                  args.get("bytes"), args.get("stream"), args.get("correlation"))
 
 
 def _describe(trace: dict) -> dict:

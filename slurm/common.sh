@@ -1,3 +1,4 @@
+# shellcheck shell=bash source-path=SCRIPTDIR
 # Sourced by every job script: the environment, the run folder, DDP variables,
 # and the checkpoint-and-requeue protocol. Submit jobs with slurm/submit.
 
@@ -58,7 +59,8 @@ ddp_environment() {
 # Exit codes of `python -m train fit` (train/signals.py) that this script acts on.
 EXIT_USAGE=2         # bad config, data or weights: a restart would fail the same way
 EXIT_NON_FINITE=3    # the loss or the weights became NaN or infinite: likewise
-EXIT_INTERRUPTED=75  # stopped by SIGUSR1/SIGTERM, last.pt written: requeue
+EXIT_DISK=74         # a file could not be written (a full disk, a quota, read-only): likewise
+EXIT_INTERRUPTED=75  # stopped by SIGUSR1/SIGTERM (last.pt written if there was anything to keep): requeue
 EXIT_PEER_LOST=76    # another rank left or hung during a collective: restart from last.pt
 
 # The Python module each task runs: train. (The tests run tests.fit_with_hooks,
@@ -117,8 +119,10 @@ run_training() {
             exit "$EXIT_USAGE" ;;
     esac
     output="$(mktemp "${TMPDIR:-/tmp}/planktonio-step.XXXXXX")"
-    # shellcheck disable=SC2064  # the file's name now, not at exit
-    trap "rm -f '$output'" EXIT
+    # The name is read when the trap runs, from a global (a local is gone by then), and never evaluated as
+    # shell text: a TMPDIR with a quote or $(...) in it stays a name.
+    PLANKTONIO_STEP_OUTPUT="$output"
+    trap 'rm -f -- "$PLANKTONIO_STEP_OUTPUT"' EXIT
     while true; do
         # --kill-on-bad-exit=0: a rank that dies does not take the others with it
         # at once (srun would stop forwarding their output, and the line saying
@@ -135,13 +139,13 @@ run_training() {
         case "$status" in
             "$EXIT_INTERRUPTED")
                 if [ "${PLANKTONIO_REQUEUE:-1}" = 1 ]; then
-                    echo "planktonio: checkpoint written; requeueing job $SLURM_JOB_ID to resume"
+                    echo "planktonio: stopped by a signal; requeueing job $SLURM_JOB_ID to resume"
                     scontrol requeue "$SLURM_JOB_ID"
                     exit 0
                 fi
-                echo "planktonio: checkpoint written; resubmit with RUN=$(basename "$RUN_DIR") to resume"
+                echo "planktonio: stopped by a signal; resubmit with RUN=$(basename "$RUN_DIR") to resume"
                 return "$status" ;;
-            "$EXIT_USAGE" | "$EXIT_NON_FINITE")
+            "$EXIT_USAGE" | "$EXIT_NON_FINITE" | "$EXIT_DISK")
                 return "$status" ;;
         esac
         failure="$(describe_failure "$output" "$status")"

@@ -41,8 +41,8 @@ class DelayedLoader:
 def delay_training_batches(seconds: float, rank: int | None) -> None:
     build = Executor.loader_for
 
-    def loader_for(self, split, batch_size, train):
-        loader = build(self, split, batch_size, train)
+    def loader_for(self, split, batch_size, train, spec=None):
+        loader = build(self, split, batch_size, train, spec)
         slowed = train and (rank is None or self.ctx.rank == rank)
         return DelayedLoader(loader, seconds) if slowed else loader
 

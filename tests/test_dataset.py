@@ -75,3 +75,27 @@ def test_prepared_dataset_reports_moved_files(coloured, tmp_path):
         make_loader("torchvision", moved, "valid", batch_size=2, device="cpu", workers=0)
     with pytest.raises(PlanktonioError, match="classes.json: not found"):
         PreparedDataset.load(tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "torchvision"])
+def test_an_edited_image_size_is_refused_by_every_backend(coloured, tmp_path, backend):
+    """Finding 9: with one width in image_info.json changed by hand, dali-cpu (which crops by the recorded
+    size) cut the wrong box and said nothing, while torchvision noticed. The recorded sizes carry a checksum
+    that every backend checks."""
+    prepared, _ = coloured
+    shutil.copytree(prepared, tmp_path / "p")
+    info = json.loads((tmp_path / "p" / "image_info.json").read_text())
+    info["valid"]["width"][0] += 10
+    (tmp_path / "p" / "image_info.json").write_text(json.dumps(info))
+    with pytest.raises(PlanktonioError, match="image_info.json: its content does not match its checksum"):
+        make_loader(backend, tmp_path / "p", "valid", batch_size=2, device="cpu", workers=0)
+
+
+def test_a_byte_order_mark_in_a_manifest_is_named(coloured, tmp_path):
+    """A manifest saved by an editor as 'UTF-8 with BOM' was refused with a message that did not show why."""
+    prepared, _ = coloured
+    shutil.copytree(prepared, tmp_path / "p")
+    manifest = tmp_path / "p" / "valid.txt"
+    manifest.write_text("\ufeff" + manifest.read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(PlanktonioError, match="valid.txt: starts with a byte-order mark \\(U\\+FEFF"):
+        PreparedDataset.load(tmp_path / "p").entries("valid")

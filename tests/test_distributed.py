@@ -246,7 +246,8 @@ def test_two_process_gloo_run_with_dali_shards(plankton, tmp_path, capsys):
 
 def test_two_process_run_stopped_by_sigterm_resumes_bitwise_and_ranks_draw_their_own_dropout(plankton, tmp_path):
     """mobilenet_v3_small (dropout before its last layer), 2 gloo ranks of 5 steps an epoch, a check
-    every 2 steps. Rank 1 alone gets SIGTERM after its 3rd step; both stop at the next check. The
+    every 2 steps at most (the first after step 1, then every 2 while steps are fast). Rank 1 alone gets
+    SIGTERM after its 3rd step; both stop at the check right after it, where they agree. The
     resumed run ends bitwise where the uninterrupted one does, which needs each rank's own random
     state back (restoring rank 0's on both ranks was tried: the weights differ)."""
     config = write_config(tmp_path / "ddp.yaml", model={"name": "mobilenet_v3_small"},
@@ -258,10 +259,24 @@ def test_two_process_run_stopped_by_sigterm_resumes_bitwise_and_ranks_draw_their
     assert masks[0] != masks[1] and all(100 < sum(mask) < 412 for mask in masks)  # 512 draws, p = 0.5
 
     split = torchrun(*hooked, "--out", tmp_path / "split", env={"SIGTERM_RANK": "1", "SIGTERM_AT_STEP": "3"})
-    assert split.returncode != 0 and "stopping on a signal at epoch 0, step 4" in split.stdout, split.stderr
+    assert split.returncode != 0 and "stopping on a signal at epoch 0, step 3" in split.stdout, split.stderr
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
-    assert (state["epoch"], state["batches_done"]) == (0, 4) and len(state["ranks"]) == 2
+    assert (state["epoch"], state["batches_done"]) == (0, 3) and len(state["ranks"]) == 2
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
     resumed = torchrun("-m", "train", "fit", "--out", tmp_path / "split", "--data", plankton, "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert same_run(tmp_path / "whole", tmp_path / "split")
+
+
+def test_under_ddp_slow_steps_are_checked_every_step(two_ranks_played_by_one, plankton, tmp_path, monkeypatch):
+    """Finding 6: the stop flag was read every `check_every` (50) steps, so with slow steps (a huge image
+    size) a SIGTERM was not obeyed for five minutes. Under DDP the ranks must agree, so they check when
+    steps are slow at most CHECK_SECONDS apart (here every step: a check_seconds of almost nothing); a
+    SIGTERM after step 3 of 5 stops the run at step 3, not at the epoch's end."""
+    from train import loop
+    monkeypatch.setattr(loop, "CHECK_SECONDS", 1e-9)
+    count_training_steps(monkeypatch, lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM))
+    config = small_config(training={"epochs": 2, "check_every": 50})
+    assert fit(config, plankton, tmp_path / "run") == EXIT_INTERRUPTED
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert (state["epoch"], state["batches_done"]) == (0, 3)

@@ -9,21 +9,27 @@ work) to stay quick.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 
 import pytest
 import torch
+from PIL import Image
 
-from planktonio import PlanktonioError
+from planktonio import PlanktonioError, files, prepare
+from planktonio.dataset import SplitPlan, _info_checksum
+from train import checkpoint, feature_cache
 from train import config as config_module
-from train import loop
+from train.executor import Executor
 from train.feature_cache import find_cut
 from train.loop import fit
 from train.model import build_model
+from train.signals import EXIT_INTERRUPTED
 
-from .helpers import torchrun
+from .conftest import write_coloured_set
+from .helpers import run_train, sigterm_after_step, torchrun, write_config
 
 TIMING = ("images_per_s", "data_wait_fraction", "epoch_seconds")
 CENTRE = {"crop": "center", "size": 64, "resize": 72}
@@ -84,19 +90,10 @@ def test_a_cached_run_stopped_mid_epoch_resumes_to_the_same_end(synthetic, tmp_p
     config = config_module.from_dict(settings(epochs=3, check_every=2))
     assert fit(config_module.from_dict(settings(epochs=3, check_every=2, feature_cache="off")), synthetic,
                tmp_path / "plain") == 0
-    taken = {"steps": 0}
-    step = loop.train_step
-
-    def stopping_step(*args, **kwargs):
-        result = step(*args, **kwargs)
-        taken["steps"] += 1
-        if taken["steps"] == 11:  # epoch 1's third step: the flag is seen at its fourth
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "train_step", stopping_step)
+        sigterm_after_step(patch, 11)  # epoch 1's third step: obeyed at the step's end
         assert fit(config, synthetic, tmp_path / "cached") == 75
-    assert torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["batches_done"] == 4
+    assert torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["batches_done"] == 3
     assert fit(config, synthetic, tmp_path / "cached", resume=True) == 0
     assert summary(tmp_path / "cached")["feature_cache"]["source"].startswith("read from")  # not computed again
     assert_same_run(tmp_path / "cached", tmp_path / "plain")
@@ -162,6 +159,7 @@ def test_another_manifest_is_another_cache(synthetic, tmp_path):
     (copy / "valid.txt").write_text("\n".join((copy / "valid.txt").read_text().splitlines()[:-1]) + "\n")
     info = json.loads((copy / "image_info.json").read_text())
     info["valid"] = {k: v[:-1] for k, v in info["valid"].items()}
+    info["checksum"] = _info_checksum(info)  # as prepare would have written it for that manifest
     (copy / "image_info.json").write_text(json.dumps(info))
     shared = str(tmp_path / "cache")
     for data, name in ((synthetic, "a"), (copy, "b")):
@@ -212,3 +210,148 @@ def test_a_linear_probe_is_another_recipe_cut_at_the_head(synthetic, tmp_path):
     assert summary(tmp_path / "probe")["feature_cache"]["values_per_image"] == 4096
     assert fit(config_module.from_dict(settings()), synthetic, tmp_path / "study") == 0
     assert metrics(tmp_path / "probe") != metrics(tmp_path / "study")
+
+
+# ------------------------------------------------------------------ the cached run refuses what the uncached run refuses
+
+
+@pytest.fixture
+def own_data(tmp_path):
+    """A small prepared set of this test's own (its images may be changed): 2 classes x 12, 8/2/2."""
+    source = tmp_path / "source"
+    write_coloured_set(source, classes=2, per_class=12, size=48)
+    prepare(source, tmp_path / "prepared", plan=SplitPlan(per_class=(8, 2, 2)), workers=1)
+    return tmp_path / "prepared", source
+
+
+def small_cached(**training):
+    values = settings("tiny-cnn", **training)
+    values["loader"]["batch_size"] = 4
+    return config_module.from_dict(values)
+
+
+def test_an_image_replaced_after_the_pass_is_refused_as_the_uncached_run_refuses_it(own_data, tmp_path, capsys):
+    """Finding 1: after an image was replaced (new bytes, size and date), resuming a cached run, or a new run
+    sharing its feature-cache folder, read the old activations and exited 0; the uncached run refuses."""
+    data, source = own_data
+    shared = str(tmp_path / "shared")
+    assert fit(small_cached(feature_cache_dir=shared), data, tmp_path / "run") == 0
+    Image.new("RGB", (60, 60), (5, 5, 5)).save(source / "class0" / "img003.jpg", quality=70)  # another picture
+    for mode, out, resume in (("auto", tmp_path / "run", True), ("auto", tmp_path / "other", False),
+                              ("off", tmp_path / "plain", False)):
+        with pytest.raises(PlanktonioError, match="img003.jpg: changed since prepare checked it"):
+            fit(small_cached(feature_cache_dir=shared, feature_cache=mode, epochs=3), data, out, resume=resume)
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_cached_or_not(own_data, tmp_path):
+    """Finding 3: cached, a batch size above the training images trained nothing and exited 0."""
+    data, _ = own_data
+    for mode in ("auto", "off"):
+        values = settings("tiny-cnn", feature_cache=mode)
+        values["loader"]["batch_size"] = 32  # 16 training images
+        with pytest.raises(PlanktonioError, match="16 images over 1 shard\\(s\\) make no full batch of 32"):
+            fit(config_module.from_dict(values), data, tmp_path / mode)
+        assert not list((tmp_path / mode).glob("feature-cache/*.pt"))
+
+
+def test_an_image_that_breaks_after_prepare_never_makes_a_short_cache(own_data, tmp_path, capsys):
+    """Finding 2: an image broken after prepare (same size and date, half its bytes zeroed) was skipped in the
+    pass and the file kept one image fewer under the intact data's fingerprint. Now the run reads images as
+    the uncached run does (the torchvision loader skips the broken file and says so), no file is kept, and a
+    later run on the intact data computes the activations of every image."""
+    data, source = own_data
+    broken = source / "class1" / "img005.jpg"
+    intact, stat = broken.read_bytes(), broken.stat()
+    broken.write_bytes(intact[: len(intact) // 2] + bytes(len(intact) - len(intact) // 2))
+    os.utime(broken, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shared = tmp_path / "shared"
+    assert fit(small_cached(feature_cache_dir=str(shared)), data, tmp_path / "broken") == 0
+    assert "feature cache off: an image of the train split could not be read in the pass" in capsys.readouterr().out
+    assert not summary(tmp_path / "broken")["feature_cache"]["used"] and not list(shared.glob("*.pt"))
+    with pytest.raises(PlanktonioError, match="could not be read in the pass"):  # `on` cannot apply
+        fit(small_cached(feature_cache_dir=str(shared), feature_cache="on"), data, tmp_path / "on")
+    broken.write_bytes(intact)
+    os.utime(broken, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fit(small_cached(feature_cache_dir=str(shared)), data, tmp_path / "intact") == 0
+    used = summary(tmp_path / "intact")["feature_cache"]
+    assert used["source"] == "computed" and used["bytes"] == (16 + 4 + 4) * 64 * 4
+
+
+def test_a_file_with_the_right_fingerprint_but_other_rows_is_computed_again(own_data, tmp_path, capsys):
+    """Finding 2's last case: a file whose fingerprint and checksum are right but whose rows are not this
+    run's (here: one row short, re-saved with a valid checksum) was a traceback; it is computed again."""
+    data, _ = own_data
+    shared = tmp_path / "shared"
+    assert fit(small_cached(feature_cache_dir=str(shared)), data, tmp_path / "first") == 0
+    path, = shared.glob("features-*.pt")
+    state = checkpoint.load(path)
+    state["splits"]["train"]["rows"] = [torch.cat(state["splits"]["train"]["rows"])[:-1]]
+    checkpoint.save_atomic(state, path)
+    assert fit(small_cached(feature_cache_dir=str(shared)), data, tmp_path / "second") == 0
+    assert "holds other images of the train split (15 rows of 16 images" in capsys.readouterr().out
+    assert summary(tmp_path / "second")["feature_cache"]["source"] == "computed"
+    assert_same_run(tmp_path / "first", tmp_path / "second")
+
+
+# ------------------------------------------------------------------ disks and signals around the pass
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_one_line_and_the_run_goes_on(own_data, tmp_path, capsys):
+    """Finding 5: a feature_cache_dir that is not a folder (or read-only, or full) failed with a traceback
+    after the whole pass. Now it is checked before the pass; the activations are used from memory."""
+    data, _ = own_data
+    (tmp_path / "file").write_text("x")
+    assert fit(small_cached(feature_cache_dir=str(tmp_path / "file" / "cache")), data, tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert "feature cache: not kept on disk (training.feature_cache_dir" in out and "from memory" in out
+    assert summary(tmp_path / "run")["feature_cache"]["source"] == "computed"
+
+
+def test_a_full_disk_while_the_file_is_written_costs_one_line(own_data, tmp_path, capsys, monkeypatch):
+    """The disk fills up while the file is written: one line, the activations used from memory, no file."""
+    data, _ = own_data
+    save = checkpoint.save_atomic
+
+    def on_a_full_disk(state, path):
+        if not path.name.startswith("features-"):
+            return save(state, path)
+        with files.atomic_file(path, "wb") as f:
+            f.write(b"the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(feature_cache.checkpoint, "save_atomic", on_a_full_disk)
+    assert fit(small_cached(), data, tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert "feature cache: not kept on disk" in out and "No space left on device" in out
+    assert not list((tmp_path / "run" / "feature-cache").iterdir())  # neither the file nor a temporary
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_during_the_pass_stops_with_the_requeue_code_and_writes_nothing(own_data, tmp_path, capsys,
+                                                                                  monkeypatch, sig):
+    """Finding 6: SIGTERM or SIGUSR1 during the pass killed the process (143/138) with no message, so a Slurm
+    --signal arriving then was not requeued. Now the pass stops at its next batch: exit 75, one line."""
+    data, _ = own_data
+    loader_for = Executor.loader_for
+
+    class SignalAfterFirstBatch:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            for index, batch in enumerate(self.loader):
+                yield batch
+                if index == 0:
+                    os.kill(os.getpid(), sig)
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+    def signalling(self, split, batch_size, train, spec=None):  # the pass's loaders: train=False
+        loader = loader_for(self, split, batch_size, train, spec)
+        return loader if train else SignalAfterFirstBatch(loader)
+    monkeypatch.setattr(Executor, "loader_for", signalling)
+    code, out, err = run_train(["fit", "--config", write_config(tmp_path / "c.yaml", **settings("tiny-cnn")),
+                                "--data", data, "--out", tmp_path / "run"], capsys)
+    assert code == EXIT_INTERRUPTED, out + err
+    assert f"stopping on {sig.name} during the feature cache's pass: nothing to checkpoint yet" in out
+    assert not (tmp_path / "run" / "last.pt").exists() and not list((tmp_path / "run").glob("feature-cache/*"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from planktonio import prepare
+from planktonio import PlanktonioError, prepare
 from planktonio.dataset import SplitPlan
 from train import distributed, loop
 from train.early_stopping import EarlyStopping
@@ -224,3 +224,18 @@ def test_bf16_is_measured_only_where_the_gpu_has_the_hardware(monkeypatch, capab
     assert precisions_for(torch.device("cpu"), ("fp32", "amp-bf16")) == (("fp32", "amp-bf16"), {})
 
 
+
+
+def test_an_image_size_whose_batch_would_not_fit_the_machine_is_refused_with_the_estimate(plankton, tmp_path,
+                                                                                          monkeypatch):
+    """Finding 7: `augment size: 10000` ran with nothing said (a batch of 16 such images is 18 GiB in
+    float32). Refused before any work, with the estimate and what the machine has (here said to be 16 GiB,
+    so that the test does not depend on the machine it runs on)."""
+    from types import SimpleNamespace
+    from train import executor
+    monkeypatch.setattr(executor.psutil, "virtual_memory", lambda: SimpleNamespace(available=16 * 2**30))
+    big, small = {"crop": "center", "size": 10000, "resize": 10000}, {"crop": "center", "size": 64, "resize": 72}
+    with pytest.raises(PlanktonioError, match=r"augment.train.size 10000 with batch size 16: one batch of images "
+                                              r"is 17.9 GiB \(float32\), over half of the 16.0 GiB of memory"):
+        fit(small_config(augment={"train": big, "eval": small}), plankton, tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists()

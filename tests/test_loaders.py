@@ -449,3 +449,17 @@ def test_dali_outputs_are_bound_to_torchs_stream_and_held_until_used(monkeypatch
         event.finished = True
     outputs.next()
     assert len(outputs._held) == 1  # completed ones let go; the batch just consumed is held anew
+
+
+def test_workers_and_threads_are_capped_at_the_cpus_this_process_may_use(coloured, caplog):
+    """Finding 7: `loader.workers: 1000` started a thousand processes on 2 cores (load 59, no progress, and
+    they outlived a SIGTERM). More than the usable CPUs only queue for the same cores: capped, said once."""
+    from planktonio.loaders import available_cpus, loader_spec
+    prepared, _ = coloured
+    with caplog.at_level("WARNING", logger="planktonio"):
+        specs = [loader_spec(prepared, "train", batch_size=4, device="cpu", workers=1000, threads=999)
+                 for _ in range(2)]
+    assert all(s.workers == available_cpus() and s.threads == available_cpus() for s in specs)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"loader workers: 1000 asked for, capped at the {available_cpus()} CPU(s) this process may use",
+                     f"DALI threads: 999 asked for, capped at the {available_cpus()} CPU(s) this process may use"]

@@ -352,3 +352,14 @@ def test_an_unreadable_class_folder_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset.os, "walk", walk)
     with pytest.raises(PlanktonioError, match="class0: cannot be read \\(Permission denied\\); fix its permissions"):
         prepare(source, tmp_path / "prepared", workers=1)
+
+
+def test_a_class_folder_that_links_back_to_the_source_is_skipped_with_the_reason(source, tmp_path):
+    """A link to the source folder inside it was taken as a class holding every image again: each image was
+    then a copy under two classes, all were dropped, and the summary did not say why."""
+    (source / "everything").symlink_to(source)
+    result = prepare(source, tmp_path / "prepared", min_images=20, workers=1)
+    assert result.usable == {"class0": 30, "class1": 30, "class2": 30}
+    with open(tmp_path / "prepared" / "skipped.csv") as f:
+        reasons = {os.path.basename(r["path"]): r["reason"] for r in csv.DictReader(f)}
+    assert "the source folder itself" in reasons["everything"]

@@ -36,7 +36,7 @@ def uninterrupted(plankton, tmp_path_factory):
     ("torchvision", "random", 13),    # every backend applies the shared plans: exact from any step
     ("dali-cpu", "random", 13),       # ... DALI too, random crops and flips included
     ("dali-cpu", "centre-crop", 13),
-    ("dali-cpu", "random", 9),        # the flag seen at the epoch's last check: stops at the boundary
+    ("dali-cpu", "random", 10),       # the flag raised in the epoch's last step: stops at the boundary
 ])
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(plankton, uninterrupted, tmp_path, monkeypatch,
                                                                     backend, augment, step):
@@ -51,13 +51,13 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(plankton, un
         sigterm_after_step(patch, step=step)  # 10 steps per epoch, a check every 2
         assert fit(config, plankton, tmp_path / "split") == EXIT_INTERRUPTED
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
-    if step == 13:  # epoch 1's third step: seen at the next check, after its fourth
-        assert (state["epoch"], state["batches_done"]) == (1, 4)
+    if step == 13:  # epoch 1's third step: one process obeys at the next step boundary, not the next check
+        assert (state["epoch"], state["batches_done"]) == (1, 3)
         assert len(read_metrics(tmp_path / "split")) == 1
         # The resumed epoch's images/s counts the time before the stop too, with its images.
         partial = state["ranks"][0]["partial"]
-        assert partial["images"] == 4 * 16 and partial["seconds"] > 0
-    else:  # seen at epoch 0's last check (its 10th step): epoch 0 completes (validated, logged), then the run stops
+        assert partial["images"] == 3 * 16 and partial["seconds"] > 0
+    else:  # seen after epoch 0's last step: epoch 0 completes (validated, logged), then the run stops
         assert (state["epoch"], state["batches_done"]) == (1, 0)
         assert [m["epoch"] for m in read_metrics(tmp_path / "split")] == [0]
     with pytest.raises(PlanktonioError, match="already holds a run"):

@@ -14,9 +14,11 @@ import sys
 import pytest
 import torch
 
+from train import writers
+from train.loop import fit
 from train.signals import EXIT_ABORTED, EXIT_INTERRUPTED
 
-from .helpers import REPO, process_env, python, same_run, wait_for, weights, write_config
+from .helpers import REPO, process_env, python, same_run, small_config, wait_for, weights, write_config
 
 # tiny-cnn at 32 px on the synthetic set (64 training images: 8 steps of 8), 2 DataLoader workers in the
 # process group too; 3 epochs.
@@ -65,8 +67,9 @@ def interrupted(config, synthetic, run, sig, forever=False) -> subprocess.Comple
 def test_a_signal_to_the_process_group_checkpoints_and_the_run_resumes_exactly(signals_run, synthetic, tmp_path,
                                                                                sig):
     """SIGTERM: scancel, preemption, a time limit; SIGINT: Ctrl-C; SIGHUP: the terminal went away. Chosen:
-    the DataLoader workers ignore it, the training process goes on to its next check (the epoch's end),
-    writes last.pt, says so in one line and exits 75; the resumed run ends bitwise as the uninterrupted one."""
+    the DataLoader workers ignore it, the training process stops at the step boundary where it was held
+    (one process honours the flag at every step), writes last.pt, says so in one line and exits 75; the
+    resumed run ends bitwise as the uninterrupted one."""
     config, whole = signals_run
     run = tmp_path / "run"
     done = interrupted(config, synthetic, run, sig)
@@ -75,7 +78,7 @@ def test_a_signal_to_the_process_group_checkpoints_and_the_run_resumes_exactly(s
     assert "killed by signal" not in done.stderr
     assert f"stopping on {sig.name}" in done.stdout and "--resume" in done.stdout
     state = torch.load(run / "last.pt", weights_only=False)
-    assert state["finished"] is None and (state["epoch"], state["batches_done"]) == (2, 0)
+    assert state["finished"] is None and (state["epoch"], state["batches_done"]) == (1, 2)
     assert weights(run).keys() == weights(whole).keys()
     resumed = python("-m", "train", "fit", "--config", config, "--data", synthetic, "--out", run, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -90,3 +93,18 @@ def test_a_second_ctrl_c_aborts_at_once_with_one_line(signals_run, synthetic, tm
     assert len([line for line in done.stderr.splitlines() if line.strip()]) <= 2  # the first press's line, this one
     last = tmp_path / "run" / "last.pt"  # nothing written by the aborted stop (an earlier epoch's checkpoint aside)
     assert not last.exists() or torch.load(last, weights_only=False)["epoch"] < 2
+
+
+def test_a_signal_while_the_learning_curves_are_drawn_leaves_a_finished_run(plankton, tmp_path, monkeypatch):
+    """Finding 6: SIGTERM while the final plot was drawn killed the process (143), left a 0-byte temporary
+    and no plot, and --resume then said the run had finished. The handler now covers the run to its last
+    file: the plot completes, the run ends as finished (exit 0), and nothing half-written is left."""
+    draw = writers.plot_curves
+
+    def drawn_while_signalled(records, path, title):
+        os.kill(os.getpid(), signal.SIGTERM)
+        draw(records, path, title)
+    monkeypatch.setattr(writers, "plot_curves", drawn_while_signalled)
+    assert fit(small_config(training={"epochs": 1}), plankton, tmp_path / "run") == 0
+    assert (tmp_path / "run" / "learning-curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "run").glob(".*.tmp")) and (tmp_path / "run" / "summary.json").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from planktonio.errors import PlanktonioError
 
-from .signals import EXIT_ABORTED, EXIT_USAGE
+from .signals import EXIT_ABORTED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<{width}}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['f1']:5.3f}  {s['support']:7d}")
         print(f"wrote {args.run}/eval-{args.split}.json, confusion-{args.split}.csv and .png")
         return 0
-    except PlanktonioError as error:
+    except PlanktonioError as error:  # DiskError included: 74, the others 2
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return error.exit_code
     except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (start-up, the feature cache's pass)
         print("\ninterrupted before training started: nothing to save (a feature cache file is written only "
               "once complete)", file=sys.stderr)

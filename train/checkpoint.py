@@ -73,12 +73,13 @@ def save_atomic(state: dict, path: Path) -> None:
         torch.save(state, f)
 
 
-def torch_load(path: Path):
+def torch_load(path: Path, mmap: bool = False):
     """torch.load of tensors and plain values only (no code runs), quietly: its warnings about a file it
-    then refuses would print lines beside the one-line error that says what to do."""
+    then refuses would print lines beside the one-line error that says what to do. mmap: the tensors are
+    read from the file as they are used (a feature cache larger than memory stays on disk until copied)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def load_error_reason(error: Exception) -> str:
@@ -101,14 +102,14 @@ ADVICE = {
 }
 
 
-def load(path: Path) -> dict:
+def load(path: Path, mmap: bool = False) -> dict:
     """A checkpoint written by save_atomic; any problem is a one-line PlanktonioError saying what to do."""
     path = Path(path)
     advice = ADVICE.get(path.name, "use another checkpoint")
     if not path.is_file():
         raise PlanktonioError(f"checkpoint {path}: not found")
     try:
-        state = torch_load(path)
+        state = torch_load(path, mmap)
     except Exception as error:  # pickle, zip, truncation, or an object weights_only refuses
         raise PlanktonioError(f"checkpoint {path}: cannot be read ({load_error_reason(error)}); {advice}") from None
     if not isinstance(state, dict) or CHECKSUM not in state:

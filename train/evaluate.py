@@ -19,7 +19,7 @@ from planktonio.loaders import resolve_device
 from . import checkpoint, config as config_module, distributed, run_record
 from .executor import Executor
 from .metrics import confusion_matrix, per_class_scores
-from .run_folder import RunLock
+from .run_folder import lock_run
 
 
 def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "best",
@@ -37,25 +37,26 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
         run_record.check_same_data(run, data, "evaluate")
     state = checkpoint.load(run / f"{which}.pt")
     t = config.training
-    # the model only: no optimizer, no training loader
+    # The run folder first (its one writer while the scores are computed and written, not while `fit` runs;
+    # a folder that cannot be written is said before the work), then the model only: no optimizer, no
+    # training loader.
     with distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
-            Executor(config, data, ctx) as executor:
+            lock_run(run, ctx, "train evaluate"), Executor(config, data, ctx) as executor:
         if list(executor.dataset.classes) != state["classes"]:
             raise PlanktonioError(f"{data} has other classes than the run was trained on")
         executor.model.load_state_dict(state["model"])
         with executor.eval_loader(split) as loader:
             stats, predictions, labels = executor.evaluate(loader, collect=True)
-    classes = list(executor.dataset.classes)
-    confusion = confusion_matrix(predictions, labels, len(classes))
-    result = {
-        "split": split,
-        "checkpoint": f"{which}.pt",
-        "epoch": state["epoch"] if which == "best" else state["epoch"] - 1,  # last.pt: epochs completed
-        **{k.removeprefix("split_"): v for k, v in stats.summary("split").items()},
-        "per_class": {name: scores for name, scores in zip(classes, per_class_scores(confusion))},
-    }
-    if executor.ctx.is_main:  # the run folder's one writer while the files are written: not while `fit` runs
-        with RunLock(run, "train evaluate"):
+        classes = list(executor.dataset.classes)
+        confusion = confusion_matrix(predictions, labels, len(classes))
+        result = {
+            "split": split,
+            "checkpoint": f"{which}.pt",
+            "epoch": state["epoch"] if which == "best" else state["epoch"] - 1,  # last.pt: epochs completed
+            **{k.removeprefix("split_"): v for k, v in stats.summary("split").items()},
+            "per_class": {name: scores for name, scores in zip(classes, per_class_scores(confusion))},
+        }
+        if ctx.is_main:
             write_atomic(run / f"eval-{split}.json", json.dumps(result, indent=2) + "\n")
             write_confusion_csv(confusion, classes, run / f"confusion-{split}.csv")
             plot_confusion(confusion, classes, run / f"confusion-{split}.png", f"{run.name}: {split}")

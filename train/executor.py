@@ -10,17 +10,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from planktonio import PreparedDataset, make_loader
+from planktonio import PreparedDataset
+from planktonio.errors import PlanktonioError
+from planktonio.loaders import BACKENDS, Loader, LoaderSpec, loader_spec, resolve_backend
 
 from . import checkpoint, distributed
 from .config import Config
 from .metrics import EpochStats, RunningSums
 from .model import build_model
 from .step import AMP_DTYPES, autocast, loader_output, resolve_precision
+
+
+def check_batch_fits(batch_size: int, size: int, output, device: torch.device, which: str) -> None:
+    """Refuse, with the estimate, a batch whose images alone would take over half the memory the device has
+    (a typo such as `size: 10000` would otherwise thrash a node for minutes before it fails); the model's
+    activations come on top of this, so it is a lower bound of what a step needs."""
+    batch_bytes = batch_size * 3 * size * size * torch.empty((), dtype=output.torch_dtype).element_size()
+    if device.type == "cuda":
+        room = torch.cuda.get_device_properties(device).total_memory
+        where = f"the {torch.cuda.get_device_name(device)}'s {room / 2**30:.1f} GiB"
+    else:
+        room = psutil.virtual_memory().available
+        where = f"the {room / 2**30:.1f} GiB of memory available on this machine"
+    if batch_bytes > room / 2:
+        raise PlanktonioError(f"augment.{which}.size {size} with batch size {batch_size}: one batch of images is "
+                              f"{batch_bytes / 2**30:.1f} GiB ({output.dtype}), over half of {where}, before the "
+                              f"model's own memory; lower the size or the batch size")
 
 
 class Executor:
@@ -44,9 +64,10 @@ class Executor:
         memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model = build_model(m.name, self.dataset.num_classes, m.weights, m.freeze).to(
             self.device, memory_format=memory_format)
-        self.net = torch.compile(self.model) if t.compile else self.model
-        checkpoint.seed_rank(t.seed, self.ctx.rank)  # from here on, each rank its own dropout masks
+        self._compiled: dict[int, torch.nn.Module] = {}
         self._ddp = None
+        self.net = self.compiled(self.model)  # what evaluation runs by default
+        checkpoint.seed_rank(t.seed, self.ctx.rank)  # from here on, each rank its own dropout masks
 
     def __enter__(self) -> "Executor":
         return self
@@ -55,32 +76,61 @@ class Executor:
         self.close()
 
     def close(self) -> None:
-        """Let go of the DDP wrapper: its Reducer holds the process group, which distributed.Session
-        destroys after this (the order that cannot hang at exit)."""
+        """Let go of the DDP wrapper (and of its compiled form): its Reducer holds the process group, which
+        distributed.Session destroys after this (the order that cannot hang at exit)."""
         self._ddp = None
+        self._compiled.clear()
+        self.net = self.model
+
+    def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` torch.compile'd when training.compile is on (once per module), else itself."""
+        if not self.config.training.compile:
+            return module
+        if id(module) not in self._compiled:
+            self._compiled[id(module)] = torch.compile(module)
+        return self._compiled[id(module)]
 
     def training_net(self, module: torch.nn.Module) -> torch.nn.Module:
         """What the steps run (the model, or its part after a feature cache's cut): wrapped in
-        DistributedDataParallel when there are several ranks. The Executor is the wrapper's one owner."""
+        DistributedDataParallel when there are several ranks, then compiled when training.compile is on
+        (PyTorch's order: compile the DDP-wrapped module, so that its graph breaks at the buckets). The
+        Executor is the wrapper's one owner."""
         if not self.ctx.distributed:
-            return module
+            return self.compiled(module)
         if self._ddp is None:
             self._ddp = DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             distributed.holds_the_group(self._ddp)
-        return self._ddp
+        return self.compiled(self._ddp)
 
-    def loader_for(self, split: str, batch_size: int, train: bool):
+    def loader_spec(self, split: str, batch_size: int, train: bool) -> LoaderSpec:
+        """A split's loader settings for this run and rank, after every check a loader makes before reading
+        (planktonio.loaders.loader_spec): files unchanged since prepare, a full training batch, shards."""
         c = self.config
-        return make_loader(
-            c.loader.backend, self.dataset, split, batch_size=batch_size,
-            transform=c.transform("train" if train else "eval"), output=self.output, device=self.device,
-            train=train, shard_index=self.ctx.rank, shard_count=self.ctx.world_size,
-            workers=c.loader.workers, threads=c.loader.threads, seed=c.training.seed, options=c.loader.options)
+        transform = c.transform("train" if train else "eval")
+        check_batch_fits(batch_size, transform.size, self.output, self.device, "train" if train else "eval")
+        return loader_spec(self.dataset, split, batch_size=batch_size, transform=transform, output=self.output,
+                           device=self.device, train=train, shard_index=self.ctx.rank,
+                           shard_count=self.ctx.world_size, workers=c.loader.workers, threads=c.loader.threads,
+                           seed=c.training.seed)
 
-    def eval_loader(self, split: str):
+    def loader_for(self, split: str, batch_size: int, train: bool, spec: LoaderSpec | None = None) -> Loader:
+        """The run's backend over a split (on `spec`, when its checks were made already)."""
+        c = self.config
+        backend = BACKENDS[resolve_backend(c.loader.backend, self.device)]
+        options = backend.parse_options(c.loader.options)
+        return backend.build(spec or self.loader_spec(split, batch_size, train), options)
+
+    def has_test_split(self) -> bool:
+        """Whether the data set has test images (the best weights are tested on them at the end)."""
+        return (self.dataset.path / "test.txt").is_file() and bool(self.dataset.entries("test"))
+
+    def eval_batch_size(self) -> int:
         loader = self.config.loader
-        return self.loader_for(split, loader.eval_batch_size or loader.batch_size, False)
+        return loader.eval_batch_size or loader.batch_size
+
+    def eval_loader(self, split: str, spec: LoaderSpec | None = None) -> Loader:
+        return self.loader_for(split, self.eval_batch_size(), False, spec)
 
     def forward(self, images: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
         with autocast(self.device, self.amp_dtype):

@@ -22,17 +22,32 @@ the model on the kept activations. It is the same run, not an approximation:
   same autocast), the batches in the order and shards of the loaders' rules
   (planktonio/loaders/sharding.py), the same random numbers for dropout (the
   prefix draws none, and the pass runs on a copy of the random state);
+- the same inputs: the run's inputs are checked once, as every loader checks
+  them (train/inputs.py: files unchanged since prepare, a full training
+  batch, shards), before the pass or the file is read; an image the pass
+  could not read (the loader skipped it) makes the run read images as an
+  uncached run would, and no file is kept that would pass for the full set;
 - random augmentation repeats only with `augment.train.period: K` (epoch e
   uses the plans of epoch e mod K): then K views of each training image are
   kept; without a period, random augmentation is never cached;
-- where it lives: on the training device within the budget, else in host
-  memory (pinned on a GPU host) and copied per batch; and on disk in the run
-  folder (or `training.feature_cache_dir`, which a sweep shares), named by a
-  fingerprint of the prefix's weights and structure, the transforms, the
-  data (class names, manifests, image sizes and dates), the dtype and the
-  views: a resume, or a sweep's runs that share the prefix, compute it once.
-  A file whose fingerprint differs is never read; one whose content does not
-  match its checksum (cut short, changed) is recomputed.
+- where it lives: on the training device within the process's cache budget
+  (planktonio/memory.py), else in host memory (pinned, in chunks, on a GPU
+  host), each batch gathered there and copied without a host wait; and on
+  disk in the run folder (or `training.feature_cache_dir`, which a sweep
+  shares), named by a fingerprint of the prefix's weights and structure, the
+  transforms, the data (class names, manifests, image sizes and dates), the
+  dtype and the views: a resume, or a sweep's runs that share the prefix,
+  compute it once. The file says which images it holds (each split's
+  manifest lines with their recorded sizes and dates); one that does not
+  match the run's, or whose content does not match its checksum (cut short,
+  changed), is computed again; one that cannot be written (a full or
+  read-only disk) leaves the activations used from memory, said in one line.
+- the pass writes into the store made for it (no list of batches to join):
+  each rank computes its share of every split (the evaluation sharding), and
+  at every step the ranks exchange that step's batches, so that each holds
+  the whole split and no more than a step's worth besides. A stop signal
+  during the pass stops it at the next step, on every rank alike, with
+  nothing written (signals.Interrupted).
 
 `training.feature_cache`: auto (the default) caches where a cut exists, the
 training transform is deterministic or periodic, and the cache fits its
@@ -42,26 +57,31 @@ reason; off never caches.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from planktonio import make_loader, memory
-from planktonio.dataset import SPLITS
-from planktonio.errors import PlanktonioError
-from planktonio.loaders import sharding
+from planktonio import memory
+from planktonio.errors import DiskError, PlanktonioError
+from planktonio.files import check_folder_writable
+from planktonio.loaders import LoaderSpec, sharding
 
 from . import checkpoint, distributed
 from .model import forward_steps, set_train_mode
+from .signals import StopFlag
 from .step import autocast
 
 KIND = "feature cache"  # what its bytes are called in the process's cache budget (planktonio/memory.py)
+FORMAT = 2              # the file's layout: a file of another one is computed again
 
 
 # ------------------------------------------------------------------ where to cut
@@ -111,13 +131,12 @@ class FeatureBatches:
 
     backend = "feature cache"
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, *, batch_size: int, train: bool, seed: int,
-                 shard_index: int, shard_count: int, device: torch.device):
-        self.features, self.labels = features, labels  # features: views x N x D (views > 1: periodic plans)
+    def __init__(self, store: memory.Rows, count: int, views: int, labels: torch.Tensor, *, batch_size: int,
+                 train: bool, seed: int, shard_index: int, shard_count: int, device: torch.device):
+        self.store, self.count, self.views, self.labels = store, count, views, labels  # rows: view v at v*count
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.shard_index, self.shard_count, self.device = shard_index, shard_count, device
         self.epoch, self.skip_batches = 0, 0
-        self.count = features.shape[1]
 
     def __len__(self) -> int:
         if self.train:
@@ -135,43 +154,55 @@ class FeatureBatches:
         return torch.as_tensor(list(order), dtype=torch.long)
 
     def __iter__(self):
-        order, view = self._order(), self.features[self.epoch % self.features.shape[0]]
-        # The epoch's order is copied to where the activations and the labels are once, not per batch:
-        # a cached epoch on a GPU is a fraction of a second of small kernels, and a copy from pageable
-        # host memory makes the host wait.
-        order_at_view, order_at_labels = order.to(view.device), order.to(self.labels.device)
+        order = self._order()
+        rows = order + (self.epoch % self.views) * self.count  # the epoch's view: its plans repeat with the period
+        # The epoch's order goes to where the rows and the labels are once, not per batch: a cached epoch on
+        # a GPU is a fraction of a second of small kernels, and a copy from pageable memory waits.
+        rows, labels_order = rows.to(self.store.device), order.to(self.labels.device)
         for index in range(self.skip_batches, len(self)):
-            batch_slice = slice(index * self.batch_size, (index + 1) * self.batch_size)
-            batch = view.index_select(0, order_at_view[batch_slice])
-            if view.device != self.device:  # host memory: gathered there, the batch is copied over
-                batch = (batch.pin_memory() if self.device.type == "cuda" else batch).to(self.device, non_blocking=True)
-            yield batch, self.labels.index_select(0, order_at_labels[batch_slice])
+            batch = slice(index * self.batch_size, (index + 1) * self.batch_size)
+            yield self.store.gather(rows[batch], self.device), self.labels.index_select(0, labels_order[batch])
         self.set_epoch(self.epoch + 1)
 
     def close(self) -> None:
         pass
 
 
-# ------------------------------------------------------------------ the decision and the pass
+# ------------------------------------------------------------------ which images a file holds
+
+
+def split_identity(spec: LoaderSpec) -> str:
+    """sha256 of a split's manifest lines with each image's recorded bytes, date and size: the images whose
+    activations a file holds, in order."""
+    digest = hashlib.sha256("\n".join(f"{path} {label}" for path, label in spec.entries).encode())
+    info = spec.dataset.image_info(spec.split, len(spec.entries))
+    for array in (info.bytes, info.mtime_ns, info.width, info.height):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ the decision, the pass, the file
 
 
 class FeatureCache:
     """Decides whether a run caches, computes or loads the activations, and makes the batches."""
 
-    def __init__(self, executor, out: Path, log=print):
+    def __init__(self, executor, out: Path, log=print, stop_flag: StopFlag | None = None):
         self.ex, self.config, self.log = executor, executor.config, log
+        self.stop_flag = stop_flag or StopFlag()
         self.cut: Cut | None = None
         self.reason = ""
-        self.features: dict[str, torch.Tensor] = {}
+        self.stores: dict[str, memory.Rows] = {}
         self.labels: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.report: dict = {"used": False}
         t = self.config.training
         self.folder = Path(t.feature_cache_dir) if t.feature_cache_dir else out / "feature-cache"
 
     # ------------------------------------------------------------ when
 
-    def decide(self) -> bool:
-        """Whether this run caches; the reason either way is in self.reason (and the log)."""
+    def decide(self, specs: dict[str, LoaderSpec]) -> bool:
+        """Whether this run caches the splits of `specs`; the reason either way is in self.reason."""
         mode = self.config.training.feature_cache
         if mode == "off":
             self.reason = "training.feature_cache is off"
@@ -188,48 +219,48 @@ class FeatureCache:
             why_not = "a traced run traces the whole model"
         if why_not is None:
             self.cut = cut
-            fits, why_not = self._fits()
-            if fits:
+            self.counts = {split: len(spec.entries) for split, spec in specs.items()}
+            why_not = self._place()
+            if why_not is None:
                 self.reason = f"cut at {cut.at}"
                 return True
         self.cut = None
-        if mode == "on":
-            raise PlanktonioError(f"training.feature_cache on: it cannot apply here: {why_not}; set it to auto "
-                                  f"or off")
+        self.refuse_if_on(why_not)
         self.reason = why_not
         return False
+
+    def refuse_if_on(self, why_not: str) -> None:
+        if self.config.training.feature_cache == "on":
+            raise PlanktonioError(f"training.feature_cache on: it cannot apply here: {why_not}; set it to auto "
+                                  f"or off")
 
     def views(self) -> int:
         """Views kept of each training image: 1 for a deterministic transform, else the plans' period."""
         train = self.config.transform("train")
         return 1 if train.deterministic else train.period
 
-    def _feature_size(self) -> tuple[int, torch.dtype]:
+    def _row_shape(self) -> tuple[int, torch.dtype]:
+        """Values per image after the prefix, and their dtype (one image through it, on a copy of the
+        random state, frozen BatchNorm untouched)."""
         size = self.config.transform("train").size
         probe = torch.zeros(1, 3, size, size, device=self.ex.device, dtype=self.ex.output.torch_dtype)
-        set_train_mode(self.ex.model, self.config.model.frozen_mode)  # frozen BatchNorm: eval, untouched
+        set_train_mode(self.ex.model, self.config.model.frozen_mode)
         with torch.no_grad(), torch.random.fork_rng(devices=self._rng_devices()), \
                 autocast(self.ex.device, self.ex.amp_dtype):
             out = self.cut.prefix(probe.contiguous(memory_format=self.ex.output.memory_format))
         return int(out[0].numel()), out.dtype
 
-    def _fits(self) -> tuple[bool, str | None]:
-        """Whether the activations fit the budget; self.placement says where they go."""
-        width, dtype = self._feature_size()
-        # the images of each split there is (a data set may have no test split), read once for the run
-        self.counts = {split: len(self.ex.dataset.entries(split)) for split in SPLITS
-                       if (self.ex.dataset.path / f"{split}.txt").is_file()}
-        per_image = width * torch.empty((), dtype=dtype).element_size()
-        self.needed = per_image * (self.views() * self.counts["train"] +
-                                   sum(n for split, n in self.counts.items() if split != "train"))
+    def _place(self) -> str | None:
+        """Reserve the stores' bytes (planktonio/memory.py); None, or why they do not fit."""
+        self.width, self.dtype = self._row_shape()
+        per_image = self.width * torch.empty((), dtype=self.dtype).element_size()
+        self.needed = per_image * sum(n * (self.views() if split == "train" else 1) for split, n in self.counts.items())
         device, cap = self.ex.device, self.config.training.feature_cache_budget_bytes
-        # On the device within the process's cache budget (planktonio/memory.py), else pinned host memory.
         self.reservation = memory.place(self.needed, device, KIND, cap, host=device.type == "cuda")
         if self.reservation is None:
-            return False, (f"the activations need {self.needed / 2**20:.1f} MiB ({width} values per image), over "
-                           f"{memory.describe(device, KIND, cap)} (training.feature_cache_budget_bytes)")
-        self.placement = self.reservation.device
-        return True, None
+            return (f"the activations need {self.needed / 2**20:.1f} MiB ({self.width} values per image), over "
+                    f"{memory.describe(device, KIND, cap)} (training.feature_cache_budget_bytes)")
+        return None
 
     # ------------------------------------------------------------ the one pass, or the file
 
@@ -250,112 +281,196 @@ class FeatureCache:
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    def prepare(self) -> None:
-        """Load the activations from their file, or compute them (in one sharded pass) and write the file."""
+    def prepare(self, specs: dict[str, LoaderSpec]) -> bool:
+        """Load the activations from their file, or compute them (in one sharded pass) and keep the file.
+        False when the pass could not read an image: the run then reads images, as an uncached run."""
         started = time.perf_counter()
         fingerprint = self.fingerprint()
         path = self.folder / f"features-{fingerprint[:16]}.pt"
-        stored = self._load(path, fingerprint)
-        if stored is None:
+        identities = {split: split_identity(spec) for split, spec in specs.items()}
+        self._allocate()
+        source = self._load(path, fingerprint, identities)
+        if source is None:
+            writable = self._writable()
             self.log(f"feature cache: computing {', '.join(self.cut.names[-3:])} once per image "
                      f"({self.needed / 2**20:.1f} MiB, {self.views()} view(s) of each training image)")
-            stored = {split: self._compute(split) for split, count in self.counts.items() if count}
-            if self.ex.ctx.is_main:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                checkpoint.save_atomic({"fingerprint": fingerprint, "features": {k: v[0].cpu() for k, v in
-                                                                                  stored.items()},
-                                        "labels": {k: v[1].cpu() for k, v in stored.items()}}, path)
+            for split, spec in specs.items():
+                if not self._compute(split, spec):
+                    return self._give_up(f"an image of the {split} split could not be read in the pass (the "
+                                         f"loader skipped it: its log says which)")
+            if self.ex.device.type == "cuda":
+                torch.cuda.synchronize(self.ex.device)  # the asynchronous copies into host memory are done
+            if writable:
+                self._save(path, fingerprint, identities)
             distributed.barrier()
             source = "computed"
-        else:
-            source = f"read from {path}"
-        for split, (features, labels) in stored.items():
-            pin = self.reservation.pinned
-            features = features.to(self.placement)
-            self.features[split] = features.pin_memory() if pin else features
-            self.labels[split] = labels.to(self.ex.device)
+        for split, spec in specs.items():
+            self.labels[split] = torch.tensor([label for _, label in spec.entries], dtype=torch.long,
+                                              device=self.ex.device)
         seconds = time.perf_counter() - started
-        nbytes = sum(f.numel() * f.element_size() for f in self.features.values())
         self.report = {"used": True, "cut": self.cut.at, "source": source, "file": str(path),
-                       "bytes": nbytes, "seconds": seconds, "placement": str(self.placement),
-                       "views": self.views(), "values_per_image": int(self.features["train"].shape[-1]),
-                       "dtype": str(self.features["train"].dtype).removeprefix("torch.")}
-        self.log(f"feature cache: {source}: {self.report['values_per_image']} values per image "
-                 f"({self.report['dtype']}), {nbytes / 2**20:.1f} MiB on {self.placement}, {seconds:.1f} s; "
-                 f"each step runs the rest from {self.cut.at}")
+                       "bytes": sum(store.nbytes for store in self.stores.values()), "seconds": seconds,
+                       "placement": str(self.reservation.device), "views": self.views(),
+                       "values_per_image": self.width, "dtype": str(self.dtype).removeprefix("torch.")}
+        self.log(f"feature cache: {source}: {self.width} values per image ({self.report['dtype']}), "
+                 f"{self.report['bytes'] / 2**20:.1f} MiB on {self.reservation.device}, {seconds:.1f} s; each "
+                 f"step runs the rest from {self.cut.at}")
+        return True
 
-    def _load(self, path: Path, fingerprint: str) -> dict | None:
-        if not path.is_file():
-            return None
+    def _allocate(self) -> None:
+        """The stores the pass (or the file) fills: every split's rows, where the reservation put them."""
+        device = self.reservation.device
+        for split, count in self.counts.items():
+            views = self.views() if split == "train" else 1
+            self.stores[split] = memory.Rows(views * count, self.width, self.dtype, device,
+                                             pin=self.reservation.pinned)
+
+    def _give_up(self, why: str) -> bool:
+        self.stores.clear()
+        self.reservation.release()
+        self.refuse_if_on(why)
+        self.reason = why
+        self.log(f"feature cache off: {why}; the run reads images instead, as without the cache")
+        return False
+
+    def _writable(self) -> bool:
+        """Whether the file can be kept (rank 0 writes it): checked before the pass, so a full or read-only
+        disk costs one line, not the pass's work."""
+        if not self.ex.ctx.is_main:
+            return True
         try:
-            state = checkpoint.load(path)
-        except PlanktonioError as error:  # cut short or changed: recompute, never use it
-            self.log(f"feature cache: {path} is unusable ({error}); computing it again")
-            return None
-        if state.get("fingerprint") != fingerprint:
-            return None
-        return {split: (state["features"][split], state["labels"][split]) for split in state["features"]}
+            check_folder_writable(self.folder, "training.feature_cache_dir")
+        except DiskError as error:
+            self.log(f"feature cache: not kept on disk ({error}); the activations are used from memory in this "
+                     f"run only")
+            return False
+        return True
 
     def _rng_devices(self) -> list:
         return [self.ex.device] if self.ex.device.type == "cuda" else []
 
     @torch.no_grad()
-    def _compute(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """views x N x D activations of a whole split and its labels: each rank computes its contiguous
-        share of the images (the evaluation sharding), then the shares are gathered."""
-        ex, c = self.ex, self.config
-        which = "train" if split == "train" else "eval"
+    def _compute(self, split: str, spec: LoaderSpec) -> bool:
+        """Fill the split's store with the prefix's activations, view after view. Each rank reads its
+        contiguous share (the evaluation sharding) in batches; at each step the ranks exchange that step's
+        batches (and whether any was short, or a signal asks to stop), and every rank writes every rank's
+        batch into its store. False if a batch came back short (the loader skipped an image)."""
+        ex, ctx = self.ex, self.ex.ctx
+        count, batch = len(spec.entries), self.ex.eval_batch_size()
         views = self.views() if split == "train" else 1
-        set_train_mode(ex.model, c.model.frozen_mode)  # the modes the uncached step runs the prefix in
-        loader = make_loader(c.loader.backend, ex.dataset, split, batch_size=c.loader.eval_batch_size or
-                             c.loader.batch_size, transform=c.transform(which), output=ex.output, device=ex.device,
-                             train=False, shard_index=ex.ctx.rank, shard_count=ex.ctx.world_size,
-                             workers=c.loader.workers, threads=c.loader.threads, seed=c.training.seed,
-                             options=c.loader.options)
-        per_view, labels = [], []
+        shares = [sharding.eval_shard_range(count, rank, ctx.world_size) for rank in range(ctx.world_size)]
+        steps = max(math.ceil(len(share) / batch) for share in shares)
+        pass_spec = dataclasses.replace(spec, train=False, batch_size=batch)  # every image once, in order
+        store, mine = self.stores[split], shares[ctx.rank]
+        set_train_mode(ex.model, self.config.model.frozen_mode)  # the modes the uncached step runs the prefix in
+        loader = ex.loader_for(split, batch, False, pass_spec)
         try:
             with torch.random.fork_rng(devices=self._rng_devices()):  # the run's random numbers stay untouched
                 for view in range(views):
                     loader.set_epoch(view)  # the plans of epoch `view` (the period makes them repeat)
-                    outputs = []
-                    for images, batch_labels in loader:
-                        with autocast(ex.device, ex.amp_dtype):
-                            outputs.append(self.cut.prefix(images).to(self.placement))
-                        if view == 0:
-                            labels.append(batch_labels)
-                    per_view.append(torch.cat(outputs) if outputs else torch.empty(0))
+                    batches = iter(loader)
+                    for step in range(steps):
+                        expected = max(0, min(batch, len(mine) - step * batch))
+                        images = next(batches, None)[0] if expected else None
+                        rows = None
+                        if images is not None:
+                            with autocast(ex.device, ex.amp_dtype):
+                                rows = self.cut.prefix(images).flatten(1).to(self.dtype)
+                        short, stop = False, False
+                        for rank, got, planned, stopped, values in self._exchange(rows, expected, batch):
+                            short, stop = short or got < planned, stop or stopped
+                            if got:
+                                store.write(view * count + shares[rank].start + step * batch, values[:got])
+                        if stop:  # on every rank at the same step: each saw every rank's flag
+                            raise self.stop_flag.interrupted("the feature cache's pass")
+                        if short:
+                            return False
         finally:
             loader.close()
-        mine = torch.stack(per_view)
-        labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-        return _gather_shares(mine, labels.to(mine.device), ex.ctx, self.counts[split])
+        return True
+
+    def _exchange(self, rows: torch.Tensor | None, expected: int, batch: int):
+        """(rank, rows it got, rows it planned, whether it was asked to stop, its rows) of every rank for this
+        step: all-gathered under DDP (on the process group's device), this rank's own in one process."""
+        got = 0 if rows is None else rows.shape[0]
+        stopped = self.stop_flag.raised
+        if not self.ex.ctx.distributed:
+            return [(0, got, expected, stopped, rows)]
+        ctx = self.ex.ctx
+        # gloo gathers CPU tensors, NCCL cuda ones: the batches travel on the process group's device
+        device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        status = torch.tensor([got, expected, int(stopped)], dtype=torch.long, device=device)
+        statuses = [torch.empty_like(status) for _ in range(ctx.world_size)]
+        dist.all_gather(statuses, status)
+        padded = torch.zeros(batch, self.width, dtype=self.dtype, device=device)
+        if got:
+            padded[:got] = rows
+        gathered = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+        dist.all_gather(gathered, padded)
+        return [(rank, *map(int, statuses[rank].tolist()), gathered[rank]) for rank in range(ctx.world_size)]
+
+    # ------------------------------------------------------------ the file
+
+    def _save(self, path: Path, fingerprint: str, identities: dict[str, str]) -> None:
+        """Rank 0 keeps the stores in a file (written whole or not at all); a disk that cannot take it costs
+        one line, and the run goes on from memory."""
+        if not self.ex.ctx.is_main:
+            return
+        state = {"format": FORMAT, "fingerprint": fingerprint, "width": self.width, "dtype": str(self.dtype),
+                 "splits": {split: {"count": self.counts[split], "views": self.stores[split].count // self.counts[split],
+                                    "identity": identities[split], "rows": self.stores[split].host_chunks()}
+                            for split in self.stores}}
+        try:
+            checkpoint.save_atomic(state, path)
+        except DiskError as error:
+            self.log(f"feature cache: not kept on disk ({error}); the activations are used from memory in this "
+                     f"run only")
+
+    def _load(self, path: Path, fingerprint: str, identities: dict[str, str]) -> str | None:
+        """Fill the stores from the file if it holds exactly these activations; where they came from, or None."""
+        if not path.is_file():
+            return None
+        try:
+            state = checkpoint.load(path, mmap=True)
+        except PlanktonioError as error:  # cut short or changed: recompute, never use it
+            self.log(f"feature cache: {path} is unusable ({error}); computing it again")
+            return None
+        if state.get("fingerprint") != fingerprint:
+            return None
+        problem = self._mismatch(state, identities)
+        if problem:
+            self.log(f"feature cache: {path} holds {problem}; computing it again")
+            return None
+        for split, store in self.stores.items():
+            start = 0
+            for chunk in state["splits"][split]["rows"]:
+                store.write(start, chunk)
+                start += len(chunk)
+        return f"read from {path}"
+
+    def _mismatch(self, state: dict, identities: dict[str, str]) -> str | None:
+        """What in a file with the right fingerprint differs from what this run reads, or None."""
+        if state.get("format") != FORMAT:
+            return f"another format ({state.get('format')}, this planktonio writes {FORMAT})"
+        if state.get("width") != self.width or state.get("dtype") != str(self.dtype):
+            return f"rows of {state.get('width')} {state.get('dtype')} values, not {self.width} {self.dtype}"
+        splits = state.get("splits", {})
+        for split, store in self.stores.items():
+            kept = splits.get(split)
+            if kept is None:
+                return f"no {split} split"
+            rows = sum(len(chunk) for chunk in kept["rows"])
+            if kept["identity"] != identities[split] or kept["count"] != self.counts[split] or rows != store.count:
+                return (f"other images of the {split} split ({rows} rows of {kept['count']} images; this run reads "
+                        f"{self.counts[split]})")
+            if any(chunk.dim() != 2 or chunk.shape[1] != self.width for chunk in kept["rows"]):
+                return f"rows of another shape in the {split} split"
+        return None
 
     # ------------------------------------------------------------ batches
 
     def batches(self, split: str, batch_size: int, train: bool) -> FeatureBatches:
         ctx = self.ex.ctx
-        return FeatureBatches(self.features[split], self.labels[split], batch_size=batch_size, train=train,
-                              seed=self.config.training.seed, shard_index=ctx.rank, shard_count=ctx.world_size,
-                              device=self.ex.device)
-
-
-def _gather_shares(mine: torch.Tensor, labels: torch.Tensor, ctx, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's contiguous share of a split, in manifest order, on every rank (one process: as is)."""
-    if not ctx.distributed:
-        return mine, labels
-    views, _, width = mine.shape
-    sizes = [len(sharding.eval_shard_range(total, r, ctx.world_size)) for r in range(ctx.world_size)]
-    largest = max(sizes)
-    # gloo gathers CPU tensors, NCCL cuda ones: the activations travel on the process group's device
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    padded = torch.zeros(views, largest, width, dtype=mine.dtype, device=device)
-    padded[:, :mine.shape[1]] = mine.to(device)
-    padded_labels = torch.full((largest,), -1, dtype=torch.long, device=device)
-    padded_labels[:labels.shape[0]] = labels.to(device)
-    shares = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-    label_shares = [torch.empty_like(padded_labels) for _ in range(ctx.world_size)]
-    dist.all_gather(shares, padded)
-    dist.all_gather(label_shares, padded_labels)
-    features = torch.cat([share[:, :n] for share, n in zip(shares, sizes)], dim=1).to(mine.device)
-    return features, torch.cat([share[:n] for share, n in zip(label_shares, sizes)]).to(mine.device)
-
+        return FeatureBatches(self.stores[split], self.counts[split], self.stores[split].count // self.counts[split],
+                              self.labels[split], batch_size=batch_size, train=train, seed=self.config.training.seed,
+                              shard_index=ctx.rank, shard_count=ctx.world_size, device=self.ex.device)

@@ -1,10 +1,14 @@
 """What a run's steps read and run: images through the whole model, or kept activations through its rest.
 
-`build_inputs` makes the one decision (train/feature_cache.py): where a
-frozen prefix on a fixed transform can be computed once per image, the steps
-read its kept activations and run the rest of the model; otherwise they read
-decoded, augmented images and run the whole model. The training loop sees the
-same `Inputs` either way.
+`build_inputs` first checks everything the run will read, the way every
+loader checks it (planktonio.loaders.loader_spec: each split's files
+unchanged since prepare or its shards intact, a full training batch, sizes
+that fit the machine), so that a run refuses the same inputs whether it reads
+images or a feature cache's kept activations. Then it makes the one decision
+(train/feature_cache.py): where a frozen prefix on a fixed transform can be
+computed once per image, the steps read its kept activations and run the
+rest of the model; otherwise they read decoded, augmented images and run the
+whole model. The training loop sees the same `Inputs` either way.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Callable
 
 from torch import nn
 
-from planktonio.loaders import resolve_backend
+from planktonio.loaders import LoaderSpec, resolve_backend
 
 from .executor import Executor
 from .feature_cache import FeatureCache
+from .signals import StopFlag
 
 
 @dataclass
@@ -44,25 +49,37 @@ class Inputs:
         self.valid.close()
 
 
-def build_inputs(executor: Executor, out: Path, log: Callable[[str], None]) -> Inputs:
+def checked_specs(executor: Executor) -> dict[str, LoaderSpec]:
+    """Every split the run reads, checked as its loader would check it, before any work: train (in full
+    batches), valid, and test where the data set has one (the best weights are tested on it at the end)."""
+    batch, eval_batch = executor.config.loader.batch_size, executor.eval_batch_size()
+    specs = {"train": executor.loader_spec("train", batch, True),
+             "valid": executor.loader_spec("valid", eval_batch, False)}
+    if executor.has_test_split():
+        specs["test"] = executor.loader_spec("test", eval_batch, False)
+    return specs
+
+
+def build_inputs(executor: Executor, out: Path, log: Callable[[str], None], stop_flag: StopFlag) -> Inputs:
     """The run's inputs: cached activations where the feature cache applies, images otherwise."""
-    loader = executor.config.loader
-    batch, eval_batch = loader.batch_size, loader.eval_batch_size or loader.batch_size
-    name = resolve_backend(loader.backend, executor.device)
-    features = FeatureCache(executor, out, log=log)
-    if features.decide():
-        features.prepare()
-        return Inputs(module=features.cut.rest, train=features.batches("train", batch, True),
-                      valid=features.batches("valid", eval_batch, False),
-                      eval_batches=lambda split: features.batches(split, eval_batch, False), loader_name=name,
-                      feature_cache=features.report)
-    if executor.config.training.feature_cache == "auto":
+    specs = checked_specs(executor)
+    batch, eval_batch = executor.config.loader.batch_size, executor.eval_batch_size()
+    name = resolve_backend(executor.config.loader.backend, executor.device)
+    features = FeatureCache(executor, out, log=log, stop_flag=stop_flag)
+    if features.decide(specs):
+        if features.prepare(specs):  # (False: the pass could not read an image; it said so)
+            return Inputs(module=features.cut.rest, train=features.batches("train", batch, True),
+                          valid=features.batches("valid", eval_batch, False),
+                          eval_batches=lambda split: features.batches(split, eval_batch, False), loader_name=name,
+                          feature_cache=features.report)
+    elif executor.config.training.feature_cache == "auto":
         log(f"feature cache off: {features.reason}")
-    train = executor.loader_for("train", batch, True)
+    train = executor.loader_for("train", batch, True, specs["train"])
     try:
-        valid = executor.eval_loader("valid")
+        valid = executor.eval_loader("valid", specs["valid"])
     except BaseException:
         train.close()
         raise
-    return Inputs(module=executor.net, train=train, valid=valid,
-                  eval_batches=executor.eval_loader, loader_name=name, feature_cache=features.report)
+    return Inputs(module=executor.model, train=train, valid=valid,
+                  eval_batches=lambda split: executor.eval_loader(split, specs.get(split)), loader_name=name,
+                  feature_cache=features.report)

@@ -43,7 +43,7 @@ from .metrics import EpochStats, RunningSums
 from .model import set_train_mode
 from .profiler import StepProfiler
 from .run_folder import lock_run, make_run_folder
-from .signals import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, EXIT_PEER_LOST, StopFlag
+from .signals import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, EXIT_PEER_LOST, Interrupted, StopFlag
 from .step import make_optimizer, make_scaler, train_step
 from .summary import write_summary
 from .timing import TimedBatches
@@ -70,7 +70,7 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
         make_run_folder(out)
     t = config.training
     try:
-        with distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
+        with StopFlag() as stop_flag, distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
                 Executor(config, data, ctx) as executor, lock_run(out, ctx):
             log = lambda line: say(ctx.is_main, line)  # noqa: E731
             state = load_for_resume(config, out, resume)
@@ -81,8 +81,11 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
                         f"{state['epoch']}; nothing to resume (raise training.epochs or training.patience to "
                         f"continue)")
                     return EXIT_OK
-            with build_inputs(executor, out, log) as inputs:
-                return Trainer(executor, inputs, out).run(data, state)
+            with build_inputs(executor, out, log, stop_flag) as inputs:
+                return Trainer(executor, inputs, out, stop_flag).run(data, state)
+    except Interrupted as stopped:  # a signal before there was anything to checkpoint
+        say(True, str(stopped))
+        return EXIT_INTERRUPTED
     except distributed.PeerLost as error:
         say(True, f"{error}; exiting with {EXIT_PEER_LOST} for the job to restart from last.pt", error=True)
         return EXIT_PEER_LOST
@@ -91,19 +94,26 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
 # ---------------------------------------------------------------- the epochs
 
 
+# Under DDP, the longest a signal waits for the ranks' next check (when steps are slow; fast ones are checked
+# every training.check_every steps): well within Slurm's --signal=USR1@300 margin.
+CHECK_SECONDS = 5.0
+
+
 class Trainer:
     """The optimizer loop of a run over its inputs: its epochs (`run`), each epoch's steps, validation, the end."""
 
-    def __init__(self, executor: Executor, inputs: Inputs, out: Path):
+    def __init__(self, executor: Executor, inputs: Inputs, out: Path, stop_flag: StopFlag):
         self.ex, self.inputs, self.out, self.config = executor, inputs, out, executor.config
-        self.net = executor.training_net(inputs.module)  # DDP-wrapped under several ranks
+        self.net = executor.training_net(inputs.module)  # DDP-wrapped under several ranks, compiled if asked
+        self.eval_net = executor.compiled(inputs.module)
         o, t = self.config.optimizer, self.config.training
         self.optimizer = make_optimizer(o.name, executor.model, executor.device, o.lr, o.momentum, o.weight_decay)
         self.scaler = make_scaler(executor.precision, executor.device)
         self.progress = Progress()
         self.early = EarlyStopping(t.patience)
         self.checkpointer = Checkpointer(out, executor, self.optimizer, self.scaler, self.progress, self.early)
-        self.stop_flag = StopFlag()
+        self.stop_flag = stop_flag     # raised by a signal at any time of the run (fit installs it)
+        self.check_interval = 1 if executor.ctx.distributed else t.check_every  # steps between checks (check())
         self.profiler: StepProfiler | None = None
         self.mean_loss = math.nan      # the running training loss, as of the last check
         self.phase = "start-up"        # what the ranks were doing together, for a lost peer's message
@@ -127,7 +137,6 @@ class Trainer:
         self.say(f"{config.model.name} ({config.model.freeze} frozen), {ex.precision}, {self.inputs.loader_name} "
                  f"loader, {ex.ctx.world_size} process(es) on {ex.device}, {len(self.inputs.train)} steps of "
                  f"{config.loader.batch_size} per epoch")
-        self.stop_flag.install()
         try:
             with StepProfiler(config.profile, out, ex.ctx.rank, ex.device) as self.profiler:
                 # A run with no work left gets here only when it stopped before writing summary.json
@@ -160,7 +169,6 @@ class Trainer:
                                             f"at epoch {progress.epoch}, step {progress.batches_done}") from None
             raise
         finally:
-            self.stop_flag.uninstall()
             if writers is not None:
                 writers.close()
                 if writers.curves.error is not None:
@@ -183,13 +191,16 @@ class Trainer:
             group["lr"] = self.lr_at(epoch)
         set_train_mode(ex.model, self.config.model.frozen_mode)
         loader.set_epoch(epoch, skip_batches=progress.batches_done)
-        steps, every = len(loader), self.config.training.check_every
+        steps = len(loader)
         # A bar on an interactive terminal only: in batch logs (Slurm) the epoch lines suffice.
         show = ex.ctx.is_main and self.config.training.progress and sys.stderr.isatty()
         bar = tqdm(total=steps, initial=progress.batches_done, desc=f"epoch {epoch}", disable=not show, leave=False)
-        started = time.perf_counter()
+        started = self.checked_at = time.perf_counter()
         sums, batches = RunningSums(ex.device), TimedBatches(loader, ex.device)
         checked, stopped = progress.batches_done, False
+        # One process: a signal is honoured at the next step boundary (the flag is a host value, reading it
+        # waits for nothing). Under DDP the ranks must agree, so it waits for the next check.
+        alone = not ex.ctx.distributed
         for images, labels in batches:
             self.phase = "a training step (the gradients' all-reduce)"
             loss, logits = train_step(self.net, self.optimizer, self.scaler, images, labels, ex.device,
@@ -199,7 +210,8 @@ class Trainer:
             bar.update(1)
             if self.profiler is not None:
                 self.profiler.step()
-            if progress.batches_done % every == 0 or (self.profiler is not None and self.profiler.done):
+            if progress.batches_done - checked >= self.check_interval or (alone and self.stop_flag.raised) or \
+                    (self.profiler is not None and self.profiler.done):
                 stop = self.check(sums, epoch, checked)
                 checked = progress.batches_done
                 bar.set_postfix(loss=f"{self.mean_loss:.3f}", refresh=False)
@@ -233,11 +245,21 @@ class Trainer:
 
         Raises NonFinite if a loss since the last check was NaN/inf on any rank
         (a NaN or inf makes the sum of losses NaN or inf); returns whether a
-        signal asks to stop.
+        signal asks to stop. Under DDP it also sets when the next check comes:
+        after `training.check_every` steps, or sooner when steps are slow (at
+        most CHECK_SECONDS apart, from the ranks' mean step time), so that a
+        signal is obeyed within seconds however long a step takes.
         """
         self.phase = f"the every-{self.config.training.check_every}-steps check (all_reduce)"
-        raised = torch.full((), float(self.stop_flag.raised), dtype=torch.float64, device=self.ex.device)
-        loss_sum, stop = distributed.all_sum_(torch.stack([sums.loss_sum, raised])).tolist()
+        now = time.perf_counter()
+        step_seconds = (now - self.checked_at) / max(self.progress.batches_done - checked, 1)
+        values = torch.tensor([float(self.stop_flag.raised), step_seconds], dtype=torch.float64,
+                              device=self.ex.device)
+        loss_sum, stop, seconds = distributed.all_sum_(torch.cat([sums.loss_sum.reshape(1), values])).tolist()
+        self.checked_at = time.perf_counter()
+        if self.ex.ctx.distributed:
+            mean_step = max(seconds / self.ex.ctx.world_size, 1e-9)
+            self.check_interval = max(1, min(self.config.training.check_every, int(CHECK_SECONDS / mean_step)))
         if not math.isfinite(loss_sum):
             raise NonFinite("non_finite_loss", f"the loss became {loss_sum} in epoch {epoch}, in one of steps "
                             f"{checked + 1}-{self.progress.batches_done} (checked every "
@@ -250,7 +272,7 @@ class Trainer:
         validation_started = time.perf_counter()
         train = train.reduced(self.ex.device)
         self.phase = "validation (all_reduce)"
-        valid = self.ex.evaluate(self.inputs.valid, net=self.inputs.module)
+        valid = self.ex.evaluate(self.inputs.valid, net=self.eval_net)
         record = epoch_record(epoch, train, valid, self.lr_at(epoch), self.ex.ctx.world_size, self.ex.device,
                               time.perf_counter() - validation_started)
         check_finite(self.ex.model, self.optimizer, self.ex.device, f"after epoch {epoch}")
@@ -314,7 +336,7 @@ class Trainer:
             self.phase = "testing the best weights (all_reduce)"
             loader = self.inputs.eval_batches("test")
             try:
-                stats = ex.evaluate(loader, net=self.inputs.module)
+                stats = ex.evaluate(loader, net=self.eval_net)
             finally:
                 loader.close()
             test = {k.removeprefix("test_"): v for k, v in stats.summary("test").items()}

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from planktonio.errors import PlanktonioError
+from planktonio.errors import DiskError, PlanktonioError
 
 from . import distributed
 
@@ -59,7 +59,11 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # a read-only or foreign run folder: nothing may be written there
+            raise DiskError(f"{self.path.parent}: cannot be written ({error.strerror}), so {self.action} cannot "
+                            f"hold it; copy the run folder somewhere writable, or fix its permissions") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -95,10 +99,10 @@ class RunLock:
 
 
 @contextmanager
-def lock_run(out: Path, ctx: distributed.Context) -> Iterator[RunLock]:
+def lock_run(out: Path, ctx: distributed.Context, action: str = "train fit") -> Iterator[RunLock]:
     """Rank 0 holds the run folder for the run's life; every rank learns whether it could, so that all stop
     together when it could not."""
-    lock, refused = RunLock(out), None
+    lock, refused = RunLock(out, action), None
     if ctx.is_main:
         try:
             lock.acquire()

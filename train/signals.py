@@ -6,10 +6,14 @@
 - SIGINT: Ctrl-C, sent to every process of the foreground group (the
   DataLoader workers ignore it, planktonio/loaders/workers.py);
 - SIGHUP: the terminal went away (an ssh session to a login node closed).
-Each only raises a flag; the loop sees it at its next check (every
-`training.check_every` steps, and at each epoch's end), writes last.pt and
-exits with EXIT_INTERRUPTED, so a requeued or resubmitted job resumes. A
-second Ctrl-C aborts at once, with one line: the user asked twice.
+Each only raises a flag, from the run's start to its last file; the loop
+sees it at the next step boundary (one process) or at its next check (under
+DDP, where the ranks agree on it: every `training.check_every` steps, and
+sooner when steps are slow), writes last.pt and exits with EXIT_INTERRUPTED,
+so a requeued or resubmitted job resumes. Before there is anything to
+checkpoint (start-up, the feature cache's pass) it exits with
+EXIT_INTERRUPTED too, having written nothing. A second Ctrl-C aborts at
+once, with one line: the user asked twice.
 After SIGHUP the terminal is gone, and writing to it would fail (EIO) in the
 middle of the checkpoint: the standard streams that were that terminal are
 pointed at /dev/null (a log redirected to a file keeps its lines).
@@ -21,8 +25,9 @@ import os
 import signal
 import sys
 
+from planktonio.errors import EXIT_DISK, EXIT_USAGE  # noqa: F401 (2: bad input; 74: a file could not be written)
+
 EXIT_OK = 0
-EXIT_USAGE = 2          # bad config, data or weights: fix the input
 EXIT_NON_FINITE = 3     # the loss or the weights became NaN or infinite; no checkpoint holds them
 EXIT_INTERRUPTED = 75   # EX_TEMPFAIL: stopped by a signal, last.pt written: resume with --resume
 EXIT_PEER_LOST = 76     # another rank left (died, or hung past training.collective_timeout_s): restart from last.pt
@@ -52,10 +57,23 @@ def _say(text: str) -> None:
         pass
 
 
+class Interrupted(Exception):
+    """A stop signal seen where there is nothing to checkpoint yet (start-up, the feature cache's pass)."""
+
+
 class StopFlag:
+    """The flag the handled signals raise, for the whole of a run (`with StopFlag() as stop:`), from start-up
+    to the last file: a signal at any point is a clean stop, never the default action's exit 143 or 138."""
+
     def __init__(self):
         self.signal_name: str | None = None
         self._previous = {}
+
+    def __enter__(self) -> "StopFlag":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
 
     def install(self) -> "StopFlag":
         for sig in HANDLED:
@@ -78,6 +96,13 @@ class StopFlag:
     def raised(self) -> bool:
         return self.signal_name is not None
 
+    def interrupted(self, where: str) -> Interrupted:
+        """The stop (to raise) where nothing can be checkpointed yet; `where`: what was under way. Under DDP
+        the signal may have reached another rank only."""
+        return Interrupted(f"stopping on {self.signal_name or 'a signal to another rank'} during {where}: nothing "
+                           f"to checkpoint yet; the same command (or --resume) starts there again")
+
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}

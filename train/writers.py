@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from planktonio.errors import PlanktonioError
-from planktonio.files import atomic_file, write_atomic
+from planktonio.files import atomic_file, disk_error, write_atomic
 
 CURVES = "learning-curves.png"
 
@@ -62,8 +62,11 @@ class MetricsLog:
         write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:
+            raise disk_error(self.path, error) from None
 
 
 def plot_curves(records: list[dict], path: Path, title: str) -> None:
@@ -71,6 +74,7 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # no pyplot: safe off the main thread
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     figure = Figure(figsize=(9, 3.5))
@@ -79,6 +83,7 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
         axes.plot(epochs, [r[f"train_{metric}"] for r in records], marker="o", markersize=3, label="training")
         axes.plot(epochs, [r[f"val_{metric}"] for r in records], marker="o", markersize=3, label="validation")
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
     accuracy.set_ylim(0, 1)

@@ -21,6 +21,7 @@ never each other.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from pathlib import Path
 
@@ -160,10 +161,36 @@ def make_loader(
     options: the backend's own settings (its `options` dataclass, e.g. the cache's budget_bytes
         and overflow), as a mapping; an unknown key is an error naming the backend.
     """
+    resolved = resolve_device(device)
+    chosen = BACKENDS[resolve_backend(backend, resolved)]
+    parsed_options = chosen.parse_options(options)
+    spec = loader_spec(data, split, batch_size=batch_size, transform=transform, output=output, device=resolved,
+                       train=train, shard_index=shard_index, shard_count=shard_count, workers=workers,
+                       threads=threads, seed=seed)
+    return chosen.build(spec, parsed_options)
+
+
+def loader_spec(
+    data: str | Path | PreparedDataset,
+    split: str,
+    *,
+    batch_size: int,
+    transform: Transform | None = None,
+    output: Output | None = None,
+    device: str | torch.device | None = "auto",
+    train: bool | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    workers: int | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+) -> LoaderSpec:
+    """What a loader of one split reads, after every check a loader makes before it reads anything: sizes,
+    the shard, a split with images, its files unchanged since prepare (or its shards intact), a full
+    training batch. make_loader builds its backend on it; a run that reads a feature cache instead of
+    images checks its inputs with it too, so that both refuse the same inputs (train/inputs.py)."""
     dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
     device = resolve_device(device)
-    chosen = BACKENDS[resolve_backend(backend, device)]
-    parsed_options = chosen.parse_options(options)
     problems = check_loader_sizes(batch_size, workers, threads)
     if problems:
         raise PlanktonioError("loader: " + "; ".join(problems))
@@ -173,6 +200,11 @@ def make_loader(
         raise PlanktonioError(f"{dataset.manifest(split)}: the {split} split has no images; prepare it with "
                               f"images in every split (--per-class / --fractions)")
     info = dataset.image_info(split, len(entries))
+    is_train = split == "train" if train is None else train
+    if is_train and len(entries) // shard_count < batch_size:
+        raise PlanktonioError(
+            f"{dataset.manifest(split)}: {len(entries)} images over {shard_count} shard(s) "
+            f"make no full batch of {batch_size}; lower the batch size")
     shards = ShardSet.open(dataset, split, entries)  # verified here: a damaged shard fails before training
     if shards is None:
         dataset.check_files_unchanged(split, entries, info)
@@ -180,34 +212,50 @@ def make_loader(
         raise PlanktonioError(f"{dataset.path / 'shards'}: the {split} shards hold other bytes than prepare "
                               f"recorded for the same files; pack again (python -m planktonio pack --data "
                               f"{dataset.path})")
-    workers = available_cpus() if workers is None else workers
-    is_train_split = split == "train"
-    spec = LoaderSpec(
+    workers = usable_count(workers, "loader workers")
+    return LoaderSpec(
         dataset=dataset,
         split=split,
         batch_size=batch_size,
-        transform=transform or DEFAULT_TRANSFORMS["train" if is_train_split else "eval"],
+        transform=transform or DEFAULT_TRANSFORMS["train" if split == "train" else "eval"],
         output=output or Output(),
         device=device,
-        train=is_train_split if train is None else train,
+        train=is_train,
         shard_index=shard_index,
         shard_count=shard_count,
         workers=workers,
-        threads=max(1, workers) if threads is None else threads,
+        threads=max(1, workers) if threads is None else usable_count(threads, "DALI threads"),
         seed=seed,
         entries=entries,
         widths=info.width,
         heights=info.height,
         shards=shards,
     )
-    if spec.train and len(entries) // shard_count < batch_size:
-        raise PlanktonioError(
-            f"{dataset.manifest(split)}: {len(entries)} images over {shard_count} shard(s) "
-            f"make no full batch of {batch_size}; lower the batch size")
-    return chosen.build(spec, parsed_options)
+
+
+_capped_already: set[tuple[str, int]] = set()
+
+
+def usable_count(asked: int | None, what: str) -> int:
+    """Workers or threads: the CPUs this process may use by default, and never more than those.
+
+    A typo (`workers: 1000` on 2 cores) would start a thousand processes that
+    make no progress, and that outlive a SIGTERM; more than the usable CPUs
+    only makes them queue for the same cores. Said once per process and value.
+    """
+    usable = available_cpus()
+    if asked is None:
+        return usable
+    if asked > usable:
+        if (what, asked) not in _capped_already:
+            _capped_already.add((what, asked))
+            logging.getLogger("planktonio").warning(f"{what}: {asked} asked for, capped at the {usable} CPU(s) "
+                                                    f"this process may use")
+        return usable
+    return asked
 
 
 __all__ = ["ALIASES", "BACKENDS", "BACKEND_MODULES", "Backend", "Goal", "Loader", "LoaderSpec", "ROLES",
            "available_cpus", "backend_choices", "backend_of", "check_loader_sizes", "default_backend",
-           "in_comparison_order", "make_loader", "reference_backend", "resolve_backend", "resolve_device",
-           "runnable_backends"]
+           "in_comparison_order", "loader_spec", "make_loader", "reference_backend", "resolve_backend", "resolve_device",
+           "runnable_backends", "usable_count"]
