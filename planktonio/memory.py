@@ -163,11 +163,10 @@ class Rows:
     whole rows of at most CHUNK_BYTES (pinned for a GPU). Written in place (`write`), read by gathering rows
     (`gather`) straight into the batch's own buffer: pinned on a GPU host, then copied without a host wait."""
 
-    def __init__(self, count: int, width: int, dtype: torch.dtype, device: torch.device, pin: bool = False,
-                 chunk_bytes: int | None = CHUNK_BYTES):
+    def __init__(self, count: int, width: int, dtype: torch.dtype, device: torch.device, pin: bool = False):
         self.count, self.width, self.dtype, self.device, self.pin = count, width, dtype, device, pin
         row_bytes = width * torch.empty((), dtype=dtype).element_size()
-        per_chunk = count if device.type != "cpu" or chunk_bytes is None else max(1, chunk_bytes // row_bytes)
+        per_chunk = count if device.type != "cpu" else max(1, CHUNK_BYTES // row_bytes)
         self.rows_per_chunk = max(per_chunk, 1)
         sizes = [min(self.rows_per_chunk, count - start) for start in range(0, count, self.rows_per_chunk)] or [0]
         self.chunks = [raw.view(dtype).view(n, width) for raw, n in

@@ -27,6 +27,10 @@ known step whatever the machine's speed: until a stop signal has been seen
 (HOLD_UNTIL=signal, the default; the run then goes on to its next check) or
 until the process is ended (HOLD_UNTIL=forever).
 
+PEER_STALE_S=S: the peer watch (train/peer_watch.py) declares a silent peer
+gone after S seconds instead of min(training.collective_timeout_s, 60): a
+test can then see the watch speak before gloo's own timeout would.
+
 RANKS=DIR: each rank writes DIR/rank<R>.json at start: where Slurm put it
 (node, local rank, the GPUs it was given, the GPU index it takes) and the
 MASTER_ADDR it meets the others at.
@@ -138,6 +142,9 @@ if __name__ == "__main__":
     if "HOLD_AT" in env:
         install_hold(tuple(map(int, env["HOLD_AT"].split(":"))), Path(env["HOLD_FILE"]),
                      env.get("HOLD_UNTIL", "signal") == "forever")
+    if "PEER_STALE_S" in env:
+        from train import peer_watch
+        peer_watch.MAX_STALE_S = float(env["PEER_STALE_S"])
     if "RANKS" in env:
         write_placement(Path(env["RANKS"]))
     sys.exit(main(sys.argv[1:]))

@@ -109,6 +109,20 @@ def test_variable_sizes_take_the_slow_path_and_agree_with_torchvision(mixed_size
         assert diff.mean() < 0.3 and diff.max() <= 2.001, (split, diff.mean(), diff.max())
 
 
+def test_variable_sizes_in_host_memory_give_the_batches_of_the_device(mixed_sizes):
+    """Past the budget, images of different sizes are cut out in host memory and sent in one staging buffer
+    per batch (a slice of a pinned chunk would go through pageable memory, a host wait on a GPU): the
+    batches are the same as from the device, in both of the GPU's per-image paths."""
+    prepared, _ = mixed_sizes
+    kwargs = dict(batch_size=3, seed=2, transform=TRAIN_AUGMENT)
+    on_device = CacheLoader(loader("cache", prepared, "train", **kwargs).spec, fast_path=False)
+    in_host = CacheLoader(loader("cache", prepared, "train", **kwargs).spec, CacheOptions(budget_bytes=0),
+                          fast_path=False)
+    assert (on_device.placement, in_host.placement) == ("device", "host")
+    for (a, _), (b, _) in zip(on_device, in_host, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("shards", [1, 3, 4])
 def test_every_eval_image_exactly_once_with_its_label(mixed_sizes, shards):
     prepared, index_by_path = mixed_sizes

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -20,7 +22,8 @@ from train import distributed, executor as executor_module
 from train.loop import fit
 from train.signals import EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST
 
-from .helpers import count_training_steps, read_metrics, same_run, small_config, torchrun, run_train, write_config
+from .helpers import REPO, count_training_steps, process_env, read_metrics, run_train, same_run, small_config, \
+    torchrun, write_config
 
 
 # ------------------------------------------------------------------ which GPU a rank takes
@@ -280,3 +283,122 @@ def test_under_ddp_slow_steps_are_checked_every_step(two_ranks_played_by_one, pl
     assert fit(config, plankton, tmp_path / "run") == EXIT_INTERRUPTED
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert (state["epoch"], state["batches_done"]) == (0, 3)
+
+
+def test_the_smoke_check_starts_ranks_as_training_does():
+    """`profiling smoke` passed while training would fail: its all-reduce set the device itself. Its check
+    now goes through the training program's own start (distributed.Session), here on 2 gloo ranks."""
+    from profiling import smoke
+    assert "distributed.Session" in smoke.ALL_REDUCE
+    assert smoke.all_reduce_check("gloo")() == ("2 processes, gloo, the training program's start: 1 + 2 = 3 on "
+                                                "every rank's own device")
+
+
+# ------------------------------------------------------------------ the peer watch (train/peer_watch.py)
+
+
+class FakeStore:
+    """The rendezvous store's `add`, in a dict; `down` makes it stop answering."""
+
+    def __init__(self):
+        self.counts, self.down = {}, False
+
+    def add(self, key, amount):
+        if self.down:
+            raise RuntimeError("Connection reset by peer")
+        self.counts[key] = self.counts.get(key, 0) + amount
+        return self.counts[key]
+
+
+def watching(peers, stale_s=10.0):
+    from train.peer_watch import PeerWatch
+    now = {"s": 0.0}
+    ctx = distributed.Context(rank=0, world_size=len(peers), peers=tuple(peers))
+    store = FakeStore()
+    watch = PeerWatch(ctx, store, stale_s, activity=lambda: "a training step at epoch 2, step 7",
+                      clock=lambda: now["s"])
+    return watch, store, now
+
+
+def test_the_watch_names_a_peer_whose_heartbeat_stopped():
+    """Under NCCL a lost or hung peer never reaches Python (torch's watchdog ends the process with SIGABRT,
+    no line): the watch reads each rank's heartbeat counter in the rendezvous store and says, in the gloo
+    path's one line, which rank went silent, and how it can tell."""
+    import socket
+    stopped = subprocess.Popen(["sleep", "60"])
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        here = socket.gethostname()
+        peers = [(0, here, os.getpid()), (1, "node2", 11), (2, here, 999999999), (3, here, stopped.pid)]
+        watch, store, now = watching(peers)
+        for second in range(1, 9):  # every peer beats for 8 s
+            now["s"] = second
+            for rank in (1, 2, 3):
+                store.add(f"planktonio/heartbeat/{rank}", 1)
+            assert watch.look() is None
+        now["s"] = 19.0  # then none does: 11 s of silence against a limit of 10
+        line = watch.look()
+        assert line == (f"rank 0 on {here}: rank 1 on node2 stopped answering during a training step at epoch 2, "
+                        f"step 7 (no heartbeat for 11 s); exiting with 76 for the job to restart from last.pt")
+        del watch.seen[1]
+        assert "rank 2 on" in watch.look() and "left during" in watch.look() and "process 999999999 is gone" in \
+            watch.look()
+        del watch.seen[2]
+        assert f"rank 3 on {here} stopped answering" in watch.look() and f"process {stopped.pid} is stopped" in \
+            watch.look()
+        store.down = True
+        assert f"rank 0 on {here} left during" in watch.look() and "the rendezvous store there does not answer: " \
+            "Connection reset by peer" in watch.look()
+    finally:
+        stopped.kill()
+        stopped.wait()
+
+
+def test_a_stopped_rank_is_named_by_the_watch_before_the_collective_timeout(plankton, tmp_path):
+    """Two ranks started as srun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT; rank 0 hosts the store):
+    rank 1 stops itself (SIGSTOP) after its 3rd step. With a collective timeout of 120 s and the watch's
+    limit at 5 s (tests/fit_with_hooks.py PEER_STALE_S), rank 0 ends within seconds, exit 76, with the one
+    line naming rank 1 as stopped: the watch, not gloo's timeout, spoke."""
+    import socket
+    config = write_config(tmp_path / "c.yaml", training={"epochs": 3, "collective_timeout_s": 120})
+    port = 20000 + os.getpid() % 20000
+    ranks = []
+    for rank in (0, 1):
+        env = process_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port), PEER_STALE_S="5",
+                          **({"FAULT_SIGNAL": "STOP", "FAULT_RANK": "1", "FAULT_AT_STEP": "3"} if rank else {}))
+        ranks.append(subprocess.Popen([sys.executable, "-m", "tests.fit_with_hooks", "fit", "--config", str(config),
+                                       "--data", str(plankton), "--out", str(tmp_path / "run")], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        out, err = ranks[0].communicate(timeout=100)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+    assert ranks[0].returncode == EXIT_PEER_LOST, out + err
+    lines = [line for line in err.splitlines() if "exiting with 76" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"rank 1 on {socket.gethostname()} stopped answering during" in lines[0]
+    assert "no heartbeat for" in lines[0] and "is stopped" in lines[0]
+
+
+def test_compile_wraps_the_ddp_model_and_the_cached_rest(two_ranks_played_by_one, plankton, tmp_path,
+                                                         monkeypatch):
+    """training.compile: PyTorch's order is torch.compile(DDP(model)) (DDP wrapped the compiled module here
+    before), and a feature cache's rest is compiled too (it ran uncompiled, silently)."""
+    compiled = []
+
+    def recording_compile(module):
+        compiled.append(module)
+        return module
+    monkeypatch.setattr(executor_module.torch, "compile", recording_compile)
+    config = small_config(model={"freeze": "all-but-head"}, training={"epochs": 1, "compile": True},
+                          augment={"train": {"crop": "center", "size": 64, "resize": 72},
+                                   "eval": {"crop": "center", "size": 64, "resize": 72}})
+    assert fit(config, plankton, tmp_path / "run") == 0
+    kinds = [type(module).__name__ for module in compiled]
+    assert kinds[0] == "TinyCNN"  # the model, for evaluation by default
+    assert "RecordedDDP" in kinds and "Sequential" in kinds  # the DDP-wrapped rest for steps, the rest itself
+    ddp = next(m for m in compiled if type(m).__name__ == "RecordedDDP")
+    assert type(ddp.module).__name__ == "Sequential"  # DDP wraps the (uncompiled) rest of the cut

@@ -11,6 +11,7 @@ the GPU path is tested in test_gpu.py.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 
 import numpy as np
 import pytest
@@ -433,6 +434,11 @@ def test_dali_outputs_are_bound_to_torchs_stream_and_held_until_used(monkeypatch
         def query(self):
             return self.finished
 
+        def synchronize(self):
+            done["waited"].append(self)
+            self.finished = True
+
+    done["waited"] = []
     device = torch.device("cuda", 1)
     monkeypatch.setattr(dali_graph.torch.cuda, "current_stream", lambda d=None: f"stream of {d}")
     monkeypatch.setattr(dali_graph.torch.cuda, "Event", FakeEvent)
@@ -449,6 +455,12 @@ def test_dali_outputs_are_bound_to_torchs_stream_and_held_until_used(monkeypatch
         event.finished = True
     outputs.next()
     assert len(outputs._held) == 1  # completed ones let go; the batch just consumed is held anew
+    # Closing waits for torch's work on what it still holds (the last batch handed out included): DALI
+    # frees a buffer in its own stream's order, and the next allocation could overwrite it while torch's
+    # kernels still read it.
+    outputs.next()  # batches 4 and 5 handed out: 3's and 4's events pending, 5 just consumed
+    outputs.close()
+    assert len(done["waited"]) == 3 and outputs._held == deque() and outputs.pipe is None
 
 
 def test_workers_and_threads_are_capped_at_the_cpus_this_process_may_use(coloured, caplog):

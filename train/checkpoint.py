@@ -41,7 +41,8 @@ def _feed(digest, value) -> None:
     if isinstance(value, torch.Tensor):
         t = value.detach().to("cpu").contiguous()
         digest.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the tensor's own memory, read in place (hashlib takes a buffer: no copy of it)
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
     elif isinstance(value, dict):
         digest.update(f"D{len(value)}|".encode())
         for key in sorted(value, key=repr):

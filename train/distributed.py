@@ -40,6 +40,7 @@ import sys
 import traceback
 import weakref
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -113,6 +114,10 @@ def join(requested: torch.device, timeout_s: float) -> Context:
     ctx = replace(place, device=device)
     if not ctx.distributed:
         return ctx
+    if cuda:
+        # A failure found by NCCL's watchdog is said by this program (peer_watch.py); torch's debug dump
+        # would only delay its SIGABRT backstop and print C++ stacks into the job's log.
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=ctx.rank, world_size=ctx.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s), device_id=device if cuda else None)
@@ -169,11 +174,17 @@ class Session:
 
     def __init__(self, device: torch.device, timeout_s: float):
         self.device, self.timeout_s = device, timeout_s
+        self.watch = None
 
     def __enter__(self) -> Context:
-        return join(self.device, self.timeout_s)
+        ctx = join(self.device, self.timeout_s)
+        if ctx.distributed:
+            self.watch = start_watch(ctx, self.timeout_s)
+        return ctx
 
     def __exit__(self, kind, error, tb) -> None:
+        if self.watch is not None:
+            self.watch.stop()
         _clear_frames(error)
         gc.collect()
         if not dist.is_initialized() or isinstance(error, PeerLost):
@@ -193,6 +204,30 @@ class Session:
 _PEER_GONE = re.compile(r"connection (?:reset|closed)|broken pipe|timed out|timeout|nccl communicator was aborted|"
                         r"remote process exited|socket|peer", re.IGNORECASE)
 _ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:\d+")
+
+
+# What this rank is doing with the others, for a lost peer's line (the Trainer keeps it up to date).
+_activity: Callable[[], str] = lambda: "start-up"  # noqa: E731
+
+
+def set_activity(describe: Callable[[], str]) -> None:
+    global _activity
+    _activity = describe
+
+
+def start_watch(ctx: Context, timeout_s: float):
+    """The heartbeat that says a lost or hung peer in one line under NCCL too (peer_watch.py), where the job
+    has a rendezvous store to beat in."""
+    from .peer_watch import MAX_STALE_S, PeerWatch, rendezvous_store
+    try:
+        store = rendezvous_store(min(timeout_s, 30.0))
+    except Exception as error:  # noqa: BLE001 (the store's own errors): the run goes on, as before the watch
+        print(f"warning: rank {ctx.rank}: the peer watch could not reach the rendezvous store ({error}); a lost "
+              f"peer is then found by the collectives' own timeout", file=sys.stderr, flush=True)
+        return None
+    if store is None:
+        return None
+    return PeerWatch(ctx, store, min(timeout_s, MAX_STALE_S), activity=lambda: _activity()).start()
 
 
 class PeerLost(Exception):
@@ -265,6 +300,20 @@ def all_sum_(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def collective_device(ctx: Context) -> torch.device:
+    """Where a collective's tensors go: the rank's GPU under NCCL, the CPU under gloo."""
+    return ctx.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape on every rank), in rank order; [tensor] in one process."""
+    if not dist.is_initialized():
+        return [tensor]
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return gathered
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

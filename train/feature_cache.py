@@ -67,7 +67,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from planktonio import memory
@@ -396,18 +395,14 @@ class FeatureCache:
         stopped = self.stop_flag.raised
         if not self.ex.ctx.distributed:
             return [(0, got, expected, stopped, rows)]
-        ctx = self.ex.ctx
-        # gloo gathers CPU tensors, NCCL cuda ones: the batches travel on the process group's device
-        device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        status = torch.tensor([got, expected, int(stopped)], dtype=torch.long, device=device)
-        statuses = [torch.empty_like(status) for _ in range(ctx.world_size)]
-        dist.all_gather(statuses, status)
+        device = distributed.collective_device(self.ex.ctx)
+        statuses = distributed.all_gather(torch.tensor([got, expected, int(stopped)], dtype=torch.long,
+                                                       device=device))
         padded = torch.zeros(batch, self.width, dtype=self.dtype, device=device)
         if got:
             padded[:got] = rows
-        gathered = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-        dist.all_gather(gathered, padded)
-        return [(rank, *map(int, statuses[rank].tolist()), gathered[rank]) for rank in range(ctx.world_size)]
+        gathered = distributed.all_gather(padded)
+        return [(rank, *map(int, status.tolist()), rows) for rank, (status, rows) in enumerate(zip(statuses, gathered))]
 
     # ------------------------------------------------------------ the file
 

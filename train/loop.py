@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from .early_stopping import EarlyStopping
 from .executor import Executor
 from .inputs import Inputs, build_inputs
 from .metrics import EpochStats, RunningSums
+from .peer_watch import claim_the_line
 from .model import set_train_mode
 from .profiler import StepProfiler
 from .run_folder import lock_run, make_run_folder
@@ -87,7 +89,8 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
         say(True, str(stopped))
         return EXIT_INTERRUPTED
     except distributed.PeerLost as error:
-        say(True, f"{error}; exiting with {EXIT_PEER_LOST} for the job to restart from last.pt", error=True)
+        if claim_the_line():  # (else the peer watch said it, and is ending the process)
+            say(True, f"{error}; exiting with {EXIT_PEER_LOST} for the job to restart from last.pt", error=True)
         return EXIT_PEER_LOST
 
 
@@ -117,9 +120,16 @@ class Trainer:
         self.profiler: StepProfiler | None = None
         self.mean_loss = math.nan      # the running training loss, as of the last check
         self.phase = "start-up"        # what the ranks were doing together, for a lost peer's message
+        # (weakly: the peer watch must not keep the Trainer, and with it the DDP model, past the run)
+        me = weakref.ref(self)
+        distributed.set_activity(lambda: me().activity() if me() is not None else "the run's end")
 
     def say(self, message: str, error: bool = False) -> None:
         say(self.ex.ctx.is_main, message, error)
+
+    def activity(self) -> str:
+        """What the ranks are doing together now, for a lost peer's line."""
+        return f"{self.phase} at epoch {self.progress.epoch}, step {self.progress.batches_done}"
 
     def run(self, data: Path, state: dict | None) -> int:
         """The epochs of the run, from the start or from last.pt's `state`, to its end or a stop; returns the

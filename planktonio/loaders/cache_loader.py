@@ -51,6 +51,7 @@ Randomness: none here; sharding, order and plans come from Loader.batch_plan.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -69,6 +70,7 @@ from .dali_graph import decode, device_id
 from .ops import Normalizer, resize_flip
 
 DECODE_BATCH = 64     # images per DALI decode run
+MAX_PENDING = 4       # decoded batches kept alive for copies still queued (GPU memory: a few batches)
 KIND = "image cache"  # what its bytes are called in the process's cache budget (planktonio/memory.py)
 
 
@@ -168,7 +170,9 @@ class ImageStore:
         return flat.view(3, int(self.heights[slot]), int(self.widths[slot]))
 
     def put(self, slot: int, image_hwc: torch.Tensor) -> None:
-        self.image(slot).copy_(image_hwc.permute(2, 0, 1))
+        """Queued on torch's stream, not waited for: synchronise before the host reads the store, and keep
+        image_hwc's memory (DALI's, freed in DALI's stream order) alive until then."""
+        self.image(slot).copy_(image_hwc.permute(2, 0, 1), non_blocking=True)
 
     def gather(self, slots: np.ndarray, device_slots: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,17 +225,20 @@ def build_decoder(spec: LoaderSpec, positions: np.ndarray):
 
 
 def decode_into(store: ImageStore, spec: LoaderSpec, positions: np.ndarray, encoded) -> None:
-    """Decode the images at `positions` (slot i holds positions[i]) into the store, checking their sizes."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray
+    """Decode the images at `positions` (slot i holds positions[i]) into the store, checking their sizes.
 
+    On a GPU nothing here waits for the GPU but to bound the DALI batches kept alive for copies still
+    queued; the caller synchronises once at the end before the store is read (CacheLoader.decode).
+    """
     pipe = build_decoder(spec, positions)
-    decode_device = spec.device if spec.device.type == "cuda" else torch.device("cpu")
     stream = torch.cuda.current_stream(spec.device) if spec.device.type == "cuda" else None
+    pending: deque[tuple[torch.cuda.Event, object]] = deque()  # (copies done, DALI outputs they read)
     for first in range(0, len(positions), DECODE_BATCH):
         chunk = positions[first:first + DECODE_BATCH].tolist()
         pipe.feed_input("encoded", [encoded(p) for p in chunk])
         try:
-            (images,) = pipe.run()
+            # bound to torch's stream: it waits for DALI's decode on the GPU, the host does not
+            (images,) = pipe.run(stream) if stream is not None else pipe.run()
         except RuntimeError as error:
             raise _decode_error(spec, chunk, error) from None
         for i, position in enumerate(chunk):
@@ -241,11 +248,17 @@ def decode_into(store: ImageStore, spec: LoaderSpec, positions: np.ndarray, enco
                 raise PlanktonioError(
                     f"{spec.dataset.root / spec.entries[position][0]}: decoded {shape[1]} x {shape[0]} px, "
                     f"but prepare recorded {expected[1]} x {expected[0]} (the file changed since; rerun prepare)")
-            decoded = torch.empty(shape, dtype=torch.uint8, device=decode_device)
-            feed_ndarray(images[i], decoded, cuda_stream=stream)
-            store.put(first + i, decoded)
+            store.put(first + i, torch.from_dlpack(images[i]))  # DALI's buffer itself, no copy
         if stream is not None:
-            stream.synchronize()  # the copies out of DALI's buffers are done before the next run reuses them
+            # DALI frees a buffer in its own stream's order: keep each batch until its copies are done.
+            copied = torch.cuda.Event()
+            copied.record(stream)
+            pending.append((copied, images))
+            while pending and (len(pending) > MAX_PENDING or pending[0][0].query()):
+                pending.popleft()[0].synchronize()  # waits only when the GPU is MAX_PENDING batches behind
+    if stream is not None:
+        stream.synchronize()  # the one wait: every copy done, then DALI's buffers may go
+    pending.clear()
 
 
 def _decode_error(spec: LoaderSpec, chunk: list[int], error: Exception) -> PlanktonioError:
@@ -377,12 +390,11 @@ class CacheLoader(Loader):
             resized = crop_resize_flip_equal(images, boxes, size)
         else:
             boxes = [batch.plan.box(i) for i in range(len(slots))]
+            crops = self._crops(slots.tolist(), boxes)
             if device.type == "cpu" and self.fast_path is None:
-                resized = torch.stack([resize_flip(self._crop(slot, box), box[4], size)
-                                       for slot, box in zip(slots.tolist(), boxes)]).float()
+                resized = torch.stack([resize_flip(crop, box[4], size) for crop, box in zip(crops, boxes)]).float()
             else:
-                resized = torch.stack([resize_flip_one(self._crop(slot, box).float(), box[4], size)
-                                       for slot, box in zip(slots.tolist(), boxes)])
+                resized = torch.stack([resize_flip_one(crop.float(), box[4], size) for crop, box in zip(crops, boxes)])
         resized = resized.round_().clamp_(0, 255)
         labels = self.labels[positions]
         return self.normalize(resized), labels
@@ -396,11 +408,21 @@ class CacheLoader(Loader):
                               pin_memory=device.type == "cuda")  # the caching host allocator reuses these
         return self.store.gather(slots, out=staging).to(device, non_blocking=True)
 
-    def _crop(self, slot: int, box) -> torch.Tensor:
-        """One image's box (variable sizes), on the device."""
-        x, y, w, h, _ = box
-        crop = self.store.image(slot)[:, y:y + h, x:x + w]
-        return crop if self.placement == "device" else crop.to(self.spec.device, non_blocking=True)
+    def _crops(self, slots: list[int], boxes: list) -> list[torch.Tensor]:
+        """The images' boxes (variable sizes), on the device: from host memory past the budget, packed into one
+        pinned buffer and sent as one asynchronous copy (a slice of a pinned chunk is not contiguous: `.to`
+        would copy it to pageable memory first, and a copy from there makes the host wait for the GPU)."""
+        crops = [self.store.image(slot)[:, y:y + h, x:x + w] for slot, (x, y, w, h, _) in zip(slots, boxes)]
+        if self.placement == "device":
+            return crops
+        device = self.spec.device
+        ends = np.cumsum([c.numel() for c in crops]).tolist()
+        staging = torch.empty(ends[-1] if ends else 0, dtype=torch.uint8,
+                              pin_memory=device.type == "cuda")  # the caching host allocator reuses these
+        for crop, start, end in zip(crops, [0] + ends, ends):
+            staging[start:end].view(crop.shape).copy_(crop)  # host memcpy
+        flat = staging.to(device, non_blocking=True)  # kept from reuse until the copy is done
+        return [flat[start:end].view(crop.shape) for crop, start, end in zip(crops, [0] + ends, ends)]
 
     def close(self) -> None:
         self.store = None

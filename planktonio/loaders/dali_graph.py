@@ -109,3 +109,17 @@ class PipelineOutputs:
             self._last = None
         while self._held and self._held[0][0].query():
             self._held.popleft()
+
+    def close(self) -> None:
+        """Let go of the pipeline and the batches held, once torch's work queued on them is done.
+
+        Dropped unwaited, a held batch's memory goes back to DALI's pool in DALI's stream order
+        (AllocBuffer frees on the stream it allocated on), so the next DALI allocation (this pipeline's
+        last runs, or the next pipeline, which may get the same stream from DALI's pool) may overwrite it
+        while torch's kernels that read it are still queued. One host wait, at close only.
+        """
+        self._release_consumed()  # marks the last batch handed out, if any
+        for consumed, _ in self._held:
+            consumed.synchronize()  # cudaEventSynchronize; immediate for those already complete
+        self._held.clear()
+        self.pipe = None

@@ -172,6 +172,8 @@ class DaliLoader(Loader):
                                   f"Rerun prepare, then resume") from None
 
     def close(self) -> None:
+        if self._outputs is not None:
+            self._outputs.close()  # waits for torch's work on the batches DALI's buffers hold
         self._outputs = None
         self.feed.stream.in_flight.clear()  # a new pipeline starts with nothing in flight
 
