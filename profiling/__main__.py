@@ -3,6 +3,7 @@
     python -m profiling smoke --data PREPARED           every GPU path tried once, in under a minute
     python -m profiling loaders --data PREPARED ...     loader throughput, side by side
     python -m profiling amp [--data PREPARED] ...       AMP against FP32, compute only and end to end
+    python -m profiling predict --run RUN --images SRC  train predict against its loader alone and its model alone
     python -m profiling trace --config FILE --data PREPARED --out DIR
     python -m profiling inspect TRACE | DIR [--json OUT]   one trace, or every rank of a run
     python -m profiling inspect A B [--json OUT]           two traces or folders compared
@@ -10,7 +11,7 @@
     python -m profiling suite --data PREPARED --out DIR [--minutes 7]   all of it, within a time budget
     python -m profiling accuracy --config FILE --data PREPARED --out DIR [--arm NAME KEY=VALUE ...] --seeds K
 
-The options of smoke, loaders, amp, trace and suite, and their defaults, are
+The options of smoke, loaders, amp, predict, trace and suite, and their defaults, are
 their settings dataclasses' fields (profiling/cli.py).
 """
 
@@ -28,7 +29,7 @@ from .cli import add_arguments, settings_from
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import AmpBenchmark, LoaderBenchmark, Smoke, Suite, TraceOptions
+    from .settings import AmpBenchmark, LoaderBenchmark, PredictBenchmark, Smoke, Suite, TraceOptions
 
     parser = argparse.ArgumentParser(prog="python -m profiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     amp = commands.add_parser("amp", help="training step time for fp32 / amp-fp16 / amp-bf16")
     add_arguments(amp, AmpBenchmark)
     amp.add_argument("--json", type=Path)
+
+    predict = commands.add_parser("predict", help="train predict's images/s against the same loader alone and "
+                                                  "the model alone, on the same images")
+    add_arguments(predict, PredictBenchmark)
+    predict.add_argument("--json", type=Path)
 
     trace = commands.add_parser("trace", help="a short training run under torch.profiler")
     trace.add_argument("--config", type=Path, help="a training config (train/configs/*.yaml)")
@@ -97,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
         check_writable(json_path, "--json", make_parent=True)
     if args.command in ("accuracy", "suite", "report"):
         check_folder_writable(Path(args.out), "--out", make=False)
-    if args.command in ("smoke", "loaders", "amp"):
+    if args.command == "predict":  # as `train predict` runs: before torch loads (planktonio/cores.py says why)
+        from planktonio.cores import let_idle_threads_sleep
+        let_idle_threads_sleep()
+    if args.command in ("smoke", "loaders", "amp", "predict"):
         from .environment import describe_environment
         environment = describe_environment()
     if args.command == "smoke":
@@ -123,6 +132,12 @@ def run(args: argparse.Namespace) -> int:
         from .settings import AmpBenchmark
         from .render.amp import text_table
         print(text_table(run_amp(settings_from(AmpBenchmark, args), args.json, environment)))
+        _wrote(args.json)
+    elif args.command == "predict":
+        from .predict_bench import run as run_predict
+        from .render.predict import text_table
+        from .settings import PredictBenchmark
+        print(text_table(run_predict(settings_from(PredictBenchmark, args), args.json, environment)))
         _wrote(args.json)
     elif args.command == "trace":
         from .settings import TraceOptions

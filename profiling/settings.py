@@ -73,6 +73,24 @@ class AmpBenchmark:
 
 
 @dataclass
+class PredictBenchmark:
+    run: str = setting(help="a run folder written by `python -m train fit`")
+    images: str = setting(help="what `train predict` reads: a folder of images, a file listing them, or tar shards")
+    backends: tuple[str, ...] = setting(("auto",), help="comma-separated loader backends, or auto: every one "
+                                                        "predict may use on this machine")
+    checkpoint: str = setting("best", choices=("best", "last"))
+    batch_size: int | None = setting(None, help="default: the run's evaluation batch size")
+    device: str | None = setting(None, help="default: the run's")
+    precision: str | None = setting(None, help="default: the run's")
+    workers: int | None = setting(None, help="default: the run's")
+    repeats: int = setting(3, help="rounds of turns (loader alone, forward alone, predict) per backend")
+
+    def __post_init__(self):
+        if self.repeats < 1:
+            raise PlanktonioError("predict benchmark: --repeats must be >= 1")
+
+
+@dataclass
 class TraceOptions:
     wait: int = setting(1, help="steps before the profiler starts")
     warmup: int = setting(2, help="steps recorded and thrown away (the profiler's start-up)")

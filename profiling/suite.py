@@ -13,14 +13,18 @@ within `--minutes` (7 by default):
    bf16 hardware);
 6. end-to-end training of the fast configuration for two whole epochs:
    every candidate loader with AMP, and the reference (the study's own
-   pipeline) in FP32 as the study ran it. Speed runs: no checkpoint, no test
-   pass (the AMP-against-FP32 question is stage 5's, the loaders' stage 4's);
+   pipeline) in FP32 as the study ran it. Speed runs: no checkpoint but
+   best.pt at the end, no test pass (the AMP-against-FP32 question is stage
+   5's, the loaders' stage 4's);
 7. the study's own recipe (train/configs/study.yaml: AlexNet frozen but its
    new head, fp32, batch 24, resize 256 / centre crop 224) for all of its 91
    epochs, end to end: the feature cache's one pass, then every epoch on
    the kept activations, against the study's 6,218 s on a V100;
-8. a trace of the fast training, read back by `inspect`;
-9. the report with its goal checks, OUT/report/report.md.
+8. `train predict` on the training split's images with the default
+   backend's AMP run (`profiling predict`: against the same loader alone and
+   the model alone);
+9. a trace of the fast training, read back by `inspect`;
+10. the report with its goal checks, OUT/report/report.md.
 
 Each stage is a process of its own, so GPU memory is each benchmark's own
 (nothing left behind by an earlier one). A stage gets a share of what is
@@ -70,8 +74,10 @@ STUDY_SECONDS = 6218
 REPORT_RESERVE_S = 20.0  # the report, written by this process at the end
 MIN_STAGE_S = 5.0        # less than this: a stage is skipped, not started
 # The budget each plan is sized for: at it, every stage gets at least its estimate.
-NOMINAL_BUDGET_S = {"cpu": 240.0, "cuda": 420.0}
-RESULTS = ("suite.json", "doctor.json", "smoke.json", "loaders.json", "amp.json", "training.json", "inspect.json")
+NOMINAL_BUDGET_S = {"cpu": 250.0, "cuda": 420.0}
+RESULTS = ("suite.json", "doctor.json", "smoke.json", "loaders.json", "amp.json", "training.json", "predict.json",
+           "inspect.json")
+PREDICT_IMAGES = "predict-images.txt"  # the training split's images, as a list (what `train predict` reads)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class Sizes:
     amp_steps: int
     amp_repeats: int
     training: tuple[str, ...]  # overrides of fast.yaml
+    predict_repeats: int
     trace: tuple[str, ...]
     smoke: tuple[str, ...]
     study: tuple[str, ...]     # overrides of study.yaml
@@ -94,18 +101,20 @@ class Sizes:
 # A GPU node (H100 or H200 class, 16 cores) on the 17-class NDSB set at 255 px (prepare --min-images 1000
 # --per-class 500,100,100: 8,500 training images, 33 batches of 256 an epoch). The estimates add up to
 # 355 s of the 420 (the report takes 20 more): each stage's process imports torch and DALI (about 10 s)
-# before it measures. Study: 91 epochs of 354 steps of 24 on the kept activations, about 1 ms a step.
+# before it measures. Training: two epochs of 8,500 images at the goal's 16,000 images/s are about a second
+# of steps; the rest is the process's start. Study: 91 epochs of 354 steps of 24 on the kept activations,
+# about 1 ms a step. Predict: the 8,500 images three times per round (loader, model, predict).
 ON_GPU = Sizes(
     loader_batch=256, loader_repeats=2, loader_warmup=10,
     # 12 combinations at most (freezing x precision x layout) of AlexNet at batch 256: about 300 steps.
     amp_args=("--model", "alexnet", "--batch-size", "256", "--image-size", "224", "--warmup", "3"),
     amp_steps=8, amp_repeats=3,
-    training=(),
+    training=(), predict_repeats=2,
     trace=("--wait", "2", "--warmup", "3", "--active", "5"),
     smoke=("--batch-size", "64"),
     study=(f"training.epochs={STUDY_EPOCHS}", f"training.patience={STUDY_EPOCHS}"),
-    estimates={"doctor": 10, "smoke": 25, "gpu-tests": 40, "loaders": 60, "amp": 45, "train": 25,
-               "study": 45, "trace": 20, "inspect": 10})
+    estimates={"doctor": 10, "smoke": 25, "gpu-tests": 40, "loaders": 60, "amp": 45, "train": 20,
+               "study": 45, "predict": 20, "trace": 20, "inspect": 10})
 # A CPU: the same programs on tiny-cnn at 64 px, so the whole suite takes a minute or two.
 TINY = ("model.name=tiny-cnn", "model.weights=null", "model.freeze=none", "loader.batch_size=16",
         "loader.eval_batch_size=32", "optimizer.lr=0.01", "augment.train.size=64", "augment.eval.resize=72",
@@ -115,14 +124,14 @@ ON_CPU = Sizes(
     amp_args=("--model", "tiny-cnn", "--batch-size", "16", "--image-size", "64", "--warmup", "1",
               "--precisions", "fp32,amp-bf16"),
     amp_steps=3, amp_repeats=3,
-    training=TINY,
+    training=TINY, predict_repeats=2,
     trace=("--wait", "1", "--warmup", "1", "--active", "3"),
     smoke=("--batch-size", "16", "--model", "tiny-cnn", "--image-size", "64"),
     # the recipe in small: tiny-cnn at 64 px, its features frozen, 10 epochs
     study=("training.epochs=10", "training.patience=10", *TINY[:2], "model.freeze=all-but-head", *TINY[3:],
            "augment.train.resize=72"),
-    estimates={"doctor": 8, "smoke": 25, "loaders": 30, "amp": 20, "train": 25, "study": 20, "trace": 20,
-               "inspect": 8})
+    estimates={"doctor": 8, "smoke": 25, "loaders": 30, "amp": 20, "train": 25, "study": 20, "predict": 15,
+               "trace": 20, "inspect": 8})
 
 
 @dataclass
@@ -223,6 +232,14 @@ def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage],
         *[arg for s in study_sets for arg in ("--set", s)]], estimate["study"]))
     training["study"] = {"stage": "study recipe", "run": str(study_run), "file": str(STUDY_CONFIG),
                          "overrides": study_sets, "note": study_note}
+    predicted = next((r for r in runs if r["loader"] == traced and r["precision"] == "amp"
+                      and BACKENDS[traced].streams), None)
+    if predicted is not None:  # the default backend's AMP run: its best.pt, predicting with the same backend
+        stages.append(Stage("predict", [
+            py, "-m", "profiling", "predict", "--run", predicted["run"], "--images", str(out / PREDICT_IMAGES),
+            "--backends", traced, "--repeats", str(_scaled(sizes.predict_repeats, scale)),
+            "--json", str(out / "predict.json")], estimate["predict"], result="predict.json",
+            needs=predicted["stage"]))
     trace_sets = [*overrides, f"loader.backend={traced}", "training.precision=amp"]
     stages.append(Stage("trace", [
         py, "-m", "profiling", "trace", "--config", str(FAST_CONFIG), "--data", data, "--out", str(out / "trace"),
@@ -312,6 +329,8 @@ def run(suite: Suite) -> Path:
     shutil.rmtree(out / "trace", ignore_errors=True)
     for name in (*RESULTS, "gpu-tests.xml"):
         (out / name).unlink(missing_ok=True)
+    dataset = PreparedDataset.load(suite.data)
+    write_atomic(out / PREDICT_IMAGES, "".join(f"{dataset.root / path}\n" for path, _ in dataset.entries("train")))
 
     run_stages(stages, started + budget - REPORT_RESERVE_S, run_stage, logs=out / "logs",
                say=lambda line: print(line, flush=True))

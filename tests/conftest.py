@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from planktonio import prepare
+from planktonio import PreparedDataset, prepare
 from planktonio.dataset import SplitPlan
 
 from .helpers import REPO, small_config
@@ -110,6 +110,15 @@ def finished_run(tmp_path_factory, plankton):
     run = tmp_path_factory.mktemp("finished") / "run"
     assert fit(small_config(training={"epochs": 2}), plankton, run) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def test_split_list(plankton, tmp_path_factory):
+    """`plankton`'s test images as a file listing their paths: what `train predict` reads, without labels."""
+    dataset = PreparedDataset.load(plankton)
+    listing = tmp_path_factory.mktemp("list") / "test-images.txt"
+    listing.write_text("".join(f"{dataset.root / path}\n" for path, _ in dataset.entries("test")))
+    return listing
 
 
 @pytest.fixture

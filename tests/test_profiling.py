@@ -13,7 +13,8 @@ from profiling.amp_bench import run as run_amp
 from profiling.loader_bench import MIN_CPU_WINDOW
 from profiling.loader_bench import run as run_loaders
 from profiling.render.common import goal
-from profiling.settings import AmpBenchmark, LoaderBenchmark, TraceOptions
+from profiling.predict_bench import run as run_predict
+from profiling.settings import AmpBenchmark, LoaderBenchmark, PredictBenchmark, TraceOptions
 from profiling.trace import run_trace
 
 from .helpers import one_line_error, run_profiling, python, write_config
@@ -109,6 +110,28 @@ def test_the_upper_bound_replays_real_batches_from_the_device(synthetic):
     bench = run_loaders(LoaderBenchmark(data=str(synthetic), backends=("torchvision", "memory"), batch_size=8,
                                         epochs=1, warmup=1, repeats=1, workers=0, dtype="float16", layout="NHWC"))
     assert {r["backend"] for r in bench["results"]} == {"torchvision", "memory"}
+
+
+def test_the_predict_benchmark_times_predict_and_its_parts_on_the_same_images(finished_run, test_split_list,
+                                                                                 tmp_path, capsys):
+    """Per backend predict may use: the loader alone, the forward alone and predict itself over the same 40
+    images, predict's shares taken of the medians; the report's goal is the CPU one (85% of what the loader
+    and the model allow on the same cores)."""
+    result = run_predict(PredictBenchmark(run=str(finished_run), images=str(test_split_list), repeats=2),
+                         tmp_path / "predict.json")
+    assert result["complete"] and result["config"]["image_count"] == 40 and result["config"]["rejected"] == 0
+    assert [r["backend"] for r in result["results"]] == ["dali-cpu", "torchvision", "pil"]
+    for r in result["results"]:
+        rates = {part: r[f"{part}_images_per_s"] for part in ("loader", "forward", "predict")}
+        assert all(len(rate["runs"]) == 2 and rate["min"] > 0 for rate in rates.values())
+        loader, forward = rates["loader"]["median"], rates["forward"]["median"]
+        assert r["predict_vs_slower"] == pytest.approx(rates["predict"]["median"] / min(loader, forward))
+        assert r["predict_vs_shared_bound"] == pytest.approx(rates["predict"]["median"] * (1 / loader + 1 / forward))
+    text = report.write_report([tmp_path / "predict.json"], tmp_path / "report").read_text()
+    assert text.count("of loader and forward on the same cores") == 3 and "| pil |" in text
+    code, _, err = run_profiling(["predict", "--run", finished_run, "--images", test_split_list, "--backends",
+                                  "memory"], capsys)
+    assert "--backends memory: predict does not use it" in one_line_error(code, err)
 
 
 def test_a_benchmark_stopped_mid_way_keeps_the_rows_it_finished(tmp_path):

@@ -369,3 +369,24 @@ def test_trace_job(cluster, site):
     assert (run / "trace" / "trace-rank0.json.gz").is_file()
     inspected = json.loads((run / "inspect.json").read_text())
     assert inspected["result"]["steps"] == 2 and "verdict" in inspected["result"]
+
+
+def test_predict_as_a_job_array_writes_what_one_process_writes(cluster, site, finished_run, plankton, tmp_path,
+                                                               capsys):
+    """slurm/predict.sbatch as a two-task array over a folder of four samples: each task predicts its units;
+    the merged table (samples.csv) and every unit equal what one process writes."""
+    from .helpers import run_train
+    source = plankton.parent / "images"
+    one = tmp_path / "one"
+    assert run_train(["predict", "--run", finished_run, "--images", source, "--out", one], capsys)[0] == 0
+    out = tmp_path / "array"
+    array = submit(cluster, site, "--array=0-1", "slurm/predict.sbatch", "--run", str(finished_run), "--images",
+                   str(source), "--out", str(out))
+    for task in (0, 1):
+        finished(cluster, f"{array}_{task}")
+    assert (out / "samples.csv").read_text() == (one / "samples.csv").read_text()
+    units = sorted(p.name for p in (one / "units").iterdir())
+    assert sorted(p.name for p in (out / "units").iterdir()) == units
+    for name in units:
+        if name.endswith(".json"):
+            assert json.loads((out / "units" / name).read_text()) == json.loads((one / "units" / name).read_text())

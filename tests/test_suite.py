@@ -24,7 +24,7 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
     status = {s["name"]: s["status"] for s in summary["stages"]}
     # no GPU: no GPU tests; the candidate trains with AMP, the reference (here the first baseline) in FP32
     assert list(status) == ["doctor", "smoke", "loaders", "amp", "train dali-cpu-amp", "train torchvision-fp32",
-                            "study recipe", "trace", "inspect"]
+                            "study recipe", "predict", "trace", "inspect"]
     assert all(status[name] == "ok" for name in list(status)[1:]), status
     assert status["doctor"] != "not run"  # ok, or failed: either way recorded, never fatal
     assert all((out / "logs" / f"{name.replace(' ', '-')}.log").is_file() for name in status)
@@ -32,7 +32,12 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
     training = json.loads((out / "training.json").read_text())
     assert [(r["loader"], r["precision"]) for r in training["runs"]] == [("dali-cpu", "amp-bf16"),
                                                                         ("torchvision", "fp32")]
+    # speed runs: no checkpoint while they run, their best weights at the end (what predict reads)
     assert not any((out / "train" / name / "last.pt").exists() for name in ("dali-cpu-amp", "torchvision-fp32"))
+    assert all((out / "train" / name / "best.pt").is_file() for name in ("dali-cpu-amp", "torchvision-fp32"))
+    predicted = json.loads((out / "predict.json").read_text())
+    assert predicted["complete"] and [r["backend"] for r in predicted["results"]] == ["dali-cpu"]
+    assert predicted["config"]["run"].endswith("dali-cpu-amp") and predicted["config"]["image_count"] > 0
     study = training["study"]  # the study's recipe in small, its frozen prefix computed once
     assert study["epochs"] == 10 and study["feature_cache"]["used"] and study["total_seconds"] > 0
     assert all(r["epochs"] == 2 and r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1
@@ -43,7 +48,7 @@ def test_suite_runs_every_stage_within_its_budget_and_writes_the_report(syntheti
 
     report = (out / "report" / "report.md").read_text()
     for heading in ("## What ran", "## Loader throughput", "## Mixed precision against FP32",
-                    "## End-to-end training", "## Trace"):
+                    "## End-to-end training", "## Classifying new images", "## Trace"):
         assert heading in report
     assert "| dali-cpu | candidate | amp-bf16 |" in report and "TF32 off" in report
     assert "not an accuracy comparison" in report and "## Smoke check" in report

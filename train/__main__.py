@@ -1,4 +1,4 @@
-"""Command line: `python -m train fit ...` and `python -m train evaluate ...`.
+"""Command line: `python -m train fit | evaluate | calibrate | predict ...`.
 
 Exit codes (train/signals.py): 0 done; 2 bad input (config, data, weights,
 a run folder another process is writing); 3 the loss or the weights became
@@ -41,6 +41,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", help="loader backend (default: the run's)")
     ev.add_argument("--other-data", action="store_true",
                     help="score the run on --data although it is not the data the run was trained on")
+
+    cal = commands.add_parser("calibrate", help="fit a temperature and per-class thresholds on the validation split")
+    cal.add_argument("--run", type=Path, required=True)
+    cal.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    cal.add_argument("--target", type=float, default=0.9,
+                     help="the validation precision each class's threshold must reach (default 0.9)")
+    cal.add_argument("--backend", help="loader backend (default: the run's)")
+
+    pr = commands.add_parser("predict", help="classify new images (a folder, a list of paths, tar shards)")
+    pr.add_argument("--run", type=Path, required=True, help="a run folder of `python -m train fit`")
+    pr.add_argument("--images", type=Path, required=True,
+                    help="a folder of images (each folder holding images is a sample), a file listing image "
+                         "paths, or a folder of tar shards")
+    pr.add_argument("--out", type=Path, required=True, help="where the predictions go (units/, samples.csv)")
+    pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    pr.add_argument("--calibrated", action="store_true",
+                    help="use RUN/calibration.json: its temperature, and its thresholds for the label column")
+    pr.add_argument("--backend", help="loader backend (default: the run's)")
+    pr.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size")
+    pr.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's)")
+    pr.add_argument("--precision", help="fp32 | amp-fp16 | amp-bf16 | amp (default: the run's)")
+    pr.add_argument("--workers", type=int, help="DataLoader processes / DALI threads (default: the run's)")
+    pr.add_argument("--format", default="parquet", choices=["parquet", "csv"])
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--float16", action="store_true", help="the probability columns in float16")
+    pr.add_argument("--embeddings", action="store_true", help="also the head's input, float16, per unit (.npy)")
+    pr.add_argument("--shard", default="0/1", help="I/N: this task's share of the units (a job array's index)")
+    pr.add_argument("--overwrite", action="store_true", help="predict the units already done again")
     return parser
 
 
@@ -58,6 +86,29 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 config = config_module.load(args.config, args.overrides)
             return fit(config, args.data, args.out, resume=args.resume)
+        if args.command == "predict":
+            from planktonio.cores import let_idle_threads_sleep
+            let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
+            from .predict import PredictOptions, parse_shard, predict
+            return predict(PredictOptions(
+                run=args.run, images=args.images, out=args.out, checkpoint=args.checkpoint,
+                calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size, device=args.device,
+                precision=args.precision, workers=args.workers, format=args.format, top_k=args.top_k,
+                float16=args.float16, embeddings=args.embeddings, shard=parse_shard(args.shard),
+                overwrite=args.overwrite, command=["python", "-m", "train", *(argv or sys.argv[1:])]))
+        if args.command == "calibrate":
+            from .evaluate import calibrate_run
+            fitted = calibrate_run(args.run, args.checkpoint, args.target, args.backend)
+            v = fitted["validation"]
+            print(f"calibrated {args.run} on {fitted['fitted_on']['images']} validation images: temperature "
+                  f"{fitted['temperature']:.3f}, NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, ECE "
+                  f"{v['ece_before']:.4f} -> {v['ece_after']:.4f}; at precision {fitted['target_precision']}: "
+                  f"coverage {v['coverage']:.3f}, accuracy of the classified "
+                  f"{_share(v['accuracy_of_classified'])}")
+            for name, note in fitted["notes"].items():
+                print(f"  {name}: {note}")
+            print(f"wrote {args.run}/calibration.json")
+            return 0
         from .evaluate import evaluate_run
         result = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.backend, args.other_data)
         print(f"{args.split}: accuracy {result['acc']:.4f}, top-5 {result['top5']:.4f}, "
@@ -66,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'class':<{width}}  precision  recall     f1  support")
         for name, s in result["per_class"].items():
             print(f"{name:<{width}}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['f1']:5.3f}  {s['support']:7d}")
+        if "calibration" in result:
+            c = result["calibration"]
+            if "not_used" in c:
+                print(f"calibration not used: {c['not_used']}")
+            else:
+                print(f"calibrated: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; at the thresholds "
+                      f"coverage {c['coverage']:.3f}, accuracy of the classified "
+                      f"{_share(c['accuracy_of_classified'])}")
         print(f"wrote {args.run}/eval-{args.split}.json, confusion-{args.split}.csv and .png")
         return 0
     except PlanktonioError as error:  # DiskError included: 74, the others 2
@@ -75,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted before training started: nothing to save (a feature cache file is written only "
               "once complete)", file=sys.stderr)
         return EXIT_ABORTED
+
+
+def _share(value: float | None) -> str:
+    """A fraction to three places; none where no image was classified."""
+    return "- (none classified)" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from .metrics import EpochStats
 # patience) or change how it reports, never what it computes.
 RESUMABLE_CHANGES = {"training.epochs", "training.patience", "training.progress", "training.check_every",
                      "training.checkpoint_every_s", "training.tensorboard", "training.collective_timeout_s",
-                     "training.feature_cache", "training.feature_cache_budget_bytes", "training.feature_cache_dir"}
+                     "training.feature_cache", "training.feature_cache_budget_bytes", "training.feature_cache_dir",
+                     "training.calibrate", "training.calibration_target"}
 
 
 @dataclass
@@ -121,7 +122,9 @@ class Checkpointer:
                  progress: Progress, early: EarlyStopping):
         self.out, self.ex = out, executor
         self.optimizer, self.scaler, self.progress, self.early = optimizer, scaler, progress, early
-        self.speed_run = executor.config.training.speed_run  # writes nothing: its time would count as training
+        # a speed run writes no checkpoint while it runs (its time would count as training), only best.pt at
+        # its end, for evaluate and predict
+        self.speed_run = executor.config.training.speed_run
         self.policy = CheckpointPolicy(executor.config.training.checkpoint_every_s)
         self.best: dict | None = None  # best.pt's content, kept in memory ...
         self.best_written = True       # ... and whether the file holds it yet
@@ -162,6 +165,8 @@ class Checkpointer:
         """best.pt if it changed, then last.pt, each written atomically; never a non-finite one. Every rank
         calls it."""
         if self.speed_run:
+            if finished is not None:
+                self.write_best()
             return
         progress = self.progress
         check_finite(self.ex.model, self.optimizer, self.ex.device,
@@ -179,7 +184,7 @@ class Checkpointer:
 
     def write_best(self) -> None:
         """best.pt, if the best weights changed since it was written (rank 0)."""
-        if self.ex.ctx.is_main and not self.best_written and self.best is not None and not self.speed_run:
+        if self.ex.ctx.is_main and not self.best_written and self.best is not None:
             checkpoint.save_atomic(self.best, self.out / "best.pt")
 
     def restore(self, state: dict) -> None:

@@ -109,7 +109,8 @@ class TrainingConfig:
     checkpoint_every_s: float = setting(300.0)
     tensorboard: bool = setting(False, help="also write TensorBoard event files to the run folder")
     speed_run: bool = setting(False, help="a run measured for its speed (profiling suite): no checkpoint is "
-                                          "written and the best weights are not tested")
+                                          "written while it runs (best.pt at its end) and the best weights are "
+                                          "not tested")
     # The feature cache (train/feature_cache.py): auto computes once what every epoch would compute
     # identically (a frozen prefix on a deterministic or periodic transform) where it fits its budget.
     feature_cache: str = setting("auto", choices=("auto", "on", "off"), help="auto | on | off")
@@ -121,6 +122,10 @@ class TrainingConfig:
     # How long a rank waits in a collective for the others before the job is
     # declared hung (a rank stopped, a wedged GPU): the process group's timeout.
     collective_timeout_s: float = setting(600.0)
+    # At the end, fit a temperature and per-class thresholds on the validation split (train/calibration.py),
+    # as `python -m train calibrate` does: RUN/calibration.json, for `train predict --calibrated`.
+    calibrate: bool = setting(False, help="fit a temperature and per-class thresholds at the end")
+    calibration_target: float = setting(0.9, help="the validation precision each class's threshold must reach")
 
     def problems(self) -> list[tuple[str, str]]:
         checks = [(0 <= self.seed < 2**32, "seed", "seed must be in [0, 2**32)"),
@@ -129,6 +134,7 @@ class TrainingConfig:
                   (self.check_every >= 1, "check_every", "check_every must be >= 1"),
                   (self.checkpoint_every_s >= 0, "checkpoint_every_s", "checkpoint_every_s must be >= 0"),
                   (self.collective_timeout_s > 0, "collective_timeout_s", "collective_timeout_s must be > 0"),
+                  (0 < self.calibration_target <= 1, "calibration_target", "calibration_target must be in (0, 1]"),
                   (re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device) is not None, "device",
                    "device must be auto, cpu, cuda or cuda:N")]
         return [(key, message) for ok, key, message in checks if not ok]

@@ -1,7 +1,12 @@
-"""`python -m train evaluate`: score a run's best checkpoint on a split, per class too.
+"""`python -m train evaluate` and `python -m train calibrate`: a run's checkpoint on a split of its data.
 
-Writes RUN/eval-<split>.json (loss, accuracy, top-5, per-class precision,
-recall, F1), RUN/confusion-<split>.csv and RUN/confusion-<split>.png.
+evaluate writes RUN/eval-<split>.json (loss, accuracy, top-5, per-class
+precision, recall, F1; and where the run has a calibration for this
+checkpoint, the expected calibration error before and after its temperature
+and the accuracy and coverage at its thresholds), RUN/confusion-<split>.csv
+and RUN/confusion-<split>.png. calibrate fits the temperature and the
+thresholds on the validation split (train/calibration.py) and writes
+RUN/calibration.json.
 """
 
 from __future__ import annotations
@@ -16,39 +21,50 @@ from planktonio.errors import PlanktonioError
 from planktonio.files import atomic_file, write_atomic
 from planktonio.loaders import resolve_device
 
-from . import checkpoint, config as config_module, distributed, run_record
+from . import calibration, checkpoint, config as config_module, distributed, run_record
 from .executor import Executor
 from .metrics import confusion_matrix, per_class_scores
 from .run_folder import lock_run
+
+
+def _run_config(run: Path, backend: str | None):
+    if not (run / "config.yaml").is_file():
+        raise PlanktonioError(f"{run}: no config.yaml; is it a folder written by `python -m train fit`?")
+    config = config_module.load(run / "config.yaml")
+    if backend:
+        config.loader.backend = backend
+    return config
+
+
+def _logits_of(run: Path, split: str, data: Path | None, which: str, backend: str | None, other_data: bool,
+               action: str, then=None):
+    """Run a checkpoint over a split (the model only: no optimizer, no training loader), holding the run folder
+    (its one writer while the results are computed and written, not while `fit` runs: a folder that cannot
+    be written is said before the work); then(ctx, state, stats, logits, labels, classes) inside."""
+    config = _run_config(run, backend)
+    if data is None:
+        data = Path(run_record.read(run)["data"])
+    if not other_data:
+        run_record.check_same_data(run, data, action)
+    state = checkpoint.load(run / f"{which}.pt")
+    t = config.training
+    with distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
+            lock_run(run, ctx, f"train {action}"), Executor(config, data, ctx) as executor:
+        if list(executor.dataset.classes) != state["classes"]:
+            raise PlanktonioError(f"{data} has other classes than the run was trained on")
+        executor.model.load_state_dict(state["model"])
+        with executor.eval_loader(split) as loader:
+            stats, logits, labels = executor.evaluate(loader, collect=True)
+        return then(ctx, state, stats, logits, labels, list(executor.dataset.classes))
 
 
 def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "best",
                  backend: str | None = None, other_data: bool = False) -> dict:
     """Score a checkpoint on a split of the run's own data (or, with other_data, of another prepared set)."""
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise PlanktonioError(f"{run}: no config.yaml; is it a folder written by `python -m train fit`?")
-    config = config_module.load(run / "config.yaml")
-    if backend:
-        config.loader.backend = backend
-    if data is None:
-        data = Path(run_record.read(run)["data"])
-    if not other_data:
-        run_record.check_same_data(run, data, "evaluate")
-    state = checkpoint.load(run / f"{which}.pt")
-    t = config.training
-    # The run folder first (its one writer while the scores are computed and written, not while `fit` runs;
-    # a folder that cannot be written is said before the work), then the model only: no optimizer, no
-    # training loader.
-    with distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
-            lock_run(run, ctx, "train evaluate"), Executor(config, data, ctx) as executor:
-        if list(executor.dataset.classes) != state["classes"]:
-            raise PlanktonioError(f"{data} has other classes than the run was trained on")
-        executor.model.load_state_dict(state["model"])
-        with executor.eval_loader(split) as loader:
-            stats, predictions, labels = executor.evaluate(loader, collect=True)
-        classes = list(executor.dataset.classes)
-        confusion = confusion_matrix(predictions, labels, len(classes))
+
+    def written(ctx, state, stats, logits, labels, classes) -> dict:
+        confusion = confusion_matrix(logits.argmax(dim=1), labels, len(classes))
         result = {
             "split": split,
             "checkpoint": f"{which}.pt",
@@ -56,11 +72,33 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
             **{k.removeprefix("split_"): v for k, v in stats.summary("split").items()},
             "per_class": {name: scores for name, scores in zip(classes, per_class_scores(confusion))},
         }
+        if (run / calibration.CALIBRATION).is_file():
+            try:
+                fitted = calibration.read(run, classes, run / f"{which}.pt")
+                result["calibration"] = calibration.scores(logits, labels, fitted["temperature"],
+                                                           fitted["threshold_list"])
+            except PlanktonioError as error:  # fitted for another checkpoint: said, not used
+                result["calibration"] = {"not_used": str(error)}
         if ctx.is_main:
             write_atomic(run / f"eval-{split}.json", json.dumps(result, indent=2) + "\n")
             write_confusion_csv(confusion, classes, run / f"confusion-{split}.csv")
             plot_confusion(confusion, classes, run / f"confusion-{split}.png", f"{run.name}: {split}")
-    return result
+        return result
+    return _logits_of(run, split, data, which, backend, other_data, "evaluate", written)
+
+
+def calibrate_run(run: Path, which: str = "best", target: float = 0.9, backend: str | None = None) -> dict:
+    """Fit the run's temperature and thresholds on its validation split; write RUN/calibration.json."""
+    run = Path(run)
+    if not 0 < target <= 1:
+        raise PlanktonioError(f"--target {target}: a precision in (0, 1]")
+
+    def written(ctx, state, stats, logits, labels, classes) -> dict:
+        fitted = calibration.calibrate(logits, labels, classes, target)
+        if ctx.is_main:
+            calibration.write(run, fitted, run / f"{which}.pt")
+        return fitted
+    return _logits_of(run, "valid", None, which, backend, False, "calibrate", written)
 
 
 def write_confusion_csv(confusion: torch.Tensor, classes: list[str], path: Path) -> None:

@@ -47,7 +47,7 @@ class Executor:
     """The model of a run on this rank's device, in its precision, over its data set (a context manager:
     closing it lets go of the DistributedDataParallel wrapper, which holds the process group)."""
 
-    def __init__(self, config: Config, data: Path, ctx: distributed.Context):
+    def __init__(self, config: Config, data: Path | PreparedDataset, ctx: distributed.Context):
         self.config, self.ctx, self.device = config, ctx, ctx.device
         t = config.training
         if self.device.type == "cuda":
@@ -57,7 +57,8 @@ class Executor:
         self.precision = resolve_precision(t.precision, self.device)
         self.amp_dtype = AMP_DTYPES[self.precision]
         self.output = loader_output(self.precision, self.device, t.channels_last)  # what loaders emit
-        self.dataset = PreparedDataset.load(data)
+        # (a prepared folder; or, for predict, a PreparedDataset made for unlabelled images: the classes)
+        self.dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
 
         torch.manual_seed(t.seed)  # the same initial head on every rank (DDP also broadcasts it)
         m = config.model
@@ -140,7 +141,7 @@ class Executor:
     def evaluate(self, loader, collect: bool = False, net: torch.nn.Module | None = None):
         """Loss, accuracy and top-5 over a whole split (every image once across ranks).
 
-        collect: also return this rank's predictions and labels (CPU tensors).
+        collect: also return this rank's logits (float32) and labels, as CPU tensors.
         net: what to run on the batches (the model's part after a feature cache's cut; default the model).
         """
         self.model.eval()
@@ -150,7 +151,7 @@ class Executor:
             logits = self.forward(images, net).float()
             sums.add(F.cross_entropy(logits, labels), logits, labels)
             if collect:
-                predictions.append(logits.argmax(dim=1))
+                predictions.append(logits)
                 targets.append(labels)
         stats: EpochStats = sums.read().reduced(self.device)
         if collect:

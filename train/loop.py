@@ -34,7 +34,7 @@ from tqdm import tqdm
 from planktonio.files import write_atomic
 from planktonio.loaders import resolve_device
 
-from . import distributed, run_record
+from . import calibration, distributed, run_record
 from .checkpointer import Checkpointer, NonFinite, Progress, check_finite, has_work_left, load_for_resume
 from .config import Config, dump
 from .early_stopping import EarlyStopping
@@ -352,6 +352,23 @@ class Trainer:
             test = {k.removeprefix("test_"): v for k, v in stats.summary("test").items()}
         if ex.ctx.is_main:
             self.write_summary(stop_reason, test)
+        if self.config.training.calibrate and not self.config.training.speed_run:
+            self.calibrate()
+
+    def calibrate(self) -> None:
+        """RUN/calibration.json from the best weights' validation logits (train/calibration.py)."""
+        self.phase = "calibrating on the validation split (all_reduce)"
+        _, logits, labels = self.ex.evaluate(self.inputs.valid, collect=True, net=self.eval_net)
+        shares = distributed.gather_to_main((logits, labels))  # each rank scored its share of the split
+        if self.ex.ctx.is_main:
+            logits, labels = torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
+            fitted = calibration.calibrate(logits, labels, list(self.ex.dataset.classes),
+                                           self.config.training.calibration_target)
+            path = calibration.write(self.out, fitted, self.out / "best.pt")
+            self.say(f"calibration: temperature {fitted['temperature']:.3f}, validation ECE "
+                     f"{fitted['validation']['ece_before']:.3f} -> {fitted['validation']['ece_after']:.3f}, "
+                     f"coverage {fitted['validation']['coverage']:.3f} at precision {fitted['target_precision']}: "
+                     f"{path}")
 
     def write_summary(self, stop_reason: str, test: dict | None) -> None:
         ex = self.ex

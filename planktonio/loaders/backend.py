@@ -64,6 +64,9 @@ class Backend:
     options: type = NoOptions                      # a dataclass of its own settings (loader.options)
     goals: tuple[Goal, ...] = ()
     trains: bool = True                            # a training run may use it (an upper bound may not)
+    # `train predict` may use it: it reads each image once, batch by batch (the cache decodes a whole split
+    # before its first batch and keeps it, which pays off from a second epoch on, never in one pass)
+    streams: bool = True
 
     def __post_init__(self):
         if self.role not in ROLES:

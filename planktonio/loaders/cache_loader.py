@@ -432,6 +432,6 @@ class CacheLoader(Loader):
 BACKENDS = (
     Backend("cache", "decode once (DALI) into uint8 images kept on the device; crops and resizes as tensor "
             "operations there", devices=("cpu", "cuda"), role="candidate", options=CacheOptions,
-            build=lambda spec, options: CacheLoader(spec, options),
+            build=lambda spec, options: CacheLoader(spec, options), streams=False,
             goals=(Goal("candidates", 1.0, "any", "nothing is decoded after the first epoch"),)),
 )

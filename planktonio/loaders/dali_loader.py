@@ -105,6 +105,16 @@ class PlanFeed:
                 plan.flip.astype(np.int32))
 
 
+class BrokenFile(PlanktonioError):
+    """A file DALI stopped on (it cannot skip a sample): which one, and why, for a caller that goes on
+    without it (`train predict`); a run reports it in one line."""
+
+    def __init__(self, position: int, path: str, reason: str, detail: str):
+        super().__init__(f"{path}: {reason} ({detail}); DALI stopped on it (rerun prepare if it broke since, "
+                         f"then resume)")
+        self.position, self.path, self.reason, self.detail = position, path, reason, detail
+
+
 class DaliLoader(Loader):
     """Batches from one DALI pipeline; decode_on_gpu: the mixed decoder (dali-gpu), else the CPU one."""
 
@@ -156,20 +166,21 @@ class DaliLoader(Loader):
         except RuntimeError:
             in_flight = list(self.feed.stream.in_flight)
             self.close()  # a DALI pipeline that failed cannot go on
-            if self.spec.shards is not None:
-                raise  # the bytes came from verified shards: not a file that changed since prepare
-            # DALI cannot skip a bad file and says only "Failed to decode sample #k":
-            # decode the files of every batch in flight again to find the culprit.
-            from ..dataset import inspect_image
-            root, entries = self.spec.dataset.root, self.spec.entries
-            suspects = [root / entries[p][0] for epoch, index in in_flight
-                        for p in self.batch_plan(epoch, index).positions.tolist()]
-            broken = [(path, problem) for path in suspects if (problem := inspect_image(path).problem)]
-            if not broken:
-                raise
-            path, (reason, detail) = broken[0]
-            raise PlanktonioError(f"{path}: {reason} ({detail}) since prepare checked it; DALI stopped on it. "
-                                  f"Rerun prepare, then resume") from None
+            # DALI cannot skip a bad file and says only "Failed to decode sample #k": decode the images of
+            # every batch in flight again, on the CPU, to find the culprit (a batch or three, once).
+            from ..dataset import _decode_check, inspect_image
+            suspects = [p for epoch, index in in_flight for p in self.batch_plan(epoch, index).positions.tolist()]
+            for position in suspects:
+                if self.spec.shards is None:
+                    path = self.spec.dataset.root / self.spec.entries[position][0]
+                    problem = inspect_image(path).problem
+                else:
+                    path = self.spec.shards.describe(position)
+                    problem = _decode_check(self.spec.entries[position][0],
+                                            self.spec.shards.read(position).tobytes()).problem
+                if problem:
+                    raise BrokenFile(position, str(path), *problem) from None
+            raise
 
     def close(self) -> None:
         if self._outputs is not None:

@@ -6,7 +6,7 @@ loads the files and puts the sections (and the goals they checked) together.
 
 from __future__ import annotations
 
-from . import amp, inspect, loaders, smoke, suite, training
+from . import amp, inspect, loaders, predict, smoke, suite, training
 
 SECTIONS = {
     suite.KIND: suite.section,
@@ -14,6 +14,7 @@ SECTIONS = {
     loaders.KIND: loaders.section,
     amp.KIND: amp.section,
     training.KIND: training.section,
+    predict.KIND: predict.section,
     "inspect": inspect.trace_section,
     "inspect-ranks": inspect.ranks_section,
     "inspect-compare": inspect.compare_section,

@@ -1,0 +1,239 @@
+"""`python -m train predict` (train/predict.py, planktonio/unlabelled.py): new images classified by a run, with
+its evaluation transform, every good image exactly once, bad files rejected with the reason, resumable and
+split into shards of a job array, each output carrying its provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from planktonio import PreparedDataset
+from planktonio import unlabelled
+from train import config as config_module
+from train import distributed
+from train import predict as predict_module
+from train.executor import Executor
+from train.signals import EXIT_INTERRUPTED
+
+from .helpers import one_line_error, run_train
+
+
+def predicted(out) -> pd.DataFrame:
+    return predict_module.read_predictions(out).sort_values("path").reset_index(drop=True)
+
+
+def without_provenance(out) -> dict:
+    """Every unit file's table (and record), as values: what two equal runs must both have written."""
+    tables = {}
+    for path in sorted((out / "units").iterdir()):
+        if path.suffix == ".parquet":
+            tables[path.name] = pd.read_parquet(path).to_dict("list")
+        elif path.suffix == ".json":
+            tables[path.name] = json.loads(path.read_text())
+    return tables
+
+
+def test_predict_gives_evaluate_s_probabilities(finished_run, plankton, test_split_list, tmp_path, capsys):
+    """On the prepared test split, predict's top-1 classes and probabilities are evaluate's for the same
+    checkpoint and backend: bitwise, in fp32 on this CPU."""
+    code, out, err = run_train(["predict", "--run", finished_run, "--images", test_split_list, "--out",
+                                tmp_path / "pred"], capsys)
+    assert code == 0, err
+    table = predicted(tmp_path / "pred")
+    config = config_module.load(finished_run / "config.yaml")
+    state = torch.load(finished_run / "best.pt", weights_only=True)
+    with distributed.Session(torch.device("cpu"), 60) as ctx, Executor(config, plankton, ctx) as executor:
+        executor.model.load_state_dict(state["model"])
+        with executor.eval_loader("test") as loader:
+            _, logits, labels = executor.evaluate(loader, collect=True)
+    dataset = PreparedDataset.load(plankton)
+    paths = [str(dataset.root / path) for path, _ in dataset.entries("test")]
+    expected = F.softmax(logits, dim=1).numpy()
+    order = np.argsort(paths)
+    classes = list(state["classes"])
+    assert table["path"].tolist() == [paths[i] for i in order]
+    got = table[[f"p_{c}" for c in classes]].to_numpy()
+    assert np.array_equal(got, expected[order])  # bitwise
+    assert table["top1"].tolist() == [classes[c] for c in expected[order].argmax(axis=1)]
+    assert table["label"].tolist() == table["top1"].tolist()  # no thresholds asked for
+
+
+def test_the_training_augmentation_is_never_used(finished_run, test_split_list, tmp_path, capsys):
+    """The run trained with random crops and flips; the same weights with no augmentation at all predict
+    exactly the same: predict takes the run's evaluation transform."""
+    plain = shutil.copytree(finished_run, tmp_path / "plain")
+    values = config_module.parse_yaml((plain / "config.yaml").read_text())
+    assert values["augment"]["train"]["crop"] == "random_resized" and values["augment"]["train"]["hflip"] > 0
+    values["augment"]["train"] = values["augment"]["eval"]
+    (plain / "config.yaml").write_text(config_module.dump(config_module.from_dict(values)))
+    for run, out in ((finished_run, tmp_path / "a"), (plain, tmp_path / "b")):
+        assert run_train(["predict", "--run", run, "--images", test_split_list, "--out", out], capsys)[0] == 0
+    assert predicted(tmp_path / "a").equals(predicted(tmp_path / "b"))
+
+
+@pytest.fixture
+def bad_folder(plankton, tmp_path):
+    """Three samples of good images with bad files planted in them."""
+    dataset = PreparedDataset.load(plankton)
+    source = tmp_path / "images"
+    good = []
+    for number, (path, _) in enumerate(dataset.entries("valid")[:30]):
+        target = source / f"station{number % 3}" / f"{number:03d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(dataset.root / path, target)
+        good.append(target.relative_to(source).as_posix())
+    whole = (source / "station0" / "000.jpg").read_bytes()
+    (source / "station0" / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
+    (source / "station1" / "empty.jpg").write_bytes(b"")
+    (source / "station1" / "notes.png").write_text("not an image\n")
+    Image.fromarray(np.full((20, 20), 1000, dtype=np.uint16)).save(source / "station2" / "wide.png")
+    (source / "station2" / "folder.jpg").mkdir()
+    return source, good
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali-cpu"])
+def test_bad_files_are_rejected_with_the_reason_and_every_good_image_is_predicted_once(finished_run, bad_folder,
+                                                                                     tmp_path, capsys, backend):
+    """Truncated, empty, text and 16-bit files and a folder named like an image: the run ends (exit 0), the bad
+    ones are in rejected.csv with their reasons, every good image once. DALI stops a pipeline on a bad file:
+    the batch is run again without it."""
+    source, good = bad_folder
+    code, out, err = run_train(["predict", "--run", finished_run, "--images", source, "--out", tmp_path / "pred",
+                                "--backend", backend, "--batch-size", "4"], capsys)
+    assert code == 0, err
+    if backend == "dali-cpu":  # the batch DALI stopped on, run again without the file
+        assert "truncated.jpg: truncated" in out and "rejected; going on without it" in out
+    table = predicted(tmp_path / "pred")
+    assert sorted(table["path"]) == sorted(good) and table["path"].is_unique
+    rejected = pd.read_csv(tmp_path / "pred" / "rejected.csv")
+    assert dict(zip(rejected["path"], rejected["reason"])) == {
+        "station0/truncated.jpg": "truncated", "station1/empty.jpg": "empty", "station1/notes.png": "not an image",
+        "station2/wide.png": "unsupported bit depth"}
+    samples = pd.read_csv(tmp_path / "pred" / "samples.csv").set_index("sample")
+    assert samples["images"].to_dict() == {"station0": 11, "station1": 12, "station2": 11}
+    assert samples["rejected"].to_dict() == {"station0": 1, "station1": 2, "station2": 1}
+    classes = json.loads((tmp_path / "pred" / "provenance.json").read_text())["classes"]
+    assert (samples[classes].sum(axis=1) == samples["images"] - samples["rejected"]).all()
+
+
+def test_a_stopped_prediction_goes_on_to_the_same_outputs_and_shards_make_the_whole(finished_run, bad_folder,
+                                                                                  tmp_path, capsys, monkeypatch):
+    """SIGTERM after the second batch: exit 75, the units done are kept; the same command again finishes the
+    rest, and the outputs are those of an uninterrupted run, no image twice. --shard 0/2 and 1/2 together
+    write the same units as the whole."""
+    source, _ = bad_folder
+    args = ["predict", "--run", finished_run, "--images", source, "--batch-size", "4", "--format", "parquet"]
+    assert run_train([*args, "--out", tmp_path / "whole"], capsys)[0] == 0
+
+    put = predict_module.Writer.put
+    calls = {"n": 0}
+
+    def stopping_put(self, ready, host):
+        put(self, ready, host)
+        calls["n"] += 1
+        if calls["n"] == 4:  # after 16 images: the first sample's unit (11 images) is done, the second is not
+            os.kill(os.getpid(), signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(predict_module.Writer, "put", stopping_put)
+        code, out, _ = run_train([*args, "--out", tmp_path / "split"], capsys)
+    assert code == EXIT_INTERRUPTED and "stopping on SIGTERM: 1 unit(s) written" in out
+    assert not (tmp_path / "split" / "samples.csv").exists()
+    code, out, _ = run_train([*args, "--out", tmp_path / "split"], capsys)
+    assert code == 0 and "2 to do" in out
+    assert without_provenance(tmp_path / "split") == without_provenance(tmp_path / "whole")
+    for index in (0, 1):
+        assert run_train([*args, "--out", tmp_path / "sharded", "--shard", f"{index}/2"], capsys)[0] == 0
+    assert without_provenance(tmp_path / "sharded") == without_provenance(tmp_path / "whole")
+    assert (tmp_path / "sharded" / "samples.csv").read_text() == (tmp_path / "whole" / "samples.csv").read_text()
+
+
+def test_every_output_carries_its_provenance(finished_run, test_split_list, tmp_path, capsys):
+    for fmt in ("parquet", "csv"):
+        assert run_train(["predict", "--run", finished_run, "--images", test_split_list, "--out", tmp_path / fmt,
+                          "--format", fmt, "--float16", "--embeddings"], capsys)[0] == 0
+        unit = next((tmp_path / fmt / "units").glob(f"*.{fmt}"))
+        provenance = predict_module.provenance_of(unit)
+        assert provenance["checkpoint"] == "best.pt" and len(provenance["checkpoint_sha256"]) == 64
+        assert provenance["transform"]["crop"] == "center" and provenance["calibration"] is None
+        assert {"torch", "dali", "pyarrow"} <= set(provenance["versions"]) and provenance["command"].startswith(
+            "python -m train predict")
+        embeddings = np.load(unit.with_name(unit.name.replace(f".{fmt}", ".embeddings.npy")))
+        assert embeddings.dtype == np.float16 and embeddings.shape == (40, 64)  # tiny-cnn's head takes 64 values
+    table = predict_module.read_predictions(tmp_path / "parquet")
+    assert table["p_copepod"].dtype == np.float16
+
+
+def test_units_of_other_settings_in_the_same_out_are_refused(finished_run, test_split_list, tmp_path, capsys):
+    args = ["predict", "--run", finished_run, "--images", test_split_list, "--out", tmp_path / "pred"]
+    assert run_train(args, capsys)[0] == 0
+    code, _, err = run_train([*args, "--top-k", "2"], capsys)
+    assert "predicted with other settings or another checkpoint" in one_line_error(code, err)
+    assert run_train([*args, "--top-k", "2", "--overwrite"], capsys)[0] == 0
+
+
+def test_a_backend_that_keeps_a_split_is_not_used_for_one_pass(finished_run, test_split_list, tmp_path, capsys):
+    """The cache backend decodes a whole split before its first batch: asked for, it is a one-line error; a run
+    trained with it predicts with the default backend, and says so."""
+    args = ["predict", "--run", finished_run, "--images", test_split_list]
+    code, _, err = run_train([*args, "--out", tmp_path / "asked", "--backend", "cache"], capsys)
+    assert "predict reads each image once: choose one of dali-gpu, dali-cpu, torchvision, pil" in \
+        one_line_error(code, err)
+    run = tmp_path / "cached-run"
+    shutil.copytree(finished_run, run)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace(f"backend: {config_module.load(run / 'config.yaml').loader.backend}",
+                                                  "backend: cache"))
+    assert config_module.load(run / "config.yaml").loader.backend == "cache"
+    code, out, err = run_train(["predict", "--run", run, "--images", test_split_list, "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    assert "the run trained with the cache backend" in out and "predicting with dali" in out
+    assert predict_module.provenance_of(next((tmp_path / "run" / "units").glob("*.parquet")))["backend"] == "dali"
+
+
+def test_the_inputs_it_reads(tmp_path):
+    """A folder: each folder holding images is a sample; a list: paths relative to the list; tar shards."""
+    for sample, names in (("day1/bin1", ("a.jpg", "b.png")), ("day1/bin2", ("c.jpg",)), ("day2", ("d.jpg",))):
+        (tmp_path / "src" / sample).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (30, 20), (9, 9, 9)).save(tmp_path / "src" / sample / name)
+    (tmp_path / "src" / "day1" / "bin1" / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / "src" / "day1" / "bin1" / "notes.txt").write_text("x")
+    catalog = unlabelled.discover(tmp_path / "src")
+    assert catalog.paths == ["day1/bin1/a.jpg", "day1/bin1/b.png", "day1/bin2/c.jpg", "day2/d.jpg"]
+    assert [u.name for u in catalog.units] == ["day1%2Fbin1.part0000", "day1%2Fbin2.part0000", "day2.part0000"]
+    widths, heights, problems = unlabelled.read_headers(catalog, np.arange(4))
+    assert widths.tolist() == [30] * 4 and heights.tolist() == [20] * 4 and problems == {}
+    listing = tmp_path / "list.txt"
+    listing.write_text("src/day2/d.jpg\n# a comment\n\nsrc/day1/bin1/a.jpg\n")
+    listed = unlabelled.discover(listing)
+    assert listed.paths == [str(tmp_path / "src/day1/bin1/a.jpg"), str(tmp_path / "src/day2/d.jpg")]
+    assert [u.name for u in listed.units] == ["list.part0000"]
+    with pytest.raises(unlabelled.PlanktonioError, match="no such file or folder"):
+        unlabelled.discover(tmp_path / "nowhere")
+
+
+@pytest.mark.gpu
+def test_predict_on_a_gpu_gives_the_cpu_s_classes(finished_run, test_split_list, tmp_path, capsys):
+    """The same weights and decoder (DALI's CPU one) on cuda and on the CPU: the same top-1 classes, the
+    probabilities within cuDNN's rounding (the results reach the writer through pinned host memory)."""
+    for device in ("cpu", "cuda"):
+        code, _, err = run_train(["predict", "--run", finished_run, "--images", test_split_list, "--out",
+                                  tmp_path / device, "--device", device, "--backend", "dali-cpu",
+                                  "--precision", "fp32"], capsys)
+        assert code == 0, err
+    on_cpu, on_gpu = predicted(tmp_path / "cpu"), predicted(tmp_path / "cuda")
+    assert on_gpu["path"].tolist() == on_cpu["path"].tolist()
+    columns = [c for c in on_cpu.columns if c.startswith("p_")]
+    # cuDNN may run fp32 convolutions in TF32 (Ampere and later): about 1e-3 relative
+    assert np.allclose(on_gpu[columns].to_numpy(), on_cpu[columns].to_numpy(), atol=5e-3)
+    clear = (on_cpu["top1_prob"] - on_cpu["top2_prob"]) > 1e-2  # no near-tie that rounding may turn
+    assert (on_gpu["top1"][clear] == on_cpu["top1"][clear]).all() and clear.sum() > 0
