@@ -11,13 +11,18 @@ Layout written to OUT:
                                      format of DALI's readers.file(file_list=)
     classes.json                     class names (label = index), the source
                                      root the paths are relative to, counts
-    image_info.json                  per split, in manifest order: width, height
-                                     (EXIF orientation applied), bytes, mtime
+    index/train.npz, ...             per split, in manifest order, as numpy columns
+                                     (planktonio/index.py): path, label, width, height
+                                     (EXIF orientation applied), bytes, mtime, sha256;
+                                     what every run reads (the text is for people)
     rejected.csv                     path,reason,detail for every bad file
     skipped.csv                      path,reason for every file that is not a
                                      candidate (other extensions, top-level files)
     duplicates.csv                   group,sha256,class,path,split for every file
                                      whose bytes another file also has
+
+Every candidate is decoded by worker processes into columns, journaled so
+that a stopped prepare goes on where it was (planktonio/inspection.py).
 
 Byte-identical copies (found by the sha256 each decode check also takes):
 copies within one class are kept, all in the split of their first copy, so
@@ -27,13 +32,13 @@ classes are dropped (why: see the comment in `prepare`).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import io
 import json
 import os
 import random
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,13 +47,16 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import PlanktonioError
 from .files import write_atomic
+from .index import STAT_THREADS, Entries, SplitIndex, index_file, stat_files
+from .inspection import inspect_files
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 TORCHVISION_DECODES = {".jpg", ".jpeg", ".png"}
 SPLITS = ("train", "valid", "test")
-# Version of the prepared layout: 2 added image_info.json (image sizes for the augmentation plans).
-FORMAT = 2
-IMAGE_INFO = "image_info.json"
+# Version of the prepared layout: 2 added image_info.json (image sizes for the augmentation plans); 3 put
+# what prepare records of each image in the binary index (planktonio/index.py) instead.
+FORMAT = 3
+IMAGE_INFO = "image_info.json"  # format 2's; removed by a prepare of format 3
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
@@ -111,11 +119,12 @@ def scan_classes(source: Path) -> Scan:
         files = []
         for folder, subfolders, names in os.walk(entry, onerror=unreadable):
             subfolders.sort()
+            prefix = Path(folder).relative_to(source).as_posix() + "/"  # (once per folder, not per file)
             for name in sorted(names):
-                rel = Path(folder, name).relative_to(source).as_posix()
+                rel = prefix + name
                 if name.startswith("."):
                     skipped[rel] = "hidden file"
-                elif Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                elif os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                     skipped[rel] = f"not an image extension ({', '.join(sorted(IMAGE_EXTENSIONS))})"
                 else:
                     files.append(rel)
@@ -201,27 +210,6 @@ def _decode_check(path: str | os.PathLike, data: bytes) -> ImageCheck:
     return ImageCheck(None, width, height)
 
 
-def _inspect_chunk(paths: list[str]) -> list[ImageCheck]:
-    return [inspect_image(p) for p in paths]
-
-
-def inspect_images(root: Path, relpaths: list[str], workers: int | None = None) -> dict[str, ImageCheck]:
-    """Decode and hash every file in parallel; {relpath: ImageCheck}."""
-    if not relpaths:
-        return {}
-    workers = workers or os.cpu_count() or 1
-    absolute = [str(Path(root) / p) for p in relpaths]
-    # Chunks amortise the per-task overhead; many chunks keep all workers busy.
-    size = max(1, min(256, len(absolute) // (workers * 8) or 1))
-    chunks = [absolute[i:i + size] for i in range(0, len(absolute), size)]
-    if workers == 1 or len(chunks) == 1:
-        results = [r for chunk in chunks for r in _inspect_chunk(chunk)]
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = [r for chunk_result in pool.map(_inspect_chunk, chunks) for r in chunk_result]
-    return dict(zip(relpaths, results))
-
-
 # --------------------------------------------------------------- splitting
 
 
@@ -279,15 +267,23 @@ class CopyGroup:
         return sorted({name for name, _ in self.files})
 
 
-def find_copies(files_by_class: dict[str, list[str]], checks: dict[str, ImageCheck]) -> list[CopyGroup]:
-    """Every group of two or more byte-identical files, in the order of their first paths."""
-    by_digest: dict[str, list[tuple[str, str]]] = {}
-    for name, files in files_by_class.items():
-        for path in files:
-            by_digest.setdefault(checks[path].sha256, []).append((name, path))
-    groups = [CopyGroup(digest, tuple(sorted(files, key=lambda f: f[1])))
-              for digest, files in by_digest.items() if len(files) > 1]
-    return sorted(groups, key=lambda group: group.files[0][1])
+def find_copies(paths: list[str], class_of: np.ndarray, classes: list[str], sha256: np.ndarray,
+                usable: np.ndarray) -> list[CopyGroup]:
+    """Every group of two or more byte-identical usable files, in the order of their first paths (found by
+    sorting the digests: no Python object per image)."""
+    positions = np.flatnonzero(usable)
+    if not len(positions):
+        return []
+    digests = np.ascontiguousarray(sha256[positions]).view(np.dtype((np.void, 32))).ravel()
+    _, inverse, counts = np.unique(digests, return_inverse=True, return_counts=True)
+    repeated = np.flatnonzero(counts[inverse] > 1)
+    groups: dict[int, list[int]] = {}
+    for i in repeated.tolist():
+        groups.setdefault(int(inverse[i]), []).append(int(positions[i]))
+    found = [CopyGroup(bytes(sha256[members[0]]).hex(),
+                       tuple(sorted(((classes[class_of[p]], paths[p]) for p in members), key=lambda f: f[1])))
+             for members in groups.values()]
+    return sorted(found, key=lambda group: group.files[0][1])
 
 
 def _in_other_classes(group: CopyGroup, name: str, path: str) -> str:
@@ -348,11 +344,15 @@ class PrepareResult:
 
 
 def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | None = None,
-            seed: int = 0, workers: int | None = None, exclude: tuple[str, ...] = ()) -> PrepareResult:
-    """Scan, validate, filter and split `source`; write manifests into `out`.
+            seed: int = 0, workers: int | None = None, exclude: tuple[str, ...] = (),
+            progress: bool | None = None) -> PrepareResult:
+    """Scan, validate, filter and split `source`; write manifests and the binary index into `out`.
 
     exclude: class names to leave out, e.g. another prepared set's classes
     (pretraining on the classes a later fine-tuning does not use).
+    progress: a progress bar of the decoding (default: when stderr is a terminal).
+    The decoding is journaled in OUT (planktonio/inspection.py): the same call
+    after a stop goes on where it was, to the same result.
     """
     source, out = Path(source).resolve(), Path(out)
     if out.exists() and not out.is_dir():
@@ -362,11 +362,19 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     found = {name: files for name, files in scan.classes.items() if name not in set(exclude)}
     if not found:
         raise PlanktonioError(f"source {source}: every class folder is excluded ({len(exclude)} names)")
-    all_files = [f for files in found.values() for f in files]
-    unsafe = {path: ("unsafe name", reason) for path in all_files if (reason := unsafe_name_reason(path))}
-    checks = inspect_images(source, [f for f in all_files if f not in unsafe], workers)
-    rejected = {**unsafe, **{path: check.problem for path, check in checks.items() if check.problem is not None}}
-    usable = {name: [f for f in files if f not in rejected] for name, files in found.items()}
+    # Every candidate by position: class after class, each class's paths sorted (scan_classes sorts them).
+    names = list(found)
+    paths = [f for files in found.values() for f in files]
+    class_of = np.repeat(np.arange(len(names), dtype=np.int32), [len(found[n]) for n in names])
+    class_start = dict(zip(names, np.concatenate([[0], np.cumsum([len(found[n]) for n in names])]).tolist()))
+    unsafe = {p: ("unsafe name", reason) for p, path in enumerate(paths) if (reason := unsafe_name_reason(path))}
+    skip = np.zeros(len(paths), dtype=bool)
+    skip[list(unsafe)] = True
+    out.mkdir(parents=True, exist_ok=True)
+    checks, journal = inspect_files(source, paths, skip, workers or os.cpu_count() or 1, out, progress)
+    rejected = {**unsafe, **checks.problems}  # position -> (reason, detail)
+    usable = np.ones(len(paths), dtype=bool)
+    usable[list(rejected)] = False
 
     # Copies filed under two or more classes are dropped, every one of them.
     # Not refused as a whole run: one misfiled picture among tens of thousands
@@ -376,17 +384,20 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     # labels. Not one copy kept: the files cannot say which label is right, so
     # a kept copy trains or tests on a label that may be wrong, and one copy in
     # train with another in test would leak a test image into training.
-    copy_groups = find_copies(usable, checks)
+    copy_groups = find_copies(paths, class_of, names, checks.sha256, usable)
     for group in copy_groups:
         if len(group.classes) > 1:
             for name, path in group.files:
-                rejected[path] = ("duplicate in another class", _in_other_classes(group, name, path))
-    usable = {name: [f for f in files if f not in rejected] for name, files in usable.items()}
+                position = _position(found, class_start, name, path)
+                rejected[position] = ("duplicate in another class", _in_other_classes(group, name, path))
+                usable[position] = False
     # Copies within a class: each image counts once, and its extra copies follow its first copy.
     copies = {group.files[0][1]: [path for _, path in group.files[1:]]
               for group in copy_groups if len(group.classes) == 1}
-    extra = {path for paths in copies.values() for path in paths}
-    distinct = {name: [f for f in files if f not in extra] for name, files in usable.items()}
+    extra = {path for others in copies.values() for path in others}
+    usable_count = {name: int(np.count_nonzero(usable[class_of == c])) for c, name in enumerate(names)}
+    distinct = {name: [f for p, f in enumerate(found[name], start=class_start[name]) if usable[p] and f not in extra]
+                for name in names}
 
     kept = [name for name, images in distinct.items() if len(images) >= min_images and len(images) > 0]
     dropped = {name: len(images) for name, images in distinct.items() if name not in kept}
@@ -400,29 +411,38 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
         if sum(wanted) > len(distinct[name]):
             raise PlanktonioError(
                 f"class {name!r} has {len(distinct[name])} usable images"
-                f"{' (not counting copies)' if len(distinct[name]) < len(usable[name]) else ''} but the split asks "
-                f"for {sum(wanted)} ({'+'.join(map(str, wanted))}); lower --per-class or raise --min-images")
+                f"{' (not counting copies)' if len(distinct[name]) < usable_count[name] else ''} but the split "
+                f"asks for {sum(wanted)} ({'+'.join(map(str, wanted))}); lower --per-class or raise --min-images")
 
     splits: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
+    positions: dict[str, list[int]] = {s: [] for s in SPLITS}
     for label, name in enumerate(kept):
         parts = split_class(distinct[name], plan.counts(len(distinct[name])), seed, name, copies)
         for split in SPLITS:
             splits[split].extend((path, label) for path in parts[split])
+            positions[split].extend(_position(found, class_start, name, path) for path in parts[split])
+    del distinct
 
-    out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        write_atomic(out / f"{split}.txt", "".join(f"{p} {l}\n" for p, l in splits[split]))
-    write_atomic(out / "rejected.csv", _rejected_csv(source, rejected))
+        manifest = "".join(f"{p} {l}\n" for p, l in splits[split]).encode("utf-8")
+        at = np.asarray(positions[split], dtype=np.int64)
+        index = SplitIndex.build([p for p, _ in splits[split]], [l for _, l in splits[split]], checks.width[at],
+                                 checks.height[at], checks.bytes[at], checks.mtime_ns[at], checks.sha256[at],
+                                 manifest)
+        index.write(index_file(out, split))  # the index first: a manifest without its index is never read
+        write_atomic(out / f"{split}.txt", manifest)
+    rejected_paths = {paths[p]: problem for p, problem in rejected.items()}
+    write_atomic(out / "rejected.csv", _rejected_csv(source, rejected_paths))
     write_atomic(out / "skipped.csv", _skipped_csv(source, scan.skipped))
     write_atomic(out / "duplicates.csv", _duplicates_csv(source, copy_groups, splits))
-    write_atomic(out / IMAGE_INFO, json.dumps(_image_info(source, splits, checks)) + "\n")
+    (out / IMAGE_INFO).unlink(missing_ok=True)  # what an older prepare wrote: the index holds it now
     meta = {
         "format": FORMAT,
         "root": str(source),
         "classes": kept,
         "num_classes": len(kept),
         "split_sizes": {s: len(splits[s]) for s in SPLITS},
-        "usable_per_class": {name: len(usable[name]) for name in kept},
+        "usable_per_class": {name: usable_count[name] for name in kept},
         "dropped_classes": dropped,
         "excluded_classes": sorted(exclude),
         "rejected": len(rejected),
@@ -434,35 +454,14 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
         **plan.describe(),
     }
     write_atomic(out / "classes.json", json.dumps(meta, indent=2) + "\n")
-    return PrepareResult(out, kept, splits, rejected, {n: len(usable[n]) for n in kept}, dropped, scan.skipped,
-                         copy_groups)
+    journal.remove()
+    return PrepareResult(out, kept, splits, rejected_paths, {n: usable_count[n] for n in kept}, dropped,
+                         scan.skipped, copy_groups)
 
 
-def _image_info(source: Path, splits: dict[str, list[tuple[str, int]]], checks: dict[str, ImageCheck]) -> dict:
-    """Per split, in manifest order: each image's size (for the augmentation plans), bytes and mtime.
-
-    Kept apart from the manifests, which stay in DALI's file_list format (its
-    label is the last integer of a line, so no column can be appended).
-    Bytes and modification time let a run check cheaply that files did not
-    change since they were decoded here.
-    """
-    info = {}
-    for split, entries in splits.items():
-        stats = [os.stat(source / path) for path, _ in entries]
-        info[split] = {
-            "width": [checks[path].width for path, _ in entries],
-            "height": [checks[path].height for path, _ in entries],
-            "bytes": [s.st_size for s in stats],
-            "mtime_ns": [s.st_mtime_ns for s in stats],
-        }
-    return {**info, "checksum": _info_checksum(info)}
-
-
-def _info_checksum(info: dict) -> str:
-    """sha256 of the recorded sizes, bytes and dates of every split: an edited image_info.json (a width
-    changed by hand) would make DALI, which crops by the recorded size, cut the wrong box without a word."""
-    splits = {split: info[split] for split in SPLITS if split in info}
-    return hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
+def _position(found: dict[str, list[str]], class_start: dict[str, int], name: str, path: str) -> int:
+    """A candidate's position: its class's first, plus its place in the class's sorted paths."""
+    return class_start[name] + bisect.bisect_left(found[name], path)
 
 
 def _skipped_csv(source: Path, skipped: dict[str, str]) -> str:
@@ -519,6 +518,34 @@ def manifest_line_problem(line: str, num_classes: int) -> str | None:
     return None
 
 
+def read_manifest(manifest: Path, num_classes: int) -> list[tuple[str, int]]:
+    """A text manifest's (path, label) pairs, every line checked; a one-line error naming a bad line. What
+    people and DALI's file_list read; a run reads the binary index, and reads this only to say how a
+    manifest edited since prepare differs from it."""
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlanktonioError(f"{manifest}: cannot be read as UTF-8 text ({error}); rerun prepare") from None
+    if text.startswith("\ufeff"):
+        raise PlanktonioError(f"{manifest}: starts with a byte-order mark (U+FEFF: an editor saved it as "
+                              f"'UTF-8 with BOM'); save it as plain UTF-8, or rerun prepare")
+    entries = []
+    for number, line in enumerate(text.split("\n"), start=1):  # "\n" only: prepare writes no other break
+        if not line.strip():
+            continue
+        problem = manifest_line_problem(line, num_classes)
+        if problem:
+            raise PlanktonioError(f"{manifest}:{number}: {problem} in {line!r}; rerun prepare or fix the line")
+        path, _, label = line.rpartition(" ")
+        entries.append((path, int(label)))
+    return entries
+
+
+# Indexes read and checked, by file and state: a run asks for a split's several times (its loaders, the
+# feature cache, the test at the end), and checking a million images' columns once is enough.
+_checked: dict[tuple, SplitIndex] = {}
+
+
 @dataclass(frozen=True)
 class PreparedDataset:
     """A folder written by `prepare`: what the loaders read."""
@@ -555,44 +582,54 @@ class PreparedDataset:
             raise PlanktonioError(f"{manifest}: manifest not found")
         return manifest
 
-    def entries(self, split: str) -> list[tuple[str, int]]:
-        """(relative path, label) pairs of a split, in manifest order."""
-        manifest = self.manifest(split)
+    def index(self, split: str) -> SplitIndex:
+        """The split's binary index, checked (planktonio/index.py), and in agreement with its text manifest."""
+        manifest, path = self.manifest(split), index_file(self.path, split)
         try:
-            text = manifest.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise PlanktonioError(f"{manifest}: cannot be read as UTF-8 text ({error}); rerun prepare") from None
-        if text.startswith("\ufeff"):
-            raise PlanktonioError(f"{manifest}: starts with a byte-order mark (U+FEFF: an editor saved it as "
-                                  f"'UTF-8 with BOM'); save it as plain UTF-8, or rerun prepare")
-        entries = []
-        for number, line in enumerate(text.split("\n"), start=1):  # "\n" only: prepare writes no other break
-            if not line.strip():
-                continue
-            problem = manifest_line_problem(line, self.num_classes)
-            if problem:
-                raise PlanktonioError(f"{manifest}:{number}: {problem} in {line!r}; rerun prepare or fix the line")
-            path, _, label = line.rpartition(" ")
-            entries.append((path, int(label)))
-        return entries
+            key = (str(path.resolve()), self.num_classes, *_state(path), *_state(manifest))
+        except FileNotFoundError:
+            key = None
+        if key in _checked:
+            return _checked[key]
+        index = SplitIndex.read(path)
+        text = manifest.read_bytes()
+        if hashlib.sha256(text).digest() != index.manifest_sha256:
+            read_manifest(manifest, self.num_classes)  # a bad line is named first
+            raise PlanktonioError(f"{manifest}: differs from what prepare wrote (edited since?), and a run reads "
+                                  f"{path}; rerun prepare")
+        index.check(path, self.num_classes)
+        if key is not None:
+            _checked.clear()  # (one data set at a time is the common case: keep memory flat)
+            _checked[key] = index
+        return index
 
-    def check_files_unchanged(self, split: str, entries: list[tuple[str, int]], info: "ImageInfo") -> None:
+    def entries(self, split: str) -> Entries:
+        """(relative path, label) pairs of a split, in manifest order (made one at a time when asked)."""
+        return Entries(self.index(split))
+
+    def check_files_unchanged(self, split: str, workers: int = STAT_THREADS) -> None:
         """Fail before a run starts, naming the file, if one moved or changed since `prepare` decoded it.
 
         DALI stops the whole pipeline on a bad file, possibly hours in; sizes
-        and modification times are the cheap check (one stat per file).
+        and modification times are the cheap check: one stat per file, made by
+        `workers` threads at once (a network file system answers each after a
+        round trip), compared with the recorded ones in one vectorised step.
         """
-        for i, (path, _) in enumerate(entries):
-            try:
-                stat = os.stat(self.root / path)
-            except FileNotFoundError:
-                raise self._missing(split, path) from None
-            except OSError as error:
-                raise PlanktonioError(f"{self.root / path}: cannot be read ({error.strerror})") from None
-            if stat.st_size != info.bytes[i] or stat.st_mtime_ns != info.mtime_ns[i]:
-                raise PlanktonioError(
-                    f"{self.root / path}: changed since prepare checked it ({stat.st_size} bytes, was "
-                    f"{info.bytes[i]}; or a newer modification time); rerun prepare to check it again")
+        index = self.index(split)
+        sizes, mtimes, problems = stat_files(self.root, index, workers)
+        changed = np.flatnonzero((sizes != index.bytes) | (mtimes != index.mtime_ns))
+        if not len(changed):
+            return
+        first = int(changed[0])
+        path = index.path(first)
+        if first in problems:
+            if problems[first] == "missing":
+                raise self._missing(split, path)
+            raise PlanktonioError(f"{self.root / path}: cannot be read ({problems[first]})")
+        raise PlanktonioError(
+            f"{self.root / path}: changed since prepare checked it ({sizes[first]} bytes, was "
+            f"{index.bytes[first]}; or a newer modification time); rerun prepare to check it again"
+            + (f" ({len(changed) - 1} more changed)" if len(changed) > 1 else ""))
 
     def fingerprint(self) -> str:
         """sha256 of the class names and the three manifests: what a run trains, validates and tests on."""
@@ -607,38 +644,21 @@ class PreparedDataset:
         return PlanktonioError(f"{self.root / path}: listed in {self.manifest(split)} but missing; "
                                f"rerun prepare if the source moved")
 
-    def image_sizes(self, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def image_sizes(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(widths, heights) of a split's images in manifest order."""
-        info = self.image_info(split, count)
+        info = self.image_info(split)
         return info.width, info.height
 
-    def image_info(self, split: str, count: int) -> "ImageInfo":
-        """A split's image sizes, bytes and modification times, in manifest order, as `prepare` recorded them.
+    def image_info(self, split: str) -> "ImageInfo":
+        """A split's image sizes, bytes and modification times, in manifest order, as `prepare` recorded them
+        (the augmentation plans need the sizes)."""
+        index = self.index(split)
+        return ImageInfo(index.width, index.height, index.bytes, index.mtime_ns)
 
-        The augmentation plans need the sizes; a folder prepared before they
-        were recorded (or edited by hand since) is an error that says to rerun prepare.
-        """
-        info_file = self.path / IMAGE_INFO
-        rerun = "rerun `python -m planktonio prepare` to write it"
-        if not info_file.is_file():
-            raise PlanktonioError(f"{info_file}: not found: {self.path} was prepared by an older planktonio; {rerun}")
-        try:
-            recorded = json.loads(info_file.read_text())
-            fields = recorded[split]
-            info = ImageInfo(*(np.asarray(fields[name], dtype=np.int64)
-                               for name in ("width", "height", "bytes", "mtime_ns")))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, OverflowError) as error:
-            raise PlanktonioError(f"{info_file}: not a valid image_info.json ({error}); {rerun}") from None
-        # (files of an older prepare have no checksum: their sizes are taken as they are)
-        if "checksum" in recorded and recorded["checksum"] != _info_checksum(recorded):
-            raise PlanktonioError(f"{info_file}: its content does not match its checksum (edited since prepare "
-                                  f"wrote it: the recorded image sizes decide every crop); rerun "
-                                  f"`python -m planktonio prepare`")
-        lengths = {len(a) for a in (info.width, info.height, info.bytes, info.mtime_ns)}
-        if lengths != {count} or (count and min(info.width.min(), info.height.min()) < 1):
-            raise PlanktonioError(f"{info_file}: its {split} entries do not match {self.manifest(split)} "
-                                  f"({sorted(lengths)} records, {count} images); {rerun}")
-        return info
+
+def _state(path: Path) -> tuple[int, int, int]:
+    status = path.stat()
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ bytes here, so that together they stay within one budget:
   when the caller allows it (pinned on a GPU host: its per-batch copy is
   asynchronous) and the host budget takes them, else nothing. What is placed
   is given back with `Reservation.release()`, or when it is garbage collected.
+- `Rows.in_file`: rows in a memory-mapped file on disk, for a store that no
+  memory budget takes (the feature cache at millions of images): the kernel
+  keeps what fits of it in its page cache and reads the rest from disk.
 - `allocate_chunks`: host memory in pieces of at most CHUNK_BYTES, because
   torch's pinned allocator rounds every allocation up to a power of two
   (PowerOf2Ceil in ATen's CachingHostAllocator.h, no setting turns it off): a
@@ -26,12 +29,18 @@ bytes here, so that together they stay within one budget:
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
+
+from .errors import DiskError
 
 SHARE = 0.5            # default budget: this share of a GPU's free memory, or of the host's available memory
 CHUNK_BYTES = 1 << 28  # host stores are allocated in chunks of 256 MiB (a power of two: see above)
@@ -93,6 +102,7 @@ class Reservation:
         key = kind if where == "device" else f"{kind} past its cap"
         budget.reserve(nbytes, key)
         self._release = weakref.finalize(self, budget.release, nbytes, key)
+        self.placement = str(self.device)  # for the log and the summary
 
     @property
     def pinned(self) -> bool:
@@ -163,6 +173,8 @@ class Rows:
     whole rows of at most CHUNK_BYTES (pinned for a GPU). Written in place (`write`), read by gathering rows
     (`gather`) straight into the batch's own buffer: pinned on a GPU host, then copied without a host wait."""
 
+    on_disk = False
+
     def __init__(self, count: int, width: int, dtype: torch.dtype, device: torch.device, pin: bool = False):
         self.count, self.width, self.dtype, self.device, self.pin = count, width, dtype, device, pin
         row_bytes = width * torch.empty((), dtype=dtype).element_size()
@@ -171,6 +183,37 @@ class Rows:
         sizes = [min(self.rows_per_chunk, count - start) for start in range(0, count, self.rows_per_chunk)] or [0]
         self.chunks = [raw.view(dtype).view(n, width) for raw, n in
                        zip(allocate_chunks([n * row_bytes for n in sizes], device, pin), sizes)]
+
+    @classmethod
+    def in_file(cls, count: int, width: int, dtype: torch.dtype, folder: Path, what: str) -> "Rows":
+        """The rows in a memory-mapped file in `folder` (node-local disk), its blocks reserved up front (a full
+        disk is a DiskError now, not a crash at a write into the mapping later). The file is unlinked as
+        soon as it is made, and mapped through its descriptor (Linux's /proc/self/fd): the mapping keeps
+        it while the process lives, and the disk gets its space back however the process ends, a SIGKILL
+        included."""
+        rows = cls(0, width, dtype, HOST)
+        nbytes = count * width * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return rows
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix="rows-", suffix=".bin", dir=folder)
+        except OSError as error:
+            raise DiskError(f"{what} {folder}: cannot hold a store of {nbytes / 2**20:.1f} MiB "
+                            f"({error.strerror or error})") from None
+        try:
+            os.unlink(name)  # before anything can stop the process: the open descriptor keeps the file
+            os.posix_fallocate(handle, 0, nbytes)
+            raw = torch.from_file(f"/proc/self/fd/{handle}", shared=True, size=nbytes, dtype=torch.uint8)
+        except (OSError, RuntimeError) as error:  # torch reports a failed mmap as a RuntimeError
+            full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            raise DiskError(f"{what} {folder}: {'no room for' if full else 'cannot hold'} a store of "
+                            f"{nbytes / 2**20:.1f} MiB ({getattr(error, 'strerror', None) or error})") from None
+        finally:
+            os.close(handle)
+        rows.count, rows.rows_per_chunk, rows.on_disk = count, count, True
+        rows.chunks = [raw.view(dtype).view(count, width)]
+        return rows
 
     @property
     def nbytes(self) -> int:
@@ -195,7 +238,9 @@ class Rows:
         """The rows of `index` (a long tensor on the store's device) as one tensor on `to`."""
         if len(self.chunks) == 1 and self.device == to:
             return self.chunks[0].index_select(0, index)
-        out = torch.empty((len(index), self.width), dtype=self.dtype, pin_memory=self.pin)
+        # Host rows for a GPU are gathered into a pinned buffer, then copied without a host wait.
+        staged = self.device.type == "cpu" and to.type == "cuda"
+        out = torch.empty((len(index), self.width), dtype=self.dtype, pin_memory=staged)
         if len(self.chunks) == 1:
             torch.index_select(self.chunks[0], 0, index, out=out)
         else:
@@ -204,4 +249,4 @@ class Rows:
                 rows = (chunk_of == chunk).nonzero().squeeze(1)
                 out[rows] = self.chunks[chunk].index_select(0, index[rows] - chunk * self.rows_per_chunk)
         # The caching host allocator keeps a pinned buffer from reuse until its copy has completed.
-        return out.to(to, non_blocking=self.pin)
+        return out.to(to, non_blocking=staged)

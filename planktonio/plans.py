@@ -36,6 +36,7 @@ ATTEMPTS = 10  # RandomResizedCrop's number of tries before its fallback
 _DRAWS = 2 * ATTEMPTS + 3
 # Keeps plan streams apart from any other use of (seed, epoch) as a seed.
 _PLAN_STREAM = 0x9E3779B9
+PLAN_BLOCK = 1 << 16  # images whose plans are made at once (a multiple of 4: see epoch_uniforms)
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,16 @@ class Plan:
         return int(self.x[i]), int(self.y[i]), int(self.width[i]), int(self.height[i]), int(self.flip[i])
 
 
-def epoch_uniforms(seed: int, epoch: int, count: int) -> np.ndarray:
-    """count x _DRAWS uniform numbers in [0, 1): row p belongs to manifest position p, in every process."""
+def epoch_uniforms(seed: int, epoch: int, count: int, start: int = 0) -> np.ndarray:
+    """count x _DRAWS uniform numbers in [0, 1): row r belongs to manifest position start + r, in every
+    process. Philox is counter-based: each 4 numbers are one counter value, so the rows from a `start`
+    that is a multiple of 4 begin at counter start * _DRAWS / 4, and a manifest's plans can be made in
+    blocks, to the same numbers as in one piece."""
+    if start % 4:
+        raise ValueError(f"epoch_uniforms: start {start} is not a multiple of 4")
     generator = np.random.Generator(np.random.Philox(key=[seed & 0xFFFF_FFFF_FFFF_FFFF, _PLAN_STREAM],
-                                                     counter=[0, 0, epoch & 0xFFFF_FFFF_FFFF_FFFF, 0]))
+                                                     counter=[start * _DRAWS // 4, 0,
+                                                              epoch & 0xFFFF_FFFF_FFFF_FFFF, 0]))
     return generator.random((count, _DRAWS))
 
 
@@ -79,17 +86,24 @@ def random_resized_crop(widths: np.ndarray, heights: np.ndarray, uniforms: np.nd
     """
     widths = np.asarray(widths, dtype=np.int64)
     heights = np.asarray(heights, dtype=np.int64)
-    area = (widths * heights).astype(np.float64)[:, None]
+    area = (widths * heights).astype(np.float64)
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    target = area * (scale[0] + (scale[1] - scale[0]) * uniforms[:, 0:2 * ATTEMPTS:2])
-    aspect = np.exp(log_low + (log_high - log_low) * uniforms[:, 1:2 * ATTEMPTS:2])
-    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)  # rint: round half to even, as Python's round
-    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
-    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
-    found = fits.any(axis=1)
-    first = fits.argmax(axis=1)
-    rows = np.arange(len(widths))
-    w, h = w[rows, first], h[rows, first]
+    w, h = np.zeros(len(widths), dtype=np.int64), np.zeros(len(widths), dtype=np.int64)
+    found = np.zeros(len(widths), dtype=bool)
+    # Attempt after attempt on the images still without a box (most find one at the first): the first box
+    # that fits wins, as in torchvision, for a tenth of the arithmetic of trying all ten on every image.
+    left = np.arange(len(widths))
+    for attempt in range(ATTEMPTS):
+        if not len(left):
+            break
+        target = area[left] * (scale[0] + (scale[1] - scale[0]) * uniforms[left, 2 * attempt])
+        aspect = np.exp(log_low + (log_high - log_low) * uniforms[left, 2 * attempt + 1])
+        tried_w = np.rint(np.sqrt(target * aspect)).astype(np.int64)  # rint: round half to even, as round()
+        tried_h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+        fits = (tried_w > 0) & (tried_w <= widths[left]) & (tried_h > 0) & (tried_h <= heights[left])
+        won = left[fits]
+        w[won], h[won], found[won] = tried_w[fits], tried_h[fits], True
+        left = left[~fits]
 
     # The fallback: the whole image, its aspect ratio clamped into `ratio`, centred.
     in_ratio = widths / heights
@@ -124,11 +138,18 @@ def make_plan(transform: Transform, widths, heights, *, seed: int, epoch: int) -
     heights = np.asarray(heights, dtype=np.int64)
     if transform.crop == "center":
         x, y, w, h = center_crop(widths, heights, transform.size, transform.resize)
-        no_flip = np.zeros(len(widths), dtype=np.int64)
         if transform.hflip == 0:
-            return Plan(x, y, w, h, no_flip)
-        uniforms = epoch_uniforms(seed, epoch, len(widths))
-        return Plan(x, y, w, h, (uniforms[:, -1] < transform.hflip).astype(np.int64))
-    uniforms = epoch_uniforms(seed, epoch, len(widths))
-    x, y, w, h = random_resized_crop(widths, heights, uniforms, transform.scale, transform.ratio)
-    return Plan(x, y, w, h, (uniforms[:, -1] < transform.hflip).astype(np.int64))
+            return Plan(x, y, w, h, np.zeros(len(widths), dtype=np.int64))
+    else:
+        x, y, w, h = (np.empty(len(widths), dtype=np.int64) for _ in range(4))
+    flip = np.empty(len(widths), dtype=np.int64)
+    # In blocks of manifest positions: the uniform numbers of a block at a time (23 per image: at a million
+    # images, 184 MB held at once otherwise), to the same plan as in one piece.
+    for start in range(0, len(widths), PLAN_BLOCK):
+        block = slice(start, start + PLAN_BLOCK)
+        uniforms = epoch_uniforms(seed, epoch, len(widths[block]), start)
+        if transform.crop != "center":
+            x[block], y[block], w[block], h[block] = random_resized_crop(
+                widths[block], heights[block], uniforms, transform.scale, transform.ratio)
+        flip[block] = uniforms[:, -1] < transform.hflip
+    return Plan(x, y, w, h, flip)

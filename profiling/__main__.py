@@ -10,8 +10,9 @@
     python -m profiling report RESULTS... --out DIR
     python -m profiling suite --data PREPARED --out DIR [--minutes 7]   all of it, within a time budget
     python -m profiling accuracy --config FILE --data PREPARED --out DIR [--arm NAME KEY=VALUE ...] --seeds K
+    python -m profiling scale --out DIR [--sizes 10000,100000,1000000]   how the costs grow with the images
 
-The options of smoke, loaders, amp, predict, trace and suite, and their defaults, are
+The options of smoke, loaders, amp, predict, trace, suite and scale, and their defaults, are
 their settings dataclasses' fields (profiling/cli.py).
 """
 
@@ -29,7 +30,7 @@ from .cli import add_arguments, settings_from
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import AmpBenchmark, LoaderBenchmark, PredictBenchmark, Smoke, Suite, TraceOptions
+    from .settings import AmpBenchmark, LoaderBenchmark, PredictBenchmark, ScaleBenchmark, Smoke, Suite, TraceOptions
 
     parser = argparse.ArgumentParser(prog="python -m profiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               "loaders, AMP, end-to-end training, a trace, the report")
     add_arguments(suite, Suite)
 
+    scale = commands.add_parser("scale", help="synthetic sets of growing size: prepare, pack, the first batch "
+                                              "(loose files and shards), peak memory, against the number of images")
+    add_arguments(scale, ScaleBenchmark)
+    scale.add_argument("--json", type=Path, help="default: OUT/scale.json")
+
     report = commands.add_parser("report", help="markdown report with plots from result JSON files")
     report.add_argument("results", type=Path, nargs="+")
     report.add_argument("--out", type=Path, required=True)
@@ -103,10 +109,13 @@ def run(args: argparse.Namespace) -> int:
         check_writable(json_path, "--json", make_parent=True)
     if args.command in ("accuracy", "suite", "report"):
         check_folder_writable(Path(args.out), "--out", make=False)
+    if args.command == "scale":
+        check_folder_writable(Path(args.out), "--out", make=True)
+        json_path = args.json = args.json or Path(args.out) / "scale.json"
     if args.command == "predict":  # as `train predict` runs: before torch loads (planktonio/cores.py says why)
         from planktonio.cores import let_idle_threads_sleep
         let_idle_threads_sleep()
-    if args.command in ("smoke", "loaders", "amp", "predict"):
+    if args.command in ("smoke", "loaders", "amp", "predict", "scale"):
         from .environment import describe_environment
         environment = describe_environment()
     if args.command == "smoke":
@@ -138,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
         from .render.predict import text_table
         from .settings import PredictBenchmark
         print(text_table(run_predict(settings_from(PredictBenchmark, args), args.json, environment)))
+        _wrote(args.json)
+    elif args.command == "scale":
+        from .render.scale import text_table
+        from .scale import run as run_scale
+        from .settings import ScaleBenchmark
+        print(text_table(run_scale(settings_from(ScaleBenchmark, args), args.json, environment)))
         _wrote(args.json)
     elif args.command == "trace":
         from .settings import TraceOptions

@@ -7,6 +7,7 @@ here: parsing a command line, or rendering a report, does not import it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from planktonio.declared import setting
@@ -106,3 +107,26 @@ class Suite:
     backends: tuple[str, ...] = setting(("auto",), help="loader backends for the benchmarks and training "
                                                         "(auto: all this machine runs)")
     device: str = setting("auto")
+
+
+@dataclass
+class ScaleBenchmark:
+    out: str = setting(help="the synthetic sets (kept for the next run), their prepared folders and the result")
+    sizes: tuple[int, ...] = setting((10_000, 100_000, 1_000_000), help="comma-separated numbers of images")
+    image_size: int = setting(32, help="the synthetic JPEGs' side in pixels (small: a million fit a laptop's disk)")
+    backend: str | None = setting(None, help="the loader backend of the first-batch and steady-rate measurements, "
+                                             "on the CPU (default: the registry's baseline, the torchvision one)")
+    batch_size: int = setting(256)
+    batches: int = setting(20, help="batches timed after the first (the steady rate)")
+    workers: int | None = setting(None, help="prepare's decode processes and the loader's workers (default: the "
+                                             "CPUs this process may use)")
+    keep: bool = setting(False, help="keep each size's prepared folder (default: removed once measured)")
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.batches < 1 or self.image_size < 8:
+            raise PlanktonioError("scale benchmark: --batch-size and --batches must be >= 1, --image-size >= 8")
+        # the training split (80% of a set) must hold a full first batch
+        if not self.sizes or len(set(self.sizes)) != len(self.sizes) or 0.8 * min(self.sizes) < self.batch_size:
+            raise PlanktonioError(f"scale benchmark: --sizes {','.join(map(str, self.sizes))}: give distinct sizes "
+                                  f"of at least {math.ceil(self.batch_size / 0.8)} images each (a full training "
+                                  f"batch of --batch-size {self.batch_size} in the 80% that trains)")

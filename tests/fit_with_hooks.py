@@ -15,11 +15,14 @@ a test's signals arrive mid-epoch).
 A rank that fails, as the OOM killer, a GPU's ECC error or a wedged GPU make
 it (the Slurm tests start this module in their jobs through
 PLANKTONIO_TRAIN_MODULE): FAULT_SIGNAL (KILL, STOP, ...) is sent by the rank
-FAULT_RANK to itself right after its training step FAULT_AT_STEP (counted from
-1 in this process, so a restarted process fails further on) or after step S of
-epoch E with FAULT_AT=E:S (the same place in every attempt). With FAULT_ONCE=PATH
-only the first process to get there fails, and leaves PATH behind (the time it
-failed).
+FAULT_RANK to itself once it has taken its training step FAULT_AT_STEP (counted
+from 1 in this process, so a restarted process fails further on) or step S of
+epoch E with FAULT_AT=E:S (the same place in every attempt), as it starts its
+next step: whether or not the every-N-steps check came between (how often it
+comes depends on the machine's speed), the other ranks are then waiting in that
+next step's gradient all-reduce, so what they report does not depend on timing
+(FAULT_AT needs a step after S in epoch E). With FAULT_ONCE=PATH only the first
+process to get there fails, and leaves PATH behind (the time it failed).
 
 HOLD_AT=E:S: right after its training step S of epoch E, the process writes
 the file HOLD_FILE and holds there, so that a test's signal arrives at a
@@ -85,15 +88,14 @@ def install_fault(sig: signal.Signals, rank: int, at_step: int | None, at: tuple
         return original_epoch(self, epoch)
 
     def train_step(*args, **kwargs):
-        result = original_step(*args, **kwargs)
-        seen["steps"] += 1
         trainer = seen["trainer"]
-        here = (trainer.progress.epoch, trainer.progress.batches_done + 1)  # batches_done counts it once it returns
-        if (seen["steps"] == at_step or here == at) and not (once is not None and once.exists()):
+        done = (trainer.progress.epoch, trainer.progress.batches_done)  # the steps taken before this one
+        if (seen["steps"] == at_step or done == at) and not (once is not None and once.exists()):
             if once is not None:
                 once.write_text(f"{time.time()}\n")
             os.kill(os.getpid(), sig)
-        return result
+        seen["steps"] += 1
+        return original_step(*args, **kwargs)
 
     loop.train_step, loop.Trainer.train_epoch = train_step, train_epoch
 

@@ -47,6 +47,41 @@ def test_the_rank_device_under_both_bindings(monkeypatch):
     assert distributed.rank_device(torch.device("cuda"), alone, visible=2) == torch.device("cuda", 0)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_first_rank_alone_stats_the_files_and_every_rank_gets_its_verdict(plankton, tmp_path, monkeypatch,
+                                                                             rank):
+    """One stat per loose file per run, not per rank: rank 0 checks the files (and finds the one changed),
+    rank 1 stats none and stops with rank 0's verdict, in the same words."""
+    import shutil
+    from planktonio import dataset as dataset_module
+    from planktonio.dataset import PreparedDataset
+    from planktonio.errors import PlanktonioError
+    from train.executor import Executor
+    from train.inputs import checked_specs
+    data = tmp_path / "prepared"
+    shutil.copytree(plankton, data)
+    shutil.copytree(plankton.parent / "images", tmp_path / "images")
+    meta = json.loads((data / "classes.json").read_text())
+    (data / "classes.json").write_text(json.dumps({**meta, "root": str(tmp_path / "images")}))
+    victim = PreparedDataset.load(data).entries("valid")[2][0]
+    with open(tmp_path / "images" / victim, "ab") as f:
+        f.write(b"\0")
+    stats = []
+    real_stat_files = dataset_module.stat_files
+    monkeypatch.setattr(dataset_module, "stat_files", lambda *a: stats.append(1) or real_stat_files(*a))
+    said = {}
+
+    def first_rank_says(message):  # what the broadcast gives: rank 0's message, on rank 1 too
+        said["rank0"] = said.get("rank0", message)
+        return said["rank0"] if rank == 0 else f"{tmp_path / 'images' / victim}: changed since prepare checked it"
+    monkeypatch.setattr(distributed, "first_rank_says", first_rank_says)
+    ctx = distributed.Context(rank=rank, world_size=2, local_rank=rank)
+    executor = Executor(small_config(), data, ctx)
+    with pytest.raises(PlanktonioError, match=f"{victim}: changed since prepare checked it"):
+        checked_specs(executor)
+    assert (len(stats) > 0) == (rank == 0)
+
+
 class FakeDist:
     """torch.distributed for one process playing one rank of `world`: every call is recorded in `calls`
     (with the current CUDA device where a collective would use it) and changes nothing: an all-reduce adds
@@ -88,6 +123,9 @@ class FakeDist:
 
     def broadcast(self, tensor, src=0):
         self.calls.append(("broadcast", str(tensor.device)))
+
+    def broadcast_object_list(self, objects, src=0):
+        self.calls.append(("broadcast_object_list", self.current_device()))
 
     def barrier(self):
         self.calls.append(("barrier", self.current_device()))

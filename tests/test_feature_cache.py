@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from planktonio import PlanktonioError, files, prepare
-from planktonio.dataset import SplitPlan, _info_checksum
+from planktonio.dataset import PreparedDataset, SplitPlan
+from planktonio.index import SplitIndex, index_file
 from train import checkpoint, feature_cache
 from train import config as config_module
 from train.executor import Executor
@@ -86,30 +87,94 @@ def test_periodic_random_crops_keep_one_view_per_period(synthetic, tmp_path):
     assert summary(tmp_path / "cached")["feature_cache"]["views"] == 2
 
 
-def test_a_cached_run_stopped_mid_epoch_resumes_to_the_same_end(synthetic, tmp_path, monkeypatch):
-    config = config_module.from_dict(settings(epochs=3, check_every=2))
-    assert fit(config_module.from_dict(settings(epochs=3, check_every=2, feature_cache="off")), synthetic,
-               tmp_path / "plain") == 0
+ON_DISK = {"feature_cache_budget_bytes": 1000}  # no memory budget takes the store (host=False on a CPU): a file
+
+
+@pytest.fixture(scope="module")
+def uncached_three_epochs(synthetic, tmp_path_factory):
+    """The uncached run the cached ones below must equal (made once: AlexNet uncached is the slow one)."""
+    run = tmp_path_factory.mktemp("uncached") / "run"
+    assert fit(config_module.from_dict(settings(epochs=3, check_every=2, feature_cache="off")), synthetic, run) == 0
+    return run
+
+
+def test_a_run_with_the_store_on_disk_is_the_run_in_memory(synthetic, tmp_path, uncached_three_epochs):
+    """Past every memory budget the activations live in a memory-mapped file, read ahead by a thread in each
+    epoch's order: bitwise the same run as the uncached one (which the in-memory run equals); the file is
+    unlinked as soon as it is made, so nothing is left behind."""
+    folder = tmp_path / "node-local"
+    assert fit(config_module.from_dict(settings(epochs=3, check_every=2, feature_cache_dir=str(folder), **ON_DISK)),
+               synthetic, tmp_path / "disk") == 0
+    assert_same_run(tmp_path / "disk", uncached_three_epochs)
+    used = summary(tmp_path / "disk")["feature_cache"]
+    assert used["used"] and used["placement"].startswith(f"disk ({folder}")
+    assert [p.name for p in folder.iterdir() if not p.name.startswith("features-")] == []
+
+
+def test_a_store_on_disk_reads_ahead_in_the_epoch_s_order():
+    """FeatureBatches over a store in a file and over the same rows in memory: the same batches, in order,
+    entered mid-epoch too (a resume), with fewer batches than the reader runs ahead and with more."""
+    import tempfile
+    from planktonio import memory
+    values = torch.arange(37 * 5, dtype=torch.float32).reshape(37, 5)
+    with tempfile.TemporaryDirectory() as folder:
+        on_disk = memory.Rows.in_file(37, 5, torch.float32, folder, "test")
+        assert on_disk.on_disk and list(os.scandir(folder)) == []  # mapped, unlinked
+        in_memory = memory.Rows(37, 5, torch.float32, torch.device("cpu"))
+        for store in (on_disk, in_memory):
+            store.write(0, values)
+        for batch_size, skip in ((3, 0), (3, 5), (16, 1)):
+            batches = []
+            for store in (on_disk, in_memory):
+                loader = feature_cache.FeatureBatches(store, 37, 1, torch.arange(37), batch_size=batch_size, train=True,
+                                                      seed=4, shard_index=0, shard_count=1, device=torch.device("cpu"))
+                loader.set_epoch(2, skip_batches=skip)
+                batches.append(list(loader))
+            assert len(batches[0]) == 37 // batch_size - skip
+            for (rows, labels), (rows_m, labels_m) in zip(*batches):
+                assert torch.equal(rows, rows_m) and torch.equal(labels, labels_m)
+                assert torch.equal(rows, values[labels])
+
+
+def test_a_store_that_no_budget_and_no_disk_takes_is_refused_with_both(synthetic, tmp_path, capsys, monkeypatch):
+    """auto stays off with the reason, on stops with it: the sizes, the budget and the free disk."""
+    monkeypatch.setattr(feature_cache, "disk_free_bytes", lambda folder: 1000)
+    assert fit(config_module.from_dict(settings("tiny-cnn", **ON_DISK)), synthetic, tmp_path / "auto") == 0
+    assert "feature cache off:" in capsys.readouterr().out and not summary(tmp_path / "auto")["feature_cache"]["used"]
+    with pytest.raises(PlanktonioError, match=r"training.feature_cache on: it cannot apply here: .*over .* cache "
+                                              r"budget .* and .* has 0\.0 MiB free \(training.feature_cache_dir"):
+        fit(config_module.from_dict(settings(feature_cache="on", **ON_DISK)), synthetic, tmp_path / "on")
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_cached_run_stopped_mid_epoch_resumes_to_the_same_end(synthetic, tmp_path, monkeypatch, store,
+                                                                 uncached_three_epochs):
+    where = ON_DISK if store == "disk" else {}
+    config = config_module.from_dict(settings(epochs=3, check_every=2, **where))
     with monkeypatch.context() as patch:
         sigterm_after_step(patch, 11)  # epoch 1's third step: obeyed at the step's end
         assert fit(config, synthetic, tmp_path / "cached") == 75
     assert torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["batches_done"] == 3
     assert fit(config, synthetic, tmp_path / "cached", resume=True) == 0
     assert summary(tmp_path / "cached")["feature_cache"]["source"].startswith("read from")  # not computed again
-    assert_same_run(tmp_path / "cached", tmp_path / "plain")
+    assert_same_run(tmp_path / "cached", uncached_three_epochs)
 
 
+@pytest.mark.slow  # three 2-rank torchrun runs: about a minute
 def test_two_gloo_ranks_cached_and_uncached_end_alike(synthetic, tmp_path):
-    """Each rank computes its share of the one pass; the shares are gathered; the runs end alike."""
+    """Each rank computes its share of the one pass; the shares are gathered; the runs end alike, with the
+    store in memory and on disk."""
     runs = {}
-    for name, mode in (("cached", "auto"), ("plain", "off")):
+    for name, mode, where in (("cached", "auto", {}), ("disk", "auto", ON_DISK), ("plain", "off", {})):
         config = tmp_path / f"{name}.yaml"
-        config.write_text(json.dumps(settings(feature_cache=mode)))
+        config.write_text(json.dumps(settings(feature_cache=mode, **where)))
         done = torchrun("-m", "train", "fit", "--config", config, "--data", synthetic, "--out", tmp_path / name)
         assert done.returncode == 0, done.stdout + done.stderr
         runs[name] = done.stdout
     assert "feature cache: computed" in runs["cached"] and "feature cache" not in runs["plain"]
+    assert "MiB on disk (" in runs["disk"]
     assert_same_run(tmp_path / "cached", tmp_path / "plain")
+    assert_same_run(tmp_path / "disk", tmp_path / "plain")
 
 
 # ------------------------------------------------------------------ the file and its fingerprint
@@ -156,11 +221,13 @@ def test_another_manifest_is_another_cache(synthetic, tmp_path):
     import shutil
     copy = tmp_path / "data"
     shutil.copytree(synthetic, copy)
-    (copy / "valid.txt").write_text("\n".join((copy / "valid.txt").read_text().splitlines()[:-1]) + "\n")
-    info = json.loads((copy / "image_info.json").read_text())
-    info["valid"] = {k: v[:-1] for k, v in info["valid"].items()}
-    info["checksum"] = _info_checksum(info)  # as prepare would have written it for that manifest
-    (copy / "image_info.json").write_text(json.dumps(info))
+    index = PreparedDataset.load(copy).index("valid")  # its last image left out, as prepare would write it:
+    n = len(index) - 1
+    manifest = (copy / "valid.txt").read_bytes().splitlines(keepends=True)[:-1]
+    SplitIndex.build([index.path(p) for p in range(n)], index.label[:n], index.width[:n], index.height[:n],
+                     index.bytes[:n], index.mtime_ns[:n], index.sha256[:n], b"".join(manifest)).write(
+        index_file(copy, "valid"))
+    (copy / "valid.txt").write_bytes(b"".join(manifest))
     shared = str(tmp_path / "cache")
     for data, name in ((synthetic, "a"), (copy, "b")):
         assert fit(config_module.from_dict(settings("tiny-cnn", feature_cache_dir=shared)), data, tmp_path / name) == 0
@@ -173,7 +240,6 @@ def test_another_manifest_is_another_cache(synthetic, tmp_path):
 @pytest.mark.parametrize("change, reason", [
     ({"augment": {"train": {"crop": "random_resized", "size": 64, "resize": 72}}}, "does not repeat"),
     ({"model": {"name": "tiny-cnn", "freeze": "none"}}, "nothing before it to compute once"),
-    ({"training": {"feature_cache_budget_bytes": 1000}}, "over .* cache budget"),
 ])
 def test_auto_stays_off_with_its_reason_and_on_refuses(synthetic, tmp_path, capsys, change, reason):
     values = settings("tiny-cnn")

@@ -386,7 +386,7 @@ RANDOM = bytes(range(256)) * 3  # not UTF-8, not JSON, not gzip
     ("random.json", RANDOM, "cannot be read as a Chrome trace"),
     ("random.json.gz", RANDOM, "cannot be read as a Chrome trace"),
     ("broken.json.gz", b"\x1f\x8b\x08\x00" + RANDOM, "cannot be read as a Chrome trace"),
-    ("truncated.json.gz", gzip.compress(b'{"traceEvents": [' * 50)[:40], "cannot be read as a Chrome trace"),
+    ("truncated.json.gz", gzip.compress(b'{"traceEvents": [' * 50, mtime=0)[:40], "cannot be read as a Chrome trace"),
     ("deep.json", b"[" * 100_000, "cannot be read as a Chrome trace"),
     ("number.json", b"42", "not a Chrome trace"),
     ("events.json", b'{"traceEvents": "none"}', "not a Chrome trace"),

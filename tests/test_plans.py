@@ -104,3 +104,24 @@ def test_centre_plan_draws_flips_only_when_asked():
     assert not plan.flip.any()
     flipping = make_plan(Transform(hflip=1.0), np.full(100, 64), np.full(100, 64), seed=0, epoch=0)
     assert flipping.flip.all() and math.isclose(flipping.width[0], round(64 * 224 / 256))
+
+
+@pytest.mark.parametrize("crop", ["random_resized", "center"])
+def test_plans_made_in_blocks_are_the_plans_made_in_one_piece(monkeypatch, crop):
+    """make_plan draws a block of positions at a time (bounded memory at a million images): the Philox
+    counter of a block's first row makes it continue the one stream, so every box and flip is what one
+    piece gives, whatever the block size (4 and 12 here, against one block for all)."""
+    from planktonio import plans
+    rng = np.random.default_rng(1)
+    widths, heights = rng.integers(1, 400, 203), rng.integers(1, 400, 203)
+    widths[:9] = 1  # boxes that only the fallback fits
+    transform = Transform(crop=crop, size=64, resize=72, hflip=0.5)
+    whole = make_plan(transform, widths, heights, seed=5, epoch=3)
+    for block in (4, 12):
+        monkeypatch.setattr(plans, "PLAN_BLOCK", block)
+        pieces = make_plan(transform, widths, heights, seed=5, epoch=3)
+        for field in ("x", "y", "width", "height", "flip"):
+            assert np.array_equal(getattr(pieces, field), getattr(whole, field)), (block, field)
+    assert np.array_equal(epoch_uniforms(5, 3, 7, start=8), epoch_uniforms(5, 3, 15)[8:])
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        epoch_uniforms(5, 3, 7, start=6)

@@ -42,6 +42,21 @@ def without_provenance(out) -> dict:
     return tables
 
 
+def assert_same_outputs(out, whole) -> None:
+    """The same unit files, images, classes and records as `whole`'s; probabilities equal to float32
+    rounding: a resumed or sharded run's batches hold other images than the whole run's (its last batch
+    is shorter), and a CPU's kernels round differently by batch size (1e-7 on one machine, 0 on another)."""
+    ours, theirs = without_provenance(out), without_provenance(whole)
+    assert sorted(ours) == sorted(theirs)
+    for name, table in ours.items():
+        assert sorted(table) == sorted(theirs[name]), name
+        for column, values in table.items():
+            if isinstance(values, list) and values and isinstance(values[0], float):
+                np.testing.assert_allclose(values, theirs[name][column], rtol=0, atol=1e-6, err_msg=name)
+            else:
+                assert values == theirs[name][column], (name, column)
+
+
 def test_predict_gives_evaluate_s_probabilities(finished_run, plankton, test_split_list, tmp_path, capsys):
     """On the prepared test split, predict's top-1 classes and probabilities are evaluate's for the same
     checkpoint and backend: bitwise, in fp32 on this CPU."""
@@ -149,10 +164,10 @@ def test_a_stopped_prediction_goes_on_to_the_same_outputs_and_shards_make_the_wh
     assert not (tmp_path / "split" / "samples.csv").exists()
     code, out, _ = run_train([*args, "--out", tmp_path / "split"], capsys)
     assert code == 0 and "2 to do" in out
-    assert without_provenance(tmp_path / "split") == without_provenance(tmp_path / "whole")
+    assert_same_outputs(tmp_path / "split", tmp_path / "whole")
     for index in (0, 1):
         assert run_train([*args, "--out", tmp_path / "sharded", "--shard", f"{index}/2"], capsys)[0] == 0
-    assert without_provenance(tmp_path / "sharded") == without_provenance(tmp_path / "whole")
+    assert_same_outputs(tmp_path / "sharded", tmp_path / "whole")
     assert (tmp_path / "sharded" / "samples.csv").read_text() == (tmp_path / "whole" / "samples.csv").read_text()
 
 

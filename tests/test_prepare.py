@@ -9,6 +9,10 @@ import json
 import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,10 +20,11 @@ from PIL import Image
 
 from planktonio import PlanktonioError, PreparedDataset, prepare
 from planktonio.dataset import SplitPlan, inspect_image
+from planktonio.inspection import JOURNAL
 from planktonio.square import square_tree
 
 from .conftest import jpeg_bytes, write_coloured_set
-from .helpers import one_line_error, run_planktonio
+from .helpers import REPO, one_line_error, process_env, python, run_planktonio
 
 
 @pytest.fixture
@@ -363,3 +368,42 @@ def test_a_class_folder_that_links_back_to_the_source_is_skipped_with_the_reason
     with open(tmp_path / "prepared" / "skipped.csv") as f:
         reasons = {os.path.basename(r["path"]): r["reason"] for r in csv.DictReader(f)}
     assert "the source folder itself" in reasons["everything"]
+
+
+# ------------------------------------------------------------------ stopped and resumed
+
+
+def prepared_files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_prepare_stopped_mid_way_goes_on_to_the_same_folder(source, tmp_path, sig):
+    """Stopped after 2 of its journal's parts (8 images each here; 16,384 normally), the same command again
+    decodes only the parts left and writes byte for byte what an uninterrupted prepare writes: manifests,
+    index, lists; and no journal is left."""
+    args = ["-m", "tests.prepare_with_hooks", "prepare", "--source", str(source), "--per-class", "4,2,2",
+            "--workers", "2"]
+    whole = python(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    hold = tmp_path / "held"
+    process = subprocess.Popen([sys.executable, *args, "--out", str(tmp_path / "stopped")], cwd=REPO,
+                               env=process_env(HOLD_AFTER_PARTS="2", HOLD_FILE=str(hold)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not hold.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert hold.exists(), process.communicate()[1]
+        os.killpg(process.pid, sig)  # the process and its decoding workers, as a job's end would
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == -sig
+    assert len(list((tmp_path / "stopped" / JOURNAL).glob("part-*.npz"))) == 2
+    again = python(*args, "--out", str(tmp_path / "stopped"))
+    assert again.returncode == 0, again.stderr
+    assert "2 of " in again.stderr and "parts were decoded by an earlier run" in again.stderr
+    assert prepared_files(tmp_path / "stopped") == prepared_files(tmp_path / "whole")
+    assert not (tmp_path / "stopped" / JOURNAL).exists()

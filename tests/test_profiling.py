@@ -316,3 +316,46 @@ def test_the_report_imports_no_torch(tmp_path):
     done = python("-c", code, path, tmp_path / "report")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow  # eight measurements, each in a process of its own (the point: its peak memory): about a minute
+def test_the_scale_benchmark_measures_each_size_and_fits_the_growth(tmp_path, capsys):
+    """Two tiny sizes through `profiling scale`: every cost measured for each (prepare, pack, the first batch
+    from loose files and from shards), in processes of their own; the growth exponents and bytes per image
+    follow from the figures; the sets are kept and not made again; the report renders the section with its
+    goals. (The figures themselves are the benchmark's to record, never a test's to check.)"""
+    from profiling import scale
+    out = tmp_path / "scale"
+    argv = ["scale", "--out", str(out), "--sizes", "300,600", "--image-size", "16", "--batch-size", "16",
+            "--batches", "2", "--workers", "1"]
+    code, printed, err = run_profiling(argv, capsys)
+    assert code == 0, err
+    result = json.loads((out / "scale.json").read_text())
+    assert result["kind"] == "scale" and result["config"]["sizes"] == [300, 600]
+    for row in result["results"]:
+        for how in ("loose", "shards"):
+            measured = row[how]
+            assert 0 < measured["make_loader_seconds"] <= measured["first_batch_seconds"]
+            assert measured["steady_batches"] == 2 and measured["peak_bytes"] > 0
+        assert row["prepare_images_per_s"] > 0 and row["pack_images_per_s"] > 0
+    rows = result["results"]
+    assert result["growth"]["first_batch_seconds_shards"] == pytest.approx(scale.growth(
+        [300, 600], [r["shards"]["first_batch_seconds"] for r in rows]))
+    assert result["bytes_per_image"]["prepare"] == pytest.approx(
+        (rows[1]["prepare_peak_bytes"] - rows[0]["prepare_peak_bytes"]) / 300)
+    assert sorted(p.name for p in (out / "sets" / "600").iterdir()) == [*(f"class{k}" for k in range(8)), "made.json"]
+    assert sum(len(list((out / "sets" / "600" / f"class{k}").iterdir())) for k in range(8)) == 600
+    assert scale.make_set(out / "sets" / "600", 600, 16, 1) == 0.0  # kept: not made again
+    assert not (out / "prepared" / "600").exists()  # removed once measured (--keep keeps it)
+    assert "| 600 |" in printed and "wrote" in printed
+    text = report.write_report([out / "scale.json"], tmp_path / "report").read_text()
+    assert "How the costs grow" in text and "grows no faster than N^0.2" in text
+
+
+def test_the_growth_fit_finds_known_exponents():
+    from profiling.scale import growth, per_image
+    sizes = [10_000, 100_000, 1_000_000]
+    assert growth(sizes, [3.0 * n ** 0.5 for n in sizes]) == pytest.approx(0.5)
+    assert growth(sizes, [7.0, 7.0, 7.0]) == pytest.approx(0.0, abs=1e-12)
+    assert growth([10_000], [1.0]) is None
+    assert per_image(sizes, [100, 200, 1_000_100]) == pytest.approx(1_000_000 / 990_000)

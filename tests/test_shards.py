@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +17,7 @@ from planktonio.__main__ import main
 from planktonio.dataset import SPLITS, PreparedDataset
 from planktonio import shards as shards_module
 from planktonio.declared import parse_size
-from planktonio.shards import SHARDS_DIR, ShardSet, pack
+from planktonio.shards import SHARDS_DIR, ShardIndex, ShardSet, pack
 
 from .conftest import batch_indices
 
@@ -93,7 +95,7 @@ def test_every_image_exactly_once_from_shards(packed, backend):
 def damaged_copy(packed_folder, tmp_path):
     folder = tmp_path / "damaged"
     shutil.copytree(packed_folder, folder)
-    return folder, ShardSet.open(PreparedDataset.load(folder), "train", PreparedDataset.load(folder).entries("train"))
+    return folder, ShardSet.open(PreparedDataset.load(folder), "train")
 
 
 def test_a_truncated_shard_is_an_error_naming_it_and_the_sample(packed, tmp_path):
@@ -111,7 +113,7 @@ def test_a_flipped_byte_is_an_error_naming_the_shard_and_the_sample(packed, tmp_
     data = bytearray(victim.read_bytes())
     data[shards.offset[position] + 100] ^= 0x01
     victim.write_bytes(bytes(data))
-    path = shards.paths[position]
+    path = PreparedDataset.load(folder).index("train").path(position)
     with pytest.raises(PlanktonioError, match=rf"{victim}: sample {position:08d} \({path}\) at offset "
                                               rf"{shards.offset[position]} fails its sha256 check"):
         loader("torchvision", folder, "train", batch_size=4)
@@ -134,7 +136,7 @@ def test_an_interrupted_pack_completes_when_rerun(coloured, tmp_path, monkeypatc
     monkeypatch.setattr(shards_module, "write_shard", dies_on_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
         pack(folder, SMALL)
-    assert not (folder / SHARDS_DIR / "train.json").exists()  # no index: loaders still read the loose files
+    assert not (folder / SHARDS_DIR / "train.npz").exists()  # no index: loaders still read the loose files
     monkeypatch.setattr(shards_module, "write_shard", real_write)
     results = pack(folder, SMALL)
     assert results[0].reused == 2  # the two finished shards were kept, the rest written
@@ -160,12 +162,17 @@ def test_a_rerun_pack_rewrites_a_damaged_shard(packed, tmp_path):
 
 def test_shards_from_an_older_manifest_say_to_repack(packed, tmp_path):
     folder, _ = damaged_copy(packed[1], tmp_path)
-    index_file = folder / SHARDS_DIR / "train.json"
-    index = json.loads(index_file.read_text())
-    index["path"][:2] = index["path"][1::-1]  # as if prepare had listed two files the other way round
-    index_file.write_text(json.dumps(index))
+    index_file = folder / SHARDS_DIR / "train.npz"
+    index = ShardIndex.read(index_file)  # packed from another manifest (prepare listed the files otherwise)
+    dataclasses.replace(index, manifest_sha256=hashlib.sha256(b"another manifest").digest()).write(index_file)
     with pytest.raises(PlanktonioError, match="not those of .*train.txt.*rerun `python -m planktonio pack`"):
         loader("dali-cpu", folder, "train", batch_size=4)
+
+    # packed by the planktonio before the index became columns: a JSON index, never read as loose files
+    (folder / SHARDS_DIR / "train.npz").rename(folder / SHARDS_DIR / "train.json")
+    with pytest.raises(PlanktonioError, match="train.json: shards packed by an older planktonio; rerun `python -m "
+                                              "planktonio pack`"):
+        loader("torchvision", folder, "train", batch_size=4)
 
 
 def test_dali_reads_the_shards_as_webdataset(packed):
@@ -204,21 +211,20 @@ def test_pack_command_and_sizes(packed, tmp_path, capsys):
 
 @pytest.fixture
 def counted_hashes(monkeypatch):
-    """How many sha256 objects the shards module makes: one per sample it verifies."""
+    """The samples the shards module reads back and hashes: one entry per sample verified."""
     calls = []
-    real = shards_module.hashlib.sha256
+    real = shards_module._verify_shard
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(path, positions, *args):
+        calls.extend([1] * len(positions))
+        return real(path, positions, *args)
 
-    monkeypatch.setattr(shards_module.hashlib, "sha256", counting)
+    monkeypatch.setattr(shards_module, "_verify_shard", counting)
     return calls
 
 
 def open_train(folder):
-    dataset = PreparedDataset.load(folder)
-    return ShardSet.open(dataset, "train", dataset.entries("train"))
+    return ShardSet.open(PreparedDataset.load(folder), "train")
 
 
 def test_opening_packed_shards_again_checks_their_stamp_not_their_bytes(packed, tmp_path, counted_hashes):
@@ -250,7 +256,8 @@ def test_a_shard_changed_in_place_is_verified_again_and_names_the_sample(packed,
         f.write(bytes([byte[0] ^ 0x10]))
     os.utime(victim, ns=(status.st_atime_ns, status.st_mtime_ns + 1))
     assert victim.stat().st_size == status.st_size
-    with pytest.raises(PlanktonioError, match=rf"{victim}: sample 00000000 \({shards.paths[0]}\) at offset "
+    first = PreparedDataset.load(folder).index("train").path(0)
+    with pytest.raises(PlanktonioError, match=rf"{victim}: sample 00000000 \({first}\) at offset "
                                               rf"{shards.offset[0]} fails its sha256 check"):
         open_train(folder)
     with pytest.raises(PlanktonioError, match="fails its sha256 check"):  # a failed check stamps nothing
@@ -265,10 +272,9 @@ def test_a_shard_name_that_leaves_the_shards_folder_is_refused(packed, tmp_path,
     outside = tmp_path / "outside.tar"  # folder/shards/../../outside.tar
     shutil.copy2(folder / SHARDS_DIR / shards.names[0], outside)
     name = str(outside) if name == "OUTSIDE" else name
-    index_file = folder / SHARDS_DIR / "train.json"
-    index = json.loads(index_file.read_text())
-    index["shards"][0]["name"] = name
-    index_file.write_text(json.dumps(index))
+    index_file = folder / SHARDS_DIR / "train.npz"
+    index = ShardIndex.read(index_file)  # a crafted index (its checksum made to match), not a damaged one
+    dataclasses.replace(index, names=[name, *index.names[1:]]).write(index_file)
     with pytest.raises(PlanktonioError) as error:
         open_train(folder)
     message = str(error.value)

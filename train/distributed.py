@@ -336,6 +336,15 @@ def gather_to_main(obj) -> list | None:
     return gathered
 
 
+def first_rank_says(message: str | None) -> str | None:
+    """Rank 0's `message` on every rank (a verdict only it worked out); the message itself in one process."""
+    if not dist.is_initialized():
+        return message
+    box = [message if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -104,16 +104,17 @@ class Executor:
             distributed.holds_the_group(self._ddp)
         return self.compiled(self._ddp)
 
-    def loader_spec(self, split: str, batch_size: int, train: bool) -> LoaderSpec:
+    def loader_spec(self, split: str, batch_size: int, train: bool, check_files: bool = True) -> LoaderSpec:
         """A split's loader settings for this run and rank, after every check a loader makes before reading
-        (planktonio.loaders.loader_spec): files unchanged since prepare, a full training batch, shards."""
+        (planktonio.loaders.loader_spec): files unchanged since prepare (check_files), a full training batch,
+        shards."""
         c = self.config
         transform = c.transform("train" if train else "eval")
         check_batch_fits(batch_size, transform.size, self.output, self.device, "train" if train else "eval")
         return loader_spec(self.dataset, split, batch_size=batch_size, transform=transform, output=self.output,
                            device=self.device, train=train, shard_index=self.ctx.rank,
                            shard_count=self.ctx.world_size, workers=c.loader.workers, threads=c.loader.threads,
-                           seed=c.training.seed)
+                           seed=c.training.seed, check_files=check_files)
 
     def loader_for(self, split: str, batch_size: int, train: bool, spec: LoaderSpec | None = None) -> Loader:
         """The run's backend over a split (on `spec`, when its checks were made already)."""

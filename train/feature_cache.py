@@ -32,13 +32,18 @@ the model on the kept activations. It is the same run, not an approximation:
   kept; without a period, random augmentation is never cached;
 - where it lives: on the training device within the process's cache budget
   (planktonio/memory.py), else in host memory (pinned, in chunks, on a GPU
-  host), each batch gathered there and copied without a host wait; and on
+  host), each batch gathered there and copied without a host wait; where
+  neither budget takes it (millions of images), in a memory-mapped file in
+  `training.feature_cache_dir` (node-local disk: Slurm's $TMPDIR), each
+  epoch's batches gathered a few ahead by a background reader, in the
+  epoch's order; the same values, so the same run. And on
   disk in the run folder (or `training.feature_cache_dir`, which a sweep
   shares), named by a fingerprint of the prefix's weights and structure, the
-  transforms, the data (class names, manifests, image sizes and dates), the
+  transforms, the data (class names, manifests, each split's index), the
   dtype and the views: a resume, or a sweep's runs that share the prefix,
-  compute it once. The file says which images it holds (each split's
-  manifest lines with their recorded sizes and dates); one that does not
+  compute it once. The file says which images it holds (the checksum of
+  each split's index: its paths, labels, recorded sizes, dates and content
+  digests); one that does not
   match the run's, or whose content does not match its checksum (cut short,
   changed), is computed again; one that cannot be written (a full or
   read-only disk) leaves the activations used from memory, said in one line.
@@ -61,11 +66,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -73,6 +80,7 @@ from planktonio import memory
 from planktonio.errors import DiskError, PlanktonioError
 from planktonio.files import check_folder_writable
 from planktonio.loaders import LoaderSpec, sharding
+from planktonio.loaders.base import entry_labels
 
 from . import checkpoint, distributed
 from .model import forward_steps, set_train_mode
@@ -80,6 +88,7 @@ from .signals import StopFlag
 from .step import autocast
 
 KIND = "feature cache"  # what its bytes are called in the process's cache budget (planktonio/memory.py)
+READ_AHEAD = 4          # batches a store on disk is read ahead of the step
 FORMAT = 2              # the file's layout: a file of another one is computed again
 
 
@@ -158,26 +167,62 @@ class FeatureBatches:
         # The epoch's order goes to where the rows and the labels are once, not per batch: a cached epoch on
         # a GPU is a fraction of a second of small kernels, and a copy from pageable memory waits.
         rows, labels_order = rows.to(self.store.device), order.to(self.labels.device)
-        for index in range(self.skip_batches, len(self)):
-            batch = slice(index * self.batch_size, (index + 1) * self.batch_size)
-            yield self.store.gather(rows[batch], self.device), self.labels.index_select(0, labels_order[batch])
+
+        def batch(index: int):
+            taken = slice(index * self.batch_size, (index + 1) * self.batch_size)
+            return self.store.gather(rows[taken], self.device), self.labels.index_select(0, labels_order[taken])
+        indices = range(self.skip_batches, len(self))
+        if not self.store.on_disk:
+            yield from map(batch, indices)
+        else:  # a reader thread gathers (reads from disk) the next batches while the step runs on this one
+            reader = ThreadPoolExecutor(1, thread_name_prefix="feature-cache-reader")
+            try:
+                ahead = deque(reader.submit(batch, i) for i in indices[:READ_AHEAD])
+                for i in indices[READ_AHEAD:]:
+                    ahead.append(reader.submit(batch, i))
+                    yield ahead.popleft().result()
+                while ahead:
+                    yield ahead.popleft().result()
+            finally:  # an epoch left early (a stop signal): the batches read ahead are not waited for
+                reader.shutdown(wait=True, cancel_futures=True)
         self.set_epoch(self.epoch + 1)
 
     def close(self) -> None:
         pass
 
 
+# ------------------------------------------------------------------ a store on disk
+
+
+class OnDisk:
+    """Where the stores go when no memory budget takes them: memory-mapped files in `folder`
+    (memory.Rows.in_file), in host memory's place; nothing reserved in a budget."""
+
+    device, pinned = memory.HOST, False
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.placement = f"disk ({folder}, memory-mapped)"
+
+    def release(self) -> None:
+        pass
+
+
+def disk_free_bytes(folder: Path) -> int:
+    """Free bytes where `folder` is (or would be made: its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
 # ------------------------------------------------------------------ which images a file holds
 
 
 def split_identity(spec: LoaderSpec) -> str:
-    """sha256 of a split's manifest lines with each image's recorded bytes, date and size: the images whose
-    activations a file holds, in order."""
-    digest = hashlib.sha256("\n".join(f"{path} {label}" for path, label in spec.entries).encode())
-    info = spec.dataset.image_info(spec.split, len(spec.entries))
-    for array in (info.bytes, info.mtime_ns, info.width, info.height):
-        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
-    return digest.hexdigest()
+    """The images whose activations a file holds, in order: the checksum of the split's index (its manifest's
+    lines, each image's recorded bytes, date, size and content digest)."""
+    return spec.dataset.index(spec.split).checksum()
 
 
 # ------------------------------------------------------------------ the decision, the pass, the file
@@ -220,6 +265,13 @@ class FeatureCache:
             self.cut = cut
             self.counts = {split: len(spec.entries) for split, spec in specs.items()}
             why_not = self._place()
+            # Every rank caches or none does (a rank alone in a pass of collectives would wait forever):
+            # budgets and disks can differ between nodes.
+            refusing = distributed.all_sum([float(why_not is not None)], self.ex.device)[0]
+            if why_not is None and refusing:
+                self.reservation.release()
+                why_not = (f"{refusing:.0f} other rank(s) cannot keep the activations (over their memory budgets, "
+                           f"and their training.feature_cache_dir without the room)")
             if why_not is None:
                 self.reason = f"cut at {cut.at}"
                 return True
@@ -256,23 +308,32 @@ class FeatureCache:
         self.needed = per_image * sum(n * (self.views() if split == "train" else 1) for split, n in self.counts.items())
         device, cap = self.ex.device, self.config.training.feature_cache_budget_bytes
         self.reservation = memory.place(self.needed, device, KIND, cap, host=device.type == "cuda")
-        if self.reservation is None:
-            return (f"the activations need {self.needed / 2**20:.1f} MiB ({self.width} values per image), over "
-                    f"{memory.describe(device, KIND, cap)} (training.feature_cache_budget_bytes)")
+        if self.reservation is None:  # no memory budget takes them: a file on disk, if it has the room
+            free, node = disk_free_bytes(self.folder), self._ranks_on_this_node()
+            if free < self.needed * node:  # each rank on the node maps a store of its own there
+                return (f"the activations need {self.needed / 2**20:.1f} MiB ({self.width} values per image)"
+                        f"{f' for each of {node} ranks' if node > 1 else ''}, over {memory.describe(device, KIND, cap)} "
+                        f"(training.feature_cache_budget_bytes), and {self.folder} has {free / 2**20:.1f} MiB "
+                        f"free (training.feature_cache_dir: node-local disk with room)")
+            self.reservation = OnDisk(self.folder)
         return None
+
+    def _ranks_on_this_node(self) -> int:
+        peers = self.ex.ctx.peers
+        mine = next((host for rank, host, _ in peers if rank == self.ex.ctx.rank), None)
+        return max(1, sum(1 for _, host, _ in peers if host == mine))
 
     # ------------------------------------------------------------ the one pass, or the file
 
     def fingerprint(self) -> str:
         """What the kept activations depend on, and nothing else (so a sweep's runs share them)."""
         train = self.config.transform("train")
-        info = self.ex.dataset.path / "image_info.json"
         parts = {
             "prefix_weights": checkpoint.content_checksum(self.cut.prefix.state_dict()),
             "prefix_modules": repr(self.cut.prefix),
             "transforms": {"train": train.to_dict(), "eval": self.config.transform("eval").to_dict()},
             "data": self.ex.dataset.fingerprint(),
-            "image_info": hashlib.sha256(info.read_bytes()).hexdigest() if info.is_file() else None,
+            "index": {split: self.ex.dataset.index(split).checksum() for split in self.counts},
             "input": [self.ex.output.dtype, self.ex.output.layout], "amp": str(self.ex.amp_dtype),
             "frozen_mode": self.config.model.frozen_mode, "views": self.views(),
             # the plans of a random transform depend on the seed; a fixed one's do not
@@ -304,15 +365,17 @@ class FeatureCache:
             distributed.barrier()
             source = "computed"
         for split, spec in specs.items():
-            self.labels[split] = torch.tensor([label for _, label in spec.entries], dtype=torch.long,
-                                              device=self.ex.device)
+            self.labels[split] = torch.as_tensor(entry_labels(spec.entries), device=self.ex.device)
         seconds = time.perf_counter() - started
         self.report = {"used": True, "cut": self.cut.at, "source": source, "file": str(path),
                        "bytes": sum(store.nbytes for store in self.stores.values()), "seconds": seconds,
-                       "placement": str(self.reservation.device), "views": self.views(),
+                       "placement": self.reservation.placement, "views": self.views(),
                        "values_per_image": self.width, "dtype": str(self.dtype).removeprefix("torch.")}
+        if isinstance(self.reservation, OnDisk) and not self.config.training.feature_cache_dir:
+            self.log(f"feature cache: the activations are read from {self.folder} every epoch: set "
+                     f"training.feature_cache_dir to node-local disk (Slurm's $TMPDIR), not a shared file system")
         self.log(f"feature cache: {source}: {self.width} values per image ({self.report['dtype']}), "
-                 f"{self.report['bytes'] / 2**20:.1f} MiB on {self.reservation.device}, {seconds:.1f} s; each "
+                 f"{self.report['bytes'] / 2**20:.1f} MiB on {self.reservation.placement}, {seconds:.1f} s; each "
                  f"step runs the rest from {self.cut.at}")
         return True
 
@@ -321,8 +384,12 @@ class FeatureCache:
         device = self.reservation.device
         for split, count in self.counts.items():
             views = self.views() if split == "train" else 1
-            self.stores[split] = memory.Rows(views * count, self.width, self.dtype, device,
-                                             pin=self.reservation.pinned)
+            if isinstance(self.reservation, OnDisk):
+                self.stores[split] = memory.Rows.in_file(views * count, self.width, self.dtype, self.folder,
+                                                         "training.feature_cache_dir")
+            else:
+                self.stores[split] = memory.Rows(views * count, self.width, self.dtype, device,
+                                                 pin=self.reservation.pinned)
 
     def _give_up(self, why: str) -> bool:
         self.stores.clear()

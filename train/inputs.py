@@ -19,8 +19,10 @@ from typing import Callable
 
 from torch import nn
 
+from planktonio.errors import PlanktonioError
 from planktonio.loaders import LoaderSpec, resolve_backend
 
+from . import distributed
 from .executor import Executor
 from .feature_cache import FeatureCache
 from .signals import StopFlag
@@ -51,12 +53,29 @@ class Inputs:
 
 def checked_specs(executor: Executor) -> dict[str, LoaderSpec]:
     """Every split the run reads, checked as its loader would check it, before any work: train (in full
-    batches), valid, and test where the data set has one (the best weights are tested on it at the end)."""
+    batches), valid, and test where the data set has one (the best weights are tested on it at the end).
+
+    The check that costs a stat per loose file is made by the first rank alone (with many stats in flight),
+    and its verdict goes to every rank: one stat per file per run, not per rank (a million files on
+    Lustre, times the ranks of a job, is the metadata storm that slows a whole machine). Every other
+    check each rank makes for itself, alike."""
     batch, eval_batch = executor.config.loader.batch_size, executor.eval_batch_size()
-    specs = {"train": executor.loader_spec("train", batch, True),
-             "valid": executor.loader_spec("valid", eval_batch, False)}
-    if executor.has_test_split():
-        specs["test"] = executor.loader_spec("test", eval_batch, False)
+    mine = executor.ctx.is_main
+    specs, problem = {}, None
+    try:
+        specs = {"train": executor.loader_spec("train", batch, True, check_files=mine),
+                 "valid": executor.loader_spec("valid", eval_batch, False, check_files=mine)}
+        if executor.has_test_split():
+            specs["test"] = executor.loader_spec("test", eval_batch, False, check_files=mine)
+    except PlanktonioError as error:
+        problem = error
+    except OSError as error:  # (a folder that cannot be read): one line, and the other ranks told, not left waiting
+        problem = PlanktonioError(f"{error.filename or 'the data'}: cannot be read ({error.strerror or error})")
+    verdict = distributed.first_rank_says(None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    if verdict is not None:
+        raise PlanktonioError(verdict)
     return specs
 
 

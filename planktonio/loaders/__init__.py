@@ -184,11 +184,16 @@ def loader_spec(
     workers: int | None = None,
     threads: int | None = None,
     seed: int = 0,
+    check_files: bool = True,
 ) -> LoaderSpec:
     """What a loader of one split reads, after every check a loader makes before it reads anything: sizes,
     the shard, a split with images, its files unchanged since prepare (or its shards intact), a full
     training batch. make_loader builds its backend on it; a run that reads a feature cache instead of
-    images checks its inputs with it too, so that both refuse the same inputs (train/inputs.py)."""
+    images checks its inputs with it too, so that both refuse the same inputs (train/inputs.py).
+
+    check_files=False leaves out the one check that costs a stat per loose file: for the ranks of a run
+    whose first rank makes it for all of them (train/inputs.py shares its verdict). With shards it is one
+    stat per shard, made by every rank."""
     dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.load(data)
     device = resolve_device(device)
     problems = check_loader_sizes(batch_size, workers, threads)
@@ -199,15 +204,16 @@ def loader_spec(
     if not entries:
         raise PlanktonioError(f"{dataset.manifest(split)}: the {split} split has no images; prepare it with "
                               f"images in every split (--per-class / --fractions)")
-    info = dataset.image_info(split, len(entries))
+    info = dataset.image_info(split)
     is_train = split == "train" if train is None else train
     if is_train and len(entries) // shard_count < batch_size:
         raise PlanktonioError(
             f"{dataset.manifest(split)}: {len(entries)} images over {shard_count} shard(s) "
             f"make no full batch of {batch_size}; lower the batch size")
-    shards = ShardSet.open(dataset, split, entries)  # verified here: a damaged shard fails before training
+    shards = ShardSet.open(dataset, split)  # verified here: a damaged shard fails before training
     if shards is None:
-        dataset.check_files_unchanged(split, entries, info)
+        if check_files:
+            dataset.check_files_unchanged(split)
     elif not np.array_equal(shards.size, info.bytes):  # prepare rerun on changed files since the pack
         raise PlanktonioError(f"{dataset.path / 'shards'}: the {split} shards hold other bytes than prepare "
                               f"recorded for the same files; pack again (python -m planktonio pack --data "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,10 +33,18 @@ class LoaderSpec:
     workers: int         # DataLoader worker processes (backends that decode in workers)
     threads: int         # DALI CPU threads (backends that decode with DALI)
     seed: int
-    entries: list[tuple[str, int]]  # the split's manifest: (relative path, label), read once
+    entries: Sequence[tuple[str, int]]  # the split's (relative path, label) pairs: index.Entries, or a list
     widths: np.ndarray   # each entry's image size, as prepare recorded it (EXIF orientation applied)
     heights: np.ndarray
     shards: ShardSet | None = None  # the split's packed shards where prepared has them, else loose files
+
+
+def entry_labels(entries: Sequence[tuple[str, int]]) -> np.ndarray:
+    """Every entry's label, as int64: the index's column where there is one (no tuple per image made)."""
+    labels = getattr(entries, "labels", None)
+    if labels is None:
+        labels = [label for _, label in entries]
+    return np.asarray(labels, dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ from ..declared import Bytes, setting
 from ..errors import PlanktonioError
 from . import sharding
 from .backend import Backend, Goal
-from .base import BatchPlan, Loader, LoaderSpec
+from .base import BatchPlan, Loader, LoaderSpec, entry_labels
 from .dali_graph import decode, device_id
 from .ops import Normalizer, resize_flip
 
@@ -309,7 +309,7 @@ class CacheLoader(Loader):
         self.needed_bytes = int((3 * spec.widths[self.cached_positions] * spec.heights[self.cached_positions]).sum())
         self.reservation = self._place()  # given back when the loader is closed or dropped
         self.placement = self.reservation.where
-        self.labels = torch.tensor([label for _, label in spec.entries], dtype=torch.long, device=spec.device)
+        self.labels = torch.as_tensor(entry_labels(spec.entries), device=spec.device)
         self.store: ImageStore | None = None
         self.decode_seconds = 0.0
         self.cache_bytes = 0  # what the store holds; kept after close() for the benchmark's report

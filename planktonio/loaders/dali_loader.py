@@ -41,7 +41,7 @@ import torch
 
 from ..errors import PlanktonioError
 from .backend import Backend, Goal
-from .base import BatchStream, Loader, LoaderSpec
+from .base import BatchStream, Loader, LoaderSpec, entry_labels
 from .dali_graph import PipelineOutputs, decode, device_id
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the consumer
 
@@ -88,16 +88,18 @@ class PlanFeed:
 
     def __init__(self, loader: "DaliLoader"):
         self.stream = BatchStream(loader)
-        # File names as byte arrays, made once: fn.io.file.read takes them so.
-        root = str(loader.spec.dataset.root)
-        self.names = [np.frombuffer(f"{root}/{path}".encode(), dtype=np.uint8) for path, _ in loader.spec.entries]
-        self.labels = np.array([label for _, label in loader.spec.entries], dtype=np.int32)
+        self.root, self.entries = str(loader.spec.dataset.root), loader.spec.entries
+        self.labels = entry_labels(loader.spec.entries).astype(np.int32)
         self.shards = loader.spec.shards
+
+    def name(self, position: int) -> np.ndarray:
+        """A file's name as the byte array fn.io.file.read takes (made per batch: none kept per image)."""
+        return np.frombuffer(f"{self.root}/{self.entries[position][0]}".encode(), dtype=np.uint8)
 
     def __call__(self):
         batch = self.stream.advance()
         plan, positions = batch.plan, batch.positions
-        read = self.names.__getitem__ if self.shards is None else self.shards.read  # name, or the bytes
+        read = self.name if self.shards is None else self.shards.read  # name, or the bytes
         return ([read(p) for p in positions.tolist()],
                 self.labels[positions].reshape(-1, 1),
                 np.stack([plan.x, plan.y], axis=1).astype(np.int32),

@@ -6,7 +6,7 @@ loads the files and puts the sections (and the goals they checked) together.
 
 from __future__ import annotations
 
-from . import amp, inspect, loaders, predict, smoke, suite, training
+from . import amp, inspect, loaders, predict, scale, smoke, suite, training
 
 SECTIONS = {
     suite.KIND: suite.section,
@@ -15,6 +15,7 @@ SECTIONS = {
     amp.KIND: amp.section,
     training.KIND: training.section,
     predict.KIND: predict.section,
+    scale.KIND: scale.section,
     "inspect": inspect.trace_section,
     "inspect-ranks": inspect.ranks_section,
     "inspect-compare": inspect.compare_section,
