@@ -365,6 +365,7 @@ def test_the_watch_names_a_peer_whose_heartbeat_stopped():
     import socket
     stopped = subprocess.Popen(["sleep", "60"])
     stopped.send_signal(signal.SIGSTOP)
+    os.waitpid(stopped.pid, os.WUNTRACED)  # until it is stopped: the signal is delivered asynchronously
     try:
         here = socket.gethostname()
         peers = [(0, here, os.getpid()), (1, "node2", 11), (2, here, 999999999), (3, here, stopped.pid)]
