@@ -395,7 +395,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     copies = {group.files[0][1]: [path for _, path in group.files[1:]]
               for group in copy_groups if len(group.classes) == 1}
     extra = {path for others in copies.values() for path in others}
-    usable_count = {name: int(np.count_nonzero(usable[class_of == c])) for c, name in enumerate(names)}
+    usable_count = dict(zip(names, np.bincount(class_of[usable], minlength=len(names)).tolist()))
     distinct = {name: [f for p, f in enumerate(found[name], start=class_start[name]) if usable[p] and f not in extra]
                 for name in names}
 
@@ -599,7 +599,10 @@ class PreparedDataset:
                                   f"{path}; rerun prepare")
         index.check(path, self.num_classes)
         if key is not None:
-            _checked.clear()  # (one data set at a time is the common case: keep memory flat)
+            # One data set's splits at a time (the common case: memory stays flat), each split's latest state.
+            folder = os.path.dirname(key[0])
+            for kept in [k for k in _checked if k[0] == key[0] or os.path.dirname(k[0]) != folder]:
+                del _checked[kept]
             _checked[key] = index
         return index
 
