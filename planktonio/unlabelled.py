@@ -38,7 +38,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .dataset import EXIF_ORIENTATION, IMAGE_EXTENSIONS, QUARTER_TURNS, WIDE_MODES
+from .image_checks import EXIF_ORIENTATION, IMAGE_EXTENSIONS, QUARTER_TURNS, WIDE_MODES
 from .errors import PlanktonioError
 
 UNIT_IMAGES = 10_000  # the most images of one unit: a stop loses at most this much work

@@ -204,7 +204,7 @@ def loader_spec(
     if not entries:
         raise PlanktonioError(f"{dataset.manifest(split)}: the {split} split has no images; prepare it with "
                               f"images in every split (--per-class / --fractions)")
-    info = dataset.image_info(split)
+    info = dataset.index(split)
     is_train = split == "train" if train is None else train
     if is_train and len(entries) // shard_count < batch_size:
         raise PlanktonioError(

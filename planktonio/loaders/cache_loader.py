@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as TF
 
 from .. import memory
-from ..dataset import inspect_image
+from ..image_checks import inspect_image
 from ..declared import Bytes, setting
 from ..errors import PlanktonioError
 from . import sharding

@@ -117,7 +117,7 @@ class Writer:
 
 
 def _why_undecodable(catalog: Catalog, position: int) -> tuple[str, str]:
-    from planktonio.dataset import _decode_check, inspect_image
+    from planktonio.image_checks import decode_check as _decode_check, inspect_image
     if catalog.shards is None:
         problem = inspect_image(catalog.root / catalog.paths[position]).problem
     else:
