@@ -2,32 +2,16 @@
 
 A bad file must never reach a training run: DALI's decoder stops the whole
 pipeline on one ("Critical error in pipeline"), possibly hours in. So
-`prepare` decodes every image once, up front and in parallel, writes each
-rejected file with its reason to rejected.csv, and the manifests it writes
-list only files that decoded.
+`prepare` decodes every image once, up front and in parallel (worker
+processes writing columns, journaled so that a stopped prepare goes on where
+it was: planktonio/inspection.py), writes each rejected file with its reason
+to rejected.csv, and the manifests it writes list only files that decoded.
 
-Layout written to OUT:
-    train.txt, valid.txt, test.txt   one "relative/path label" per line, the
-                                     format of DALI's readers.file(file_list=)
-    classes.json                     class names (label = index), the source
-                                     root the paths are relative to, counts
-    index/train.npz, ...             per split, in manifest order, as numpy columns
-                                     (planktonio/index.py): path, label, width, height
-                                     (EXIF orientation applied), bytes, mtime, sha256;
-                                     what every run reads (the text is for people)
-    rejected.csv                     path,reason,detail for every bad file
-    skipped.csv                      path,reason for every file that is not a
-                                     candidate (other extensions, top-level files)
-    duplicates.csv                   group,sha256,class,path,split for every file
-                                     whose bytes another file also has
-
-Every candidate is decoded by worker processes into columns, journaled so
-that a stopped prepare goes on where it was (planktonio/inspection.py).
-
-Byte-identical copies (found by the sha256 each decode check also takes):
-copies within one class are kept, all in the split of their first copy, so
-no picture is trained on and tested on at once; copies under two or more
-classes are dropped (why: see the comment in `prepare`).
+It writes train.txt, valid.txt, test.txt (DALI's file_list format),
+classes.json, index/<split>.npz (planktonio/index.py: what every run reads),
+rejected.csv, skipped.csv and duplicates.csv; what each holds, and how
+byte-identical copies are split (within a class together; across classes
+dropped, see the comment in `prepare`), is in docs/data.md.
 """
 
 from __future__ import annotations
