@@ -9,6 +9,7 @@ no page carries a dated figure (measurements live in profiling/results/).
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -205,3 +206,14 @@ def test_predict_writes_what_predict_md_says(finished_run, plankton, tmp_path, c
         assert (out / "units" / f"{sample}.part0000.json").is_file()
     for name in ("samples.csv", "rejected.csv", "provenance.json"):
         assert (out / name).is_file(), name
+
+
+def test_module_docstrings_carry_no_dated_figure():
+    """What a module is and why; its measurements live in profiling/results/, as the pages' do."""
+    dated = []
+    for path in sorted(p for root in ("planktonio", "train", "profiling") for p in (REPO / root).rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        doc = re.sub(r"profiling/results/\S*", "", doc)
+        if DATED.search(doc) or RATE.search(doc):
+            dated.append(path.relative_to(REPO).as_posix())
+    assert not dated, f"dated figures in module docstrings: {dated}"
