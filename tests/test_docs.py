@@ -219,3 +219,15 @@ def test_module_docstrings_carry_no_dated_figure():
         if DATED.search(doc) or RATE.search(doc):
             dated.append(path.relative_to(REPO).as_posix())
     assert not dated, f"dated figures in module docstrings: {dated}"
+
+
+def test_config_keys_named_are_declared():
+    """`training.checkpoint_every_s` and the like, as the pages name them, are keys train/config.py declares."""
+    from train.config import RENAMED, SECTIONS, field_names
+    renamed = {f"{section}.{key}" for section, key in RENAMED}
+    unknown = []
+    for page in PAGES:
+        for section, key in re.findall(rf"(?<![\w/.-])({'|'.join(SECTIONS)})\.([a-z_]+)(?![\w/(-])", page.read_text()):
+            if key not in ("md", "py") and key not in field_names(section) and f"{section}.{key}" not in renamed:
+                unknown.append(f"{_page_name(page)}: {section}.{key}")
+    assert not unknown, unknown
