@@ -231,3 +231,25 @@ def test_config_keys_named_are_declared():
             if key not in ("md", "py") and key not in field_names(section) and f"{section}.{key}" not in renamed:
                 unknown.append(f"{_page_name(page)}: {section}.{key}")
     assert not unknown, unknown
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def test_python_examples_use_what_planktonio_exports():
+    """The pages' Python examples parse, import names planktonio has, and call make_loader with its keywords."""
+    import inspect
+
+    import planktonio
+    accepted = set(inspect.signature(planktonio.make_loader).parameters)
+    blocks = [(page, block) for page in PAGES for block in python_blocks(page.read_text())]
+    assert blocks
+    for page, block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.ImportFrom) and node.module == "planktonio":
+                for alias in node.names:
+                    assert hasattr(planktonio, alias.name), f"{_page_name(page)}: planktonio has no {alias.name}"
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "make_loader":
+                unknown = {k.arg for k in node.keywords} - accepted
+                assert not unknown, f"{_page_name(page)}: make_loader has no {unknown}"
