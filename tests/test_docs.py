@@ -253,3 +253,27 @@ def test_python_examples_use_what_planktonio_exports():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "make_loader":
                 unknown = {k.arg for k in node.keywords} - accepted
                 assert not unknown, f"{_page_name(page)}: make_loader has no {unknown}"
+
+
+# What each job script runs with the arguments after its name (slurm/*.sbatch: "$@").
+SCRIPT_PROGRAMS = {"slurm/train-1gpu.sbatch": ("train", "fit"), "slurm/train-node.sbatch": ("train", "fit"),
+                   "slurm/train-nodes.sbatch": ("train", "fit"), "slurm/predict.sbatch": ("train", "predict"),
+                   "slurm/trace.sbatch": ("profiling", "trace")}
+
+
+def test_job_script_arguments_are_their_programs_options(capsys):
+    """`slurm/submit slurm/trace.sbatch --active 10`: what follows the script is its program's option."""
+    checked = 0
+    for page, command in _all_commands():
+        words = command.split()
+        scripts = [i for i, w in enumerate(words) if w in SCRIPT_PROGRAMS]
+        if words[0] not in ("sbatch", "slurm/submit") or not scripts:
+            continue
+        program, sub = SCRIPT_PROGRAMS[words[scripts[0]]]
+        code, out, err = run_main(_main(program), [sub, "--help"], capsys)
+        assert code == 0, err
+        for option in OPTION.findall(" ".join(words[scripts[0] + 1:])):
+            assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", out), \
+                f"{page}: `{command}`: python -m {program} {sub} has no {option}"
+            checked += 1
+    assert checked
