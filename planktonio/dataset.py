@@ -4,7 +4,7 @@
 once: planktonio/index.py), in manifest order, and checks before a run that
 the loose files have not changed since prepare decoded them. The text
 manifests are for people and DALI's file_list; a run reads them only to say
-how one edited since prepare differs from its index.
+how one edited since prepare differs from its index. docs/data.md.
 """
 
 from __future__ import annotations

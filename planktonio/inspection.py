@@ -16,7 +16,7 @@ is written to the journal (OUT/.prepare-journal/, atomically). A prepare
 stopped by any signal, SIGKILL included, and run again finds the journal of
 the same file list and decodes only the parts it lacks; the columns, and so
 everything prepare writes, are those of an uninterrupted run. The journal
-goes when prepare has written its folder.
+goes when prepare has written its folder. docs/data.md.
 """
 
 from __future__ import annotations

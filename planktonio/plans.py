@@ -19,7 +19,7 @@ sees the crops an uninterrupted one would.
 
 Image sizes come from `prepare`, which decodes every image once and records
 them (PreparedDataset.index), so no backend has to look at a file to
-know its plan.
+know its plan. docs/loaders.md.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Before anything is decoded, each image's header is read, in parallel: its
 size (EXIF orientation applied), which the evaluation plans need, and the
 files that are not 8-bit images at all (empty, text, 16-bit, not an image),
 rejected there with the reason. One that breaks in decoding (truncated) is
-found by the loader that decodes it. Nothing is decoded twice.
+found by the loader that decodes it. Nothing is decoded twice. docs/predict.md.
 """
 
 from __future__ import annotations

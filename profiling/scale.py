@@ -18,7 +18,7 @@ Each cost is reported against N with the exponent b of a least-squares fit
 cost = a * N^b (0: flat; 1: linear), and memory as bytes per image: the slope
 between the smallest and the largest N (the constant part, torch and the
 interpreter, drops out). The figures are for a benchmark's record; no test
-checks them (they depend on the machine).
+checks them (they depend on the machine). docs/measuring.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ entry here: make_loader, the training config's choices and `loader.options`,
 `profiling loaders --backends auto`, the report's rows and goals, the
 accuracy arms and the loader contract tests all iterate the registry.
 Backends import shared pieces (base.py, ops.py, workers.py, dali_graph.py),
-never each other.
+never each other. docs/loaders.md.
 """
 
 from __future__ import annotations

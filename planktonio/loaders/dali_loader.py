@@ -28,7 +28,7 @@ short, so every image is seen exactly once per epoch across the shards.
 
 The outputs reach torch without the host waiting for the GPU
 (dali_graph.PipelineOutputs: bound to torch's stream, kept alive until
-torch's work on them is done).
+torch's work on them is done). docs/loaders.md.
 """
 
 from __future__ import annotations
