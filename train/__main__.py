@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True, help="where the predictions go (units/, samples.csv)")
     pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
     pr.add_argument("--calibrated", action="store_true",
-                    help="use RUN/calibration.json: its temperature, and its thresholds for the label column")
+                    help="use the checkpoint's calibration (RUN/calibration.json; calibration-last.json with "
+                         "--checkpoint last): its temperature, and its thresholds for the label column")
     pr.add_argument("--backend", help="loader backend (default: the run's)")
     pr.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size")
     pr.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's)")
@@ -107,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_share(v['accuracy_of_classified'])}")
             for name, note in fitted["notes"].items():
                 print(f"  {name}: {note}")
-            print(f"wrote {args.run}/calibration.json")
+            for warning in fitted["warnings"]:
+                print(f"  warning: {warning}")
+            from .calibration import path_of
+            print(f"wrote {path_of(args.run, args.run / f'{args.checkpoint}.pt')}")
             return 0
         from .evaluate import evaluate_run
         result = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.backend, args.other_data)
