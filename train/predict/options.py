@@ -13,8 +13,6 @@ FORMATS = ("parquet", "csv")
 
 
 @dataclass
-
-
 class PredictOptions:
     run: Path
     images: Path
