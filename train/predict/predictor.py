@@ -232,8 +232,8 @@ def duplicates(catalog: Catalog, positions: np.ndarray) -> dict[int, tuple[str, 
     for position, path in enumerate(catalog.paths):
         first.setdefault(path, position)
     again = [p for p in positions.tolist() if first[catalog.paths[p]] != p]
-    return {p: ("duplicate path", f"listed more than once: predicted once, as image {first[catalog.paths[p]]} "
-                                  f"of the list's order") for p in again}
+    return {p: ("duplicate path", f"listed again: predicted once, as image {first[catalog.paths[p]]} of the list")
+            for p in again}
 
 
 class _Subset:
