@@ -492,3 +492,20 @@ def test_images_a_decoder_fails_on_but_pil_reads_are_decoded_again_image_by_imag
     table = predicted(tmp_path / "pred")
     assert len(table) == 40 and table["path"].is_unique
     assert len(pd.read_csv(tmp_path / "pred" / "rejected.csv")) == 0
+
+
+def test_every_predict_option_is_taken_from_its_command_line_argument():
+    """PredictOptions is filled from the arguments of the same names: each field, given on the command line,
+    differs from its default (an option added to one and not the other would fail here)."""
+    import dataclasses
+
+    from train.__main__ import build_parser
+    args = build_parser().parse_args([
+        "predict", "--run", "r", "--images", "i", "--out", "o", "--checkpoint", "last", "--calibrated",
+        "--backend", "pil", "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--workers", "1",
+        "--format", "csv", "--top-k", "2", "--float16", "--embeddings", "--shard", "1/3", "--overwrite"])
+    options = predict_module.predict_options(args, ["python", "-m", "train", "predict"])
+    defaults = predict_module.PredictOptions(run=None, images=None, out=None)
+    for field in dataclasses.fields(predict_module.PredictOptions):
+        assert getattr(options, field.name) != getattr(defaults, field.name), field.name
+    assert options.shard == (1, 3) and options.top_k == 2 and str(options.run) == "r"

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = commands.add_parser("calibrate", help="fit a temperature and per-class thresholds on the validation split")
     cal.add_argument("--run", type=Path, required=True)
-    cal.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    cal.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                     help="the weights to calibrate: best.pt (RUN/calibration.json) or last.pt "
+                          "(RUN/calibration-last.json)")
     cal.add_argument("--target", type=float, default=0.9,
                      help="the validation precision each class's threshold must reach (default 0.9)")
     cal.add_argument("--backend", help="loader backend (default: the run's)")
@@ -90,13 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             from planktonio.cores import let_idle_threads_sleep
             let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
-            from .predict import PredictOptions, parse_shard, predict
-            return predict(PredictOptions(
-                run=args.run, images=args.images, out=args.out, checkpoint=args.checkpoint,
-                calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size, device=args.device,
-                precision=args.precision, workers=args.workers, format=args.format, top_k=args.top_k,
-                float16=args.float16, embeddings=args.embeddings, shard=parse_shard(args.shard),
-                overwrite=args.overwrite, command=["python", "-m", "train", *(argv or sys.argv[1:])]))
+            from .predict import predict, predict_options
+            return predict(predict_options(args, ["python", "-m", "train", *(argv or sys.argv[1:])]))
         if args.command == "calibrate":
             from .evaluate import calibrate_run
             fitted = calibrate_run(args.run, args.checkpoint, args.target, args.backend)

@@ -51,11 +51,11 @@ and a writer thread (a bounded queue) waits for them and writes the files.
 
 from .formats import provenance_of, read_predictions
 from .merge import merge
-from .options import FORMATS, UNITS, PredictOptions, parse_shard
+from .options import FORMATS, UNITS, PredictOptions, parse_shard, predict_options
 from .predictor import Predictor, Timing
 from .program import predict
 from .settings import owner_record, streaming_backends
 from .writer import Writer
 
 __all__ = ["FORMATS", "UNITS", "PredictOptions", "Predictor", "Timing", "Writer", "merge", "owner_record",
-           "parse_shard", "predict", "provenance_of", "read_predictions", "streaming_backends"]
+           "parse_shard", "predict", "predict_options", "provenance_of", "read_predictions", "streaming_backends"]
