@@ -1,10 +1,11 @@
 """The header scan before any decoding (sizes, and the files no loader can read), in worker processes.
 
 Loose files are planktonio.unlabelled's own scan. Tar shards are scanned
-here: a job of the catalog's scan carries the shards' whole member table
-(at a million members 53 MiB pickled per 512-image job, minutes before the
-first batch), so each worker gets the shards once, when it starts (the pool's
-initializer), and each job carries its positions only.
+here: a job that carried the shards would pickle their whole member table
+every time (its size grows with the catalog, and at a million members it
+holds up the first batch for minutes), so each worker gets the shards
+once, when it starts (the pool's initializer), and each job carries its
+positions only.
 """
 
 from __future__ import annotations
