@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = commands.add_parser("calibrate", help="fit a temperature and per-class thresholds on the validation split")
     cal.add_argument("--run", type=Path, required=True)
-    cal.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    cal.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                     help="the weights to calibrate: best.pt (RUN/calibration.json) or last.pt "
+                          "(RUN/calibration-last.json)")
     cal.add_argument("--target", type=float, default=0.9,
                      help="the validation precision each class's threshold must reach (default 0.9)")
     cal.add_argument("--backend", help="loader backend (default: the run's)")
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True, help="where the predictions go (units/, samples.csv)")
     pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
     pr.add_argument("--calibrated", action="store_true",
-                    help="use RUN/calibration.json: its temperature, and its thresholds for the label column")
+                    help="use the checkpoint's calibration (RUN/calibration.json; calibration-last.json with "
+                         "--checkpoint last): its temperature, and its thresholds for the label column")
     pr.add_argument("--backend", help="loader backend (default: the run's)")
     pr.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size")
     pr.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's)")
@@ -92,13 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             from planktonio.cores import let_idle_threads_sleep
             let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
-            from .predict import PredictOptions, parse_shard, predict
-            return predict(PredictOptions(
-                run=args.run, images=args.images, out=args.out, checkpoint=args.checkpoint,
-                calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size, device=args.device,
-                precision=args.precision, workers=args.workers, format=args.format, top_k=args.top_k,
-                float16=args.float16, embeddings=args.embeddings, shard=parse_shard(args.shard),
-                overwrite=args.overwrite, command=["python", "-m", "train", *(argv or sys.argv[1:])]))
+            from .predict import predict, predict_options
+            return predict(predict_options(args, ["python", "-m", "train", *(argv or sys.argv[1:])]))
         if args.command == "calibrate":
             from .evaluate import calibrate_run
             fitted = calibrate_run(args.run, args.checkpoint, args.target, args.backend)
@@ -110,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_share(v['accuracy_of_classified'])}")
             for name, note in fitted["notes"].items():
                 print(f"  {name}: {note}")
-            print(f"wrote {args.run}/calibration.json")
+            for warning in fitted["warnings"]:
+                print(f"  warning: {warning}")
+            from .calibration import path_of
+            print(f"wrote {path_of(args.run, args.run / f'{args.checkpoint}.pt')}")
             return 0
         from .evaluate import evaluate_run
         result = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.backend, args.other_data)
