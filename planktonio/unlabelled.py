@@ -36,10 +36,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from .image_checks import EXIF_ORIENTATION, IMAGE_EXTENSIONS, QUARTER_TURNS, WIDE_MODES
 from .errors import PlanktonioError
+from .image_checks import EMPTY, IMAGE_EXTENSIONS, header_check
+from .shard_reading import MemberMaps
 
 UNIT_IMAGES = 10_000  # the most images of one unit: a stop loses at most this much work
 
@@ -51,27 +51,16 @@ class Unit:
     stop: int
 
 
-class TarShards:
+class TarShards(MemberMaps):
     """The image members of tar files, read by offset from memory maps (what the loaders call `shards`)."""
 
     def __init__(self, folder: Path, names: list[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray,
                  members: list[str]):
-        self.directory, self.names, self.members = folder, names, members
-        self.shard, self.offset, self.size = shard, offset, size
-        self._maps: dict[int, np.memmap] = {}
-
-    def read(self, position: int) -> np.ndarray:
-        number = int(self.shard[position])
-        if number not in self._maps:
-            self._maps[number] = np.memmap(self.directory / self.names[number], dtype=np.uint8, mode="r")
-        start = int(self.offset[position])
-        return np.asarray(self._maps[number][start:start + int(self.size[position])])
+        super().__init__(folder, names, shard, offset, size)
+        self.members = members
 
     def describe(self, position: int) -> str:
         return f"{self.directory / self.names[int(self.shard[position])]}:{self.members[position]}"
-
-    def __getstate__(self):  # worker processes open their own maps
-        return {**self.__dict__, "_maps": {}}
 
 
 @dataclass
@@ -196,28 +185,6 @@ def _from_shards(folder: Path, tars: list[Path]) -> Catalog:
 # ---------------------------------------------------------------- headers: sizes and the files that are not images
 
 
-def peek(source) -> tuple[int, int, tuple[str, str] | None]:
-    """(width, height, problem) from an image's header, without decoding it: its size with the EXIF
-    orientation applied, or why no loader can read it (reason, detail) as `prepare` names them."""
-    try:
-        with Image.open(source) as image:
-            width, height = image.size
-            if image.mode in WIDE_MODES:
-                why = (f"{WIDE_MODES[image.mode]} (PIL mode {image.mode}); convert to 8 bits, e.g. with "
-                       f"`python -m planktonio square`")
-                return 0, 0, ("unsupported bit depth", why)
-            if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
-                width, height = height, width
-    except UnidentifiedImageError:
-        return 0, 0, ("not an image", "no known image format")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        detail = str(error) or type(error).__name__
-        return 0, 0, ("truncated" if "truncat" in detail.lower() else "unreadable", detail)
-    if width < 1 or height < 1:
-        return 0, 0, ("not an image", f"size {width}x{height}")
-    return width, height, None
-
-
 def _peek_files(paths: list[str]) -> list[tuple[int, int, tuple[str, str] | None]]:
     out = []
     for path in paths:
@@ -226,13 +193,13 @@ def _peek_files(paths: list[str]) -> list[tuple[int, int, tuple[str, str] | None
         except OSError as error:
             out.append((0, 0, ("unreadable", error.strerror or type(error).__name__)))
             continue
-        out.append((0, 0, ("empty", "file has 0 bytes")) if empty else peek(path))
+        out.append((0, 0, EMPTY) if empty else header_check(path))
     return out
 
 
 def _peek_members(shards: TarShards, positions: list[int]):
     return [(0, 0, ("empty", "member has 0 bytes")) if not shards.size[p]
-            else peek(io.BytesIO(shards.read(p).tobytes())) for p in positions]
+            else header_check(io.BytesIO(shards.read(p).tobytes())) for p in positions]
 
 
 def read_headers(catalog: Catalog, positions: np.ndarray, workers: int = 1):
