@@ -42,12 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import SPLITS, unsafe_name_reason
+from .cores import available_cpus
+from .dataset import SPLITS
 from .errors import PlanktonioError
 from .files import write_atomic
 from .image_checks import IMAGE_EXTENSIONS
 from .index import SplitIndex, index_file
 from .inspection import Inspection, inspect_files
+from .path_rules import path_problem
 
 FORMAT = 3  # of the prepared layout, recorded in classes.json
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -140,7 +142,8 @@ class Candidates:
 
     def unsafe_names(self) -> dict[int, tuple[str, str]]:
         """position -> ("unsafe name", why) for each path no manifest line can hold."""
-        return {p: ("unsafe name", reason) for p, path in enumerate(self.paths) if (reason := unsafe_name_reason(path))}
+        return {p: ("unsafe name", f"the name {problem} (rename the file)") for p, path in enumerate(self.paths)
+                if (problem := path_problem(path))}
 
 
 # --------------------------------------------------------------- splitting
@@ -222,8 +225,8 @@ def find_copies(paths: list[str], class_of: np.ndarray, classes: list[str], sha2
 def _in_other_classes(group: CopyGroup, name: str, path: str) -> str:
     """rejected.csv's detail for one copy of an image filed under several classes."""
     others = [p for _, p in group.files if p != path]
-    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-    return (f"also in {', '.join(c for c in group.classes if c != name)}: the same bytes as {shown} "
+    listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f"also in {', '.join(c for c in group.classes if c != name)}: the same bytes as {listed} "
             f"(sha256 {group.sha256[:16]}...); put the image in its one right class folder")
 
 
@@ -297,7 +300,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     skip = np.zeros(len(candidates.paths), dtype=bool)
     skip[list(unsafe)] = True
     out.mkdir(parents=True, exist_ok=True)
-    checks, journal = inspect_files(source, candidates.paths, skip, workers or os.cpu_count() or 1, out, progress)
+    checks, journal = inspect_files(source, candidates.paths, skip, workers or available_cpus(), out, progress)
     verdicts = _judge(candidates, {**unsafe, **checks.problems}, checks)
     selection = _select_classes(source, candidates, verdicts, min_images, plan)
     splits, positions = _draw_splits(candidates, selection, plan, seed)
