@@ -45,6 +45,10 @@ from .path_rules import SEPARATOR, first_path_problem
 INDEX_DIR = "index"
 FORMAT = 1
 COLUMNS = ("path_bytes", "path_end", "label", "width", "height", "bytes", "mtime_ns", "sha256")
+# Each column's type and dimensions, as prepare writes them (a forged index may hold others).
+COLUMN_TYPES = {"path_bytes": (np.uint8, 1), "path_end": (np.int64, 1), "label": (np.int32, 1),
+                "width": (np.int32, 1), "height": (np.int32, 1), "bytes": (np.int64, 1), "mtime_ns": (np.int64, 1),
+                "sha256": (np.uint8, 2)}
 RERUN = "rerun `python -m planktonio prepare`"
 # Threads that stat a split's loose files at once (stat_files): each stat waits on the file system (a
 # metadata server on Lustre), not on a core, so more of them than cores pay.
@@ -140,6 +144,11 @@ class SplitIndex:
     def check(self, path: Path, num_classes: int) -> None:
         """Every column as a reader needs it, with vectorised checks; a one-line error naming the first
         image at fault otherwise."""
+        for name, (dtype, ndim) in COLUMN_TYPES.items():
+            column = getattr(self, name)
+            if column.dtype != np.dtype(dtype) or column.ndim != ndim:
+                raise PlanktonioError(f"{path}: column {name} holds {column.dtype} in {column.ndim} dimension(s), "
+                                      f"not {np.dtype(dtype)} in {ndim}; {RERUN}")
         n = len(self.label)
         columns = (self.path_end, self.width, self.height, self.bytes, self.mtime_ns)
         if any(c.ndim != 1 or len(c) != n for c in columns) or self.sha256.shape != (n, 32) or \

@@ -233,3 +233,25 @@ def test_a_split_s_index_is_read_and_checked_once_while_unchanged(coloured, tmp_
     os.utime(index_file(tmp_path / "p", "valid"), ns=(1, 1))  # a new state: read again
     dataset.index("valid")
     assert len(reads) == 4
+
+
+@pytest.mark.parametrize("column, forged", [
+    ("label", lambda column: np.asarray(column[0])),       # 0-d: was a TypeError
+    ("width", lambda column: column.astype(np.float64)),   # floats: every image skipped, then an empty torch.cat
+    ("height", lambda column: column.astype(np.float32)),
+    ("sha256", lambda column: column.reshape(-1)),
+])
+def test_an_index_whose_columns_have_other_types_is_one_line(coloured, tmp_path, capsys, column, forged):
+    """Issue 34 #7: a forged index with a recomputed checksum (no security boundary) is refused by the types and
+    dimensions of its columns, not only their lengths: one line saying to rerun prepare, exit 2."""
+    import dataclasses
+
+    from .helpers import one_line_error, run_planktonio
+    prepared, _ = coloured
+    shutil.copytree(prepared, tmp_path / "p")
+    path = index_file(tmp_path / "p", "train")
+    index = SplitIndex.read(path)
+    dataclasses.replace(index, **{column: forged(getattr(index, column))}).write(path)
+    code, _, err = run_planktonio(["pack", "--data", tmp_path / "p"], capsys)
+    line = one_line_error(code, err)
+    assert f"train.npz: column {column} " in line and "rerun `python -m planktonio prepare`" in line
