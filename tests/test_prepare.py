@@ -25,7 +25,15 @@ from planktonio.preparation import SplitPlan
 from planktonio.square import square_tree
 
 from .conftest import jpeg_bytes, write_coloured_set
-from .helpers import REPO, one_line_error, process_env, python, run_planktonio
+from .helpers import (
+    REPO,
+    descendants,
+    one_line_error,
+    process_env,
+    python,
+    run_planktonio,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -408,3 +416,39 @@ def test_a_prepare_stopped_mid_way_goes_on_to_the_same_folder(source, tmp_path, 
     assert "2 of " in again.stderr and "parts were decoded by an earlier run" in again.stderr
     assert prepared_files(tmp_path / "stopped") == prepared_files(tmp_path / "whole")
     assert not (tmp_path / "stopped" / JOURNAL).exists()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead child that no one reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_prepare_s_decoding_workers_end_with_it(source, tmp_path, sig):
+    """Issue 34 #4: prepare stopped by SIGTERM or SIGKILL (the parent alone, as the OOM killer or a kill of
+    its pid does) left its pool workers alive under init for ever; they now end with it."""
+    hold = tmp_path / "held"
+    args = ["-m", "tests.prepare_with_hooks", "prepare", "--source", str(source), "--per-class", "4,2,2",
+            "--workers", "2", "--out", str(tmp_path / "out")]
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               env=process_env(HOLD_AFTER_PARTS="2", HOLD_FILE=str(hold)))
+    try:
+        wait_for(hold, process=process)
+        workers = descendants(process.pid)
+        assert len(workers) == 2
+        os.kill(process.pid, sig)
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)]
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
