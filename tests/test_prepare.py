@@ -452,3 +452,35 @@ def test_prepare_s_decoding_workers_end_with_it(source, tmp_path, sig):
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_name_that_is_not_utf8_is_rejected_with_its_reason_shown_escaped(tmp_path):
+    """Issue 34 #6: a file name that is not UTF-8 (os gives bytes, Python surrogates) was a traceback that left
+    a half-written folder; it is now rejected as an unsafe name, listed in rejected.csv with \\xNN escapes."""
+    source = tmp_path / "source"
+    write_coloured_set(source, classes=2, per_class=3, size=16)
+    for name in (b"caf\xe9.jpg", b"notes\xff.txt"):
+        with open(os.fsencode(source / "class0") + b"/" + name, "wb") as f:
+            f.write((source / "class0" / "img000.jpg").read_bytes())
+    result = prepare(source, tmp_path / "prepared", workers=1)
+    assert result.usable == {"class0": 3, "class1": 3}
+    reasons = rejected_reasons(tmp_path / "prepared")
+    assert reasons == {"caf\\xe9.jpg": "unsafe name"}
+    with open(tmp_path / "prepared" / "rejected.csv", encoding="utf-8") as f:
+        assert "the name is not valid UTF-8" in f.read()
+    assert "class0/notes\\xff.txt" in (tmp_path / "prepared" / "skipped.csv").read_text(encoding="utf-8")
+
+
+def test_classes_that_hold_the_same_files_are_refused_saying_why(tmp_path):
+    """The smaller case of issue 34: every class holding the same pictures was refused as "largest: t0 with 0",
+    without the reason (each copy is dropped as filed under several classes)."""
+    source = tmp_path / "source"
+    for name in ("t0", "t1"):
+        (source / name).mkdir(parents=True)
+        for i in range(3):
+            (source / name / f"{i}.jpg").write_bytes(jpeg_bytes(16, seed=i))
+    with pytest.raises(PlanktonioError) as error:
+        prepare(source, tmp_path / "prepared", workers=1)
+    message = str(error.value)
+    assert "largest: t0 with 0" in message and "6 of 6 files rejected: 6 duplicate in another class" in message
+    assert "also in t1" in message and "\n" not in message
