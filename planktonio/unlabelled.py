@@ -41,6 +41,7 @@ import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
@@ -321,30 +322,49 @@ def _peek_members(shards: TarShards, positions: list[int]):
             else header_check(io.BytesIO(shards.read(p).tobytes())) for p in positions]
 
 
-def read_headers(catalog: Catalog, positions: np.ndarray, workers: int = 1):
+# A job that carried the shards would pickle their whole member table each time (it grows with the catalog:
+# 53 MiB a job at a million members), so each scan worker gets them once, when it starts, and a job carries
+# its positions only.
+_worker_shards: TarShards | None = None
+
+
+def _start_scan_worker(parent: int, shards: TarShards | None) -> None:
+    end_with_parent(parent)
+    keep_shards(shards)
+
+
+def keep_shards(shards: TarShards | None) -> None:
+    """The shards this scan worker reads (handed over once, when it starts)."""
+    global _worker_shards
+    _worker_shards = shards
+
+
+def _scan_members(positions: list[int]):
+    return _peek_members(_worker_shards, positions)
+
+
+def read_headers(catalog: Catalog, positions: np.ndarray, workers: int = 1, pool=ProcessPoolExecutor):
     """Widths, heights (arrays over `positions`) and {position: (reason, detail)} of those no loader can
     read: the images rejected as they were found, and those found so from their headers, `workers`
-    processes at a time."""
+    processes at a time (`pool`: the executor class, for tests)."""
     positions = [int(p) for p in positions]
     problems = {p: catalog.problems[p] for p in positions if p in catalog.problems}
     todo = [p for p in positions if p not in problems]
     size = max(1, min(512, len(todo) // max(workers * 8, 1) or 1))
     chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
     if catalog.shards is not None:
-        jobs = [(_peek_members, catalog.shards, chunk) for chunk in chunks]
+        jobs, scan, here = chunks, _scan_members, partial(_peek_members, catalog.shards)
     else:
-        jobs = [(_peek_files, [str(catalog.root / catalog.paths[p]) for p in chunk]) for chunk in chunks]
+        jobs = [[str(catalog.root / catalog.paths[p]) for p in chunk] for chunk in chunks]
+        scan = here = _peek_files
     if workers <= 1 or len(jobs) <= 1:
-        results = [r for job in jobs for r in job[0](*job[1:])]
+        results = [r for job in jobs for r in here(job)]
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
-            results = [r for done in pool.map(_call, jobs) for r in done]
+        with pool(max_workers=workers, initializer=_start_scan_worker,
+                  initargs=(os.getpid(), catalog.shards)) as scanners:
+            results = [r for done in scanners.map(scan, jobs) for r in done]
     found = dict(zip(todo, results))
     widths = np.asarray([found[p][0] if p in found else 0 for p in positions], dtype=np.int64)
     heights = np.asarray([found[p][1] if p in found else 0 for p in positions], dtype=np.int64)
     problems.update({p: r[2] for p, r in found.items() if r[2] is not None})
     return widths, heights, {p: problems[p] for p in positions if p in problems}
-
-
-def _call(job):
-    return job[0](*job[1:])
