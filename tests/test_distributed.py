@@ -71,7 +71,7 @@ def test_the_first_rank_alone_stats_the_files_and_every_rank_gets_its_verdict(pl
     monkeypatch.setattr(dataset_module, "stat_files", lambda *a: stats.append(1) or real_stat_files(*a))
     said = {}
 
-    def first_rank_says(message):  # what the broadcast gives: rank 0's message, on rank 1 too
+    def first_rank_says(message, what=""):  # what the wait gives: rank 0's message, on rank 1 too
         said["rank0"] = said.get("rank0", message)
         return said["rank0"] if rank == 0 else f"{tmp_path / 'images' / victim}: changed since prepare checked it"
     monkeypatch.setattr(distributed, "first_rank_says", first_rank_says)
@@ -80,6 +80,26 @@ def test_the_first_rank_alone_stats_the_files_and_every_rank_gets_its_verdict(pl
     with pytest.raises(PlanktonioError, match=f"{victim}: changed since prepare checked it"):
         checked_specs(executor)
     assert (len(stats) > 0) == (rank == 0)
+
+
+class DictStore:
+    """The rendezvous store's key-value calls, in a dict."""
+
+    def __init__(self):
+        self.values = {}
+
+    def set(self, key, value):
+        self.values[key] = value.encode() if isinstance(value, str) else value
+
+    def check(self, keys):
+        return all(key in self.values for key in keys)
+
+    def get(self, key):
+        return self.values[key]
+
+    def add(self, key, amount):
+        self.values[key] = int(self.values.get(key, 0)) + amount
+        return self.values[key]
 
 
 class FakeDist:
@@ -92,6 +112,8 @@ class FakeDist:
     def __init__(self, world: int = 2, rank: int = 0, current_device=lambda: None):
         self.world, self.rank, self.current_device = world, rank, current_device
         self.initialized, self.calls = False, []
+        self.store = DictStore()
+        self.distributed_c10d = type("c10d", (), {"_get_default_store": staticmethod(lambda: self.store)})
 
     def is_initialized(self) -> bool:
         return self.initialized
@@ -441,3 +463,62 @@ def test_compile_wraps_the_ddp_model_and_the_cached_rest(two_ranks_played_by_one
     assert "RecordedDDP" in kinds and "Sequential" in kinds  # the DDP-wrapped rest for steps, the rest itself
     ddp = next(m for m in compiled if type(m).__name__ == "RecordedDDP")
     assert type(ddp.module).__name__ == "Sequential"  # DDP wraps the (uncompiled) rest of the cut
+
+
+# ------------------------------------------------------------------ waits off the collective path
+
+RANK0_WORKS_LONG = """
+import datetime, os, sys, time
+import torch, torch.distributed as dist
+from train import distributed
+rank, how = int(os.environ["RANK"]), sys.argv[1]
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+if rank == 0:
+    time.sleep(5)  # long host work (the feature store written): past the collective timeout of 2 s
+try:
+    if how == "store":
+        print("rank 0 says:", distributed.first_rank_says("done" if rank == 0 else None, "writing the store"))
+    else:
+        dist.barrier()
+except RuntimeError as error:
+    print("failed:", str(error).splitlines()[0][:200])
+    sys.exit(1)
+total = torch.ones(1)
+dist.all_reduce(total)
+print("sum", int(total.item()))
+"""
+
+
+@pytest.mark.parametrize("how", ["store", "barrier"])
+def test_a_wait_on_rank_0_outlives_the_collective_timeout(tmp_path, how):
+    """Rank 0 works 5 s on the host while rank 1 waits, under a collective timeout of 2 s: in a barrier rank 1
+    times out (as NCCL's watchdog would end it, with SIGABRT), waiting on the rendezvous store it gets rank
+    0's word and both go on to their next collective."""
+    port = 20000 + (os.getpid() + 7) % 20000
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK0_WORKS_LONG, how], cwd=REPO, text=True,
+                              env=process_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                              MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        out, err = ranks[1].communicate(timeout=180)  # (importing torch alone takes seconds on a busy machine)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+    said = [line for line in out.splitlines() if not line.startswith("[Gloo]")]
+    if how == "store":
+        assert ranks[1].returncode == 0 and said == ["rank 0 says: done", "sum 2"], out + err
+    else:
+        assert ranks[1].returncode == 1 and "failed:" in out and "imed out" in out, out + err
+
+
+def test_a_wait_on_rank_0_that_expires_is_one_line(monkeypatch):
+    import socket
+    fake = FakeDist(world=2, rank=1)
+    fake.initialized = True
+    monkeypatch.setattr(distributed, "dist", fake)
+    monkeypatch.setattr(distributed, "POLL_S", 0.01)
+    with pytest.raises(distributed.PeerLost) as lost:
+        distributed.first_rank_says(None, "writing the feature store /x/features.pt", timeout_s=0.05)
+    assert str(lost.value) == (f"rank 1 on {socket.gethostname()}: rank 0 stopped answering during writing the "
+                               f"feature store /x/features.pt: no word from it in 0.05 s (distributed.HOST_WORK_S)")

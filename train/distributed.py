@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import datetime
 import gc
+import itertools
+import json
 import os
 import re
 import socket
 import sys
+import time
 import traceback
 import weakref
 from dataclasses import dataclass, field, replace
@@ -336,13 +339,53 @@ def gather_to_main(obj) -> list | None:
     return gathered
 
 
-def first_rank_says(message: str | None) -> str | None:
-    """Rank 0's `message` on every rank (a verdict only it worked out); the message itself in one process."""
+# ------------------------------------------------------------------ waits off the collective path
+
+# The longest the other ranks wait for rank 0's long host work (the feature store hashed, written and
+# synced: up to ~100 GB; a million loose files statted on a shared file system).
+HOST_WORK_S = 4 * 3600.0
+POLL_S = 0.2
+_said = itertools.count()  # the how-manieth word of rank 0's this is: every rank asks in the same order
+
+
+def first_rank_says(message: str | None, what: str = "its check of the input files",
+                    timeout_s: float = HOST_WORK_S) -> str | None:
+    """Rank 0's `message` on every rank (a verdict only it worked out; None for "done"), the message itself in
+    one process. Rank 0 calls this when its work is done; the others call it at once and wait for its word.
+
+    They wait on the rendezvous store, not in a collective: under NCCL a collective pending past the
+    process group's timeout (training.collective_timeout_s) is ended by torch's watchdog with SIGABRT and
+    no line, and rank 0's host work (`what`) can take longer than that. This wait has its own limit,
+    `timeout_s`, and says so in one line when it expires; a rank 0 that died meanwhile is found by the
+    peer watch (its heartbeat stops) or by the store that no longer answers."""
     if not dist.is_initialized():
         return message
-    box = [message if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    key = f"planktonio/rank0-says/{next(_said)}"
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        store.set(key, json.dumps(message))
+        return message
+    waited = _wait_for_key(store, key, what, timeout_s)
+    return json.loads(waited)
+
+
+def _wait_for_key(store, key: str, what: str, timeout_s: float) -> bytes:
+    deadline = time.monotonic() + timeout_s
+    rank, here = dist.get_rank(), socket.gethostname()
+    try:
+        while not store.check([key]):
+            if time.monotonic() > deadline:
+                raise PeerLost(f"rank {rank} on {here}: rank 0 stopped answering during {what}: no word from it "
+                               f"in {timeout_s:g} s (distributed.HOST_WORK_S)")
+            time.sleep(POLL_S)
+        return store.get(key)
+    except PeerLost:
+        raise
+    except Exception as error:  # noqa: BLE001 (the store's own errors differ by transport)
+        raise PeerLost(f"rank {rank} on {here}: rank 0 left during {what} (the rendezvous store does not answer: "
+                       f"{(str(error).splitlines() or [type(error).__name__])[0]})") from None
+
+
 
 
 def barrier() -> None:

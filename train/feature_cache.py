@@ -362,7 +362,8 @@ class FeatureCache:
                 torch.cuda.synchronize(self.ex.device)  # the asynchronous copies into host memory are done
             if writable:
                 self._save(path, fingerprint, identities)
-            distributed.barrier()
+            # (the others wait on the store, not in a barrier that NCCL's watchdog would end: see first_rank_says)
+            distributed.first_rank_says(None, f"writing the feature store {path}")
             source = "computed"
         for split, spec in specs.items():
             self.labels[split] = torch.as_tensor(entry_labels(spec.entries), device=self.ex.device)
