@@ -522,3 +522,84 @@ def test_a_wait_on_rank_0_that_expires_is_one_line(monkeypatch):
         distributed.first_rank_says(None, "writing the feature store /x/features.pt", timeout_s=0.05)
     assert str(lost.value) == (f"rank 1 on {socket.gethostname()}: rank 0 stopped answering during writing the "
                                f"feature store /x/features.pt: no word from it in 0.05 s (distributed.HOST_WORK_S)")
+
+
+# ------------------------------------------------------------------ a clean end is not a peer lost
+
+ENDS_UNEVENLY = """
+import os, sys, time
+import torch, torch.distributed as dist
+from train import distributed, peer_watch
+peer_watch.MAX_STALE_S = 2.0  # the watch's staleness limit: 2 s
+slow = int(sys.argv[1])
+with distributed.Session(torch.device("cpu"), 60) as ctx:
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    if ctx.rank == slow:
+        time.sleep(6)  # work after training (calibration, plots) longer than the staleness limit
+print("ended", int(total.item()))
+"""
+
+
+@pytest.mark.parametrize("slow", [0, 1])
+def test_a_clean_end_with_a_slow_rank_exits_0_on_both(slow):
+    """Rank 0 working after training past the watch's limit flagged rank 1, which had simply finished, as
+    lost (exit 76); rank 0 ending first took the rendezvous store (it hosts it under srun) from rank 1's
+    still polling watch (exit 76 there). With done marks and rank 0 leaving last, both end with 0."""
+    port = 20000 + (os.getpid() + 11 + slow) % 20000
+    ranks = [subprocess.Popen([sys.executable, "-c", ENDS_UNEVENLY, str(slow)], cwd=REPO, text=True,
+                              env=process_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                              MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        outputs = [process.communicate(timeout=180) for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    for process, (out, err) in zip(ranks, outputs):
+        assert process.returncode == 0 and "ended 2" in out and "exiting with 76" not in err, out + err
+
+
+def test_rank_0_waits_for_every_rank_done_or_lost():
+    """Rank 0's end (the watch's thread stopped): it waits while a peer still beats, stops waiting for a
+    peer done, and names one silent past the limit as lost (its group then left for the exit)."""
+    watch, store, now = watching([(0, "node1", 1), (1, "node2", 2), (2, "node3", 3)], stale_s=10.0)
+    rounds = []
+
+    def beat(_seconds):  # one second per round: rank 1 beats 3 s then is done; rank 2 beats 4 s then goes
+        now["s"] += 1
+        rounds.append(now["s"])
+        if now["s"] <= 3:
+            store.add("planktonio/heartbeat/1", 1)
+        elif now["s"] == 4:
+            store.add("planktonio/done/1", 1)
+        if now["s"] <= 4:
+            store.add("planktonio/heartbeat/2", 1)
+    assert watch.finish(clean=True, sleep=beat) == [2]
+    assert store.counts["planktonio/done/0"] == 1 and rounds[-1] == 15  # rank 2 silent from 4 s: > 10 s at 15 s
+    assert "planktonio/done/1" in store.counts and 1 not in watch.seen
+
+
+def test_a_done_peer_is_not_flagged_by_the_watch():
+    watch, store, now = watching([(0, "node1", 1), (1, "node2", 2)], stale_s=10.0)
+    store.add("planktonio/done/1", 1)
+    now["s"] = 100.0
+    assert watch.look() is None
+
+
+@pytest.mark.parametrize("nccl_said", [True, False])
+def test_a_rank_nccl_aborted_after_a_remote_peer_went_is_a_rank_that_saw_another_go(tmp_path, nccl_said):
+    """Across nodes NCCL's watchdog often finds a dead peer first and aborts its rank (exit 134) after saying
+    the remote peer is gone: the job script names the rank that failed (the OOM killer's), not that one."""
+    output = tmp_path / "step.out"
+    output.write_text(("[rank0]: NCCL error: remote process exited or there was a network error\n" if nccl_said else
+                       "") + "srun: error: node1: task 0: Aborted (core dumped)\n"
+                       "srun: error: node2: task 1: Killed\n")
+    common = REPO / "slurm" / "common.sh"
+    function = f"eval \"$(sed -n '/^describe_failure()/,/^}}/p' '{common}')\""  # (sourcing it runs the job's start)
+    said = subprocess.run(["bash", "-c", f"EXIT_PEER_LOST=76; {function}; describe_failure '{output}' 137"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    if nccl_said:
+        assert said == "rank 1 on node2 failed (srun: Killed)"
+    else:
+        assert said == "rank 0 on node1, rank 1 on node2 failed (srun: Aborted (core dumped), Killed)"

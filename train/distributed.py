@@ -172,7 +172,8 @@ class Session:
        group from Python, which lets the GIL go while it waits.
     After a peer was lost the group is not destroyed: a collective left
     pending with a dead peer cannot complete, and destroying the group would
-    wait on it. The process ends without it (its exit code says why).
+    wait on it. The process ends without it (its exit code says why). Rank 0
+    destroys it only once every other rank is done or lost (peer_watch.py).
     """
 
     def __init__(self, device: torch.device, timeout_s: float):
@@ -186,11 +187,20 @@ class Session:
         return ctx
 
     def __exit__(self, kind, error, tb) -> None:
-        if self.watch is not None:
+        from .signals import Interrupted
+        lost = []
+        if self.watch is not None:  # its thread first, then the done mark, then (rank 0) the wait for the others
             self.watch.stop()
+            if not isinstance(error, PeerLost):
+                lost = self.watch.finish(clean=error is None or isinstance(error, Interrupted))
         _clear_frames(error)
         gc.collect()
         if not dist.is_initialized() or isinstance(error, PeerLost):
+            return
+        if lost:  # a collective with them may be pending: destroying the group would wait on it
+            print(f"warning: rank {dist.get_rank()}: rank(s) {', '.join(map(str, lost))} ended without their done "
+                  f"mark (no heartbeat); the process group is left for the process's exit", file=sys.stderr,
+                  flush=True)
             return
         if len(_holders):  # a bug of ours: say it rather than hang at exit
             print(f"internal error: {len(_holders)} object(s) still hold the process group at the run's end "
