@@ -448,21 +448,25 @@ def test_compile_wraps_the_ddp_model_and_the_cached_rest(two_ranks_played_by_one
                                                          monkeypatch):
     """training.compile: PyTorch's order is torch.compile(DDP(model)) (DDP wrapped the compiled module here
     before), and a feature cache's rest is compiled too (it ran uncompiled, silently)."""
-    compiled = []
+    compiled = []  # (what was compiled, what it wraps): names, not the modules (a reference would hold the group)
 
     def recording_compile(module):
-        compiled.append(module)
+        compiled.append((type(module).__name__, type(getattr(module, "module", None)).__name__))
         return module
     monkeypatch.setattr(executor_module.torch, "compile", recording_compile)
+    monkeypatch.setattr(executor_module.torch._dynamo, "reset",
+                        lambda: two_ranks_played_by_one.calls.append(("dynamo reset",)))
     config = small_config(model={"freeze": "all-but-head"}, training={"epochs": 1, "compile": True},
                           augment={"train": {"crop": "center", "size": 64, "resize": 72},
                                    "eval": {"crop": "center", "size": 64, "resize": 72}})
     assert fit(config, plankton, tmp_path / "run") == 0
-    kinds = [type(module).__name__ for module in compiled]
+    kinds = [kind for kind, _ in compiled]
     assert kinds[0] == "TinyCNN"  # the model, for evaluation by default
     assert "RecordedDDP" in kinds and "Sequential" in kinds  # the DDP-wrapped rest for steps, the rest itself
-    ddp = next(m for m in compiled if type(m).__name__ == "RecordedDDP")
-    assert type(ddp.module).__name__ == "Sequential"  # DDP wraps the (uncompiled) rest of the cut
+    assert dict(compiled)["RecordedDDP"] == "Sequential"  # DDP wraps the (uncompiled) rest of the cut
+    # Dynamo's caches let go of the compiled DDP model before the process group is destroyed
+    ends = [call[0] for call in two_ranks_played_by_one.calls if call[0] in ("dynamo reset", "destroy_process_group")]
+    assert ends == ["dynamo reset", "destroy_process_group"]
 
 
 # ------------------------------------------------------------------ waits off the collective path
