@@ -433,3 +433,20 @@ def test_a_cache_in_host_memory_takes_little_more_than_its_size(tmp_path):
     assert done.returncode == 0, done.stderr
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["store"] > 300 * 2**20 and measured["ratio"] < 1.3, measured
+
+
+def test_a_split_index_is_hashed_once(synthetic, monkeypatch):
+    """SplitIndex.checksum hashed every column each time it was asked (at read, then twice per split by the
+    feature cache: its identity and its fingerprint): now once per index read."""
+    from planktonio import index as index_module
+    real, hashed = index_module.hashlib.sha256, []
+
+    def sha256(data=b""):
+        if bytes(data).startswith(b"planktonio index"):
+            hashed.append(1)
+        return real(data)
+    monkeypatch.setattr(index_module.hashlib, "sha256", sha256)
+    index = SplitIndex.read(index_file(synthetic, "train"))
+    first = index.checksum()
+    assert index.checksum() == index.checksum() == first and len(hashed) == 1
+    assert SplitIndex.read(index_file(synthetic, "train")).checksum() == first and len(hashed) == 2
