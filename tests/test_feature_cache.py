@@ -136,6 +136,25 @@ def test_a_store_on_disk_reads_ahead_in_the_epoch_s_order():
                 assert torch.equal(rows, values[labels])
 
 
+def test_a_store_on_disk_is_read_in_file_order_within_each_batch():
+    """A shuffled batch's rows are gathered from the file in ascending order (read-ahead along the file, each
+    page once), then given in the batch's order."""
+    import tempfile
+    from planktonio import memory
+    values = torch.arange(64 * 3, dtype=torch.float32).reshape(64, 3)
+    with tempfile.TemporaryDirectory() as folder:
+        store = memory.Rows.in_file(64, 3, torch.float32, folder, "test")
+        store.write(0, values)
+        asked, gather = [], store.gather
+        store.gather = lambda index, to: asked.append(index.clone()) or gather(index, to)
+        loader = feature_cache.FeatureBatches(store, 64, 1, torch.arange(64), batch_size=16, train=True, seed=4,
+                                              shard_index=0, shard_count=1, device=torch.device("cpu"))
+        batches = list(loader)
+    assert len(asked) == 4 and all(torch.equal(index, index.sort().values) for index in asked)
+    assert not all(torch.equal(labels, labels.sort().values) for _, labels in batches)  # the batches: shuffled
+    assert all(torch.equal(rows, values[labels]) for rows, labels in batches)
+
+
 def test_a_store_that_no_budget_and_no_disk_takes_is_refused_with_both(synthetic, tmp_path, capsys, monkeypatch):
     """auto stays off with the reason, on stops with it: the sizes, the budget and the free disk."""
     monkeypatch.setattr(feature_cache, "disk_free_bytes", lambda folder: 1000)
