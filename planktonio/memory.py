@@ -33,8 +33,10 @@ bytes here, so that together they stay within one budget:
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +284,8 @@ class Rows:
     (`gather`) straight into the batch's own buffer: pinned on a GPU host, then copied without a host wait."""
 
     on_disk = False
+    read_only = False  # a peer's store, mapped for reading (of_peer)
+    descriptor = None  # the open file of a store in a file (in_file)
 
     def __init__(self, count: int, width: int, dtype: torch.dtype, device: torch.device, pin: bool = False):
         self.count, self.width, self.dtype, self.device, self.pin = count, width, dtype, device, pin
@@ -298,7 +302,8 @@ class Rows:
         disk is a DiskError now, not a crash at a write into the mapping later). The file is unlinked as
         soon as it is made, and mapped through its descriptor (Linux's /proc/self/fd): the mapping keeps
         it while the process lives, and the disk gets its space back however the process ends, a SIGKILL
-        included."""
+        included. The descriptor stays open while the rows live (`descriptor`): the other ranks of the node
+        map the same file through it (`of_peer`), one store per node."""
         rows = cls(0, width, dtype, HOST)
         nbytes = count * width * torch.empty((), dtype=dtype).element_size()
         if nbytes == 0:
@@ -315,11 +320,31 @@ class Rows:
             raw = torch.from_file(f"/proc/self/fd/{handle}", shared=True, size=nbytes, dtype=torch.uint8)
         except (OSError, RuntimeError) as error:  # torch reports a failed mmap as a RuntimeError
             full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            os.close(handle)
             raise DiskError(f"{what} {folder}: {'no room for' if full else 'cannot hold'} a store of "
                             f"{nbytes / 2**20:.1f} MiB ({getattr(error, 'strerror', None) or error})") from None
+        weakref.finalize(rows, os.close, handle)
+        rows.count, rows.rows_per_chunk, rows.on_disk, rows.descriptor = count, count, True, handle
+        rows.chunks = [raw.view(dtype).view(count, width)]
+        return rows
+
+    @classmethod
+    def of_peer(cls, pid: int, descriptor: int, count: int, width: int, dtype: torch.dtype) -> "Rows":
+        """The rows another process of this node keeps in a file (`in_file`), mapped read-only through its
+        descriptor (/proc/PID/fd: the file has no name), for reading only."""
+        rows = cls(0, width, dtype, HOST)
+        nbytes = count * width * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return rows
+        handle = os.open(f"/proc/{pid}/fd/{descriptor}", os.O_RDONLY)
+        try:
+            mapped = mmap.mmap(handle, nbytes, prot=mmap.PROT_READ)
         finally:
             os.close(handle)
-        rows.count, rows.rows_per_chunk, rows.on_disk = count, count, True
+        with warnings.catch_warnings():  # read-only by design: nothing writes into these rows here
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mapped, dtype=torch.uint8)
+        rows.count, rows.rows_per_chunk, rows.on_disk, rows.read_only = count, count, True, True
         rows.chunks = [raw.view(dtype).view(count, width)]
         return rows
 
@@ -330,6 +355,8 @@ class Rows:
     def write(self, start: int, values: torch.Tensor) -> None:
         """Rows [start, start + len(values)) from `values` (any device: copied over; from a GPU into pinned
         memory without waiting: synchronise before reading them on the host)."""
+        if self.read_only:  # (a write into a read-only mapping would be a segmentation fault)
+            raise RuntimeError("internal error: a write into a peer's store, mapped for reading only")
         done = 0
         while done < len(values):
             chunk, at = divmod(start + done, self.rows_per_chunk)

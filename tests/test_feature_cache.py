@@ -136,6 +136,22 @@ def test_a_store_on_disk_reads_ahead_in_the_epoch_s_order():
                 assert torch.equal(rows, values[labels])
 
 
+def test_a_node_s_other_ranks_map_its_store_read_only():
+    """One store per node: the file its first rank makes (unlinked) is mapped by the others through that
+    rank's descriptor, for reading: the same rows, written after the mapping too; a write is refused."""
+    import tempfile
+    from planktonio import memory
+    with tempfile.TemporaryDirectory() as folder:
+        mine = memory.Rows.in_file(10, 4, torch.float32, folder, "test")
+        theirs = memory.Rows.of_peer(os.getpid(), mine.descriptor, 10, 4, torch.float32)
+        mine.write(0, torch.arange(40, dtype=torch.float32).reshape(10, 4))
+        assert torch.equal(theirs.gather(torch.tensor([7, 2]), torch.device("cpu")),
+                           torch.tensor([[28.0, 29, 30, 31], [8, 9, 10, 11]]))
+        assert theirs.on_disk and list(os.scandir(folder)) == []
+        with pytest.raises(RuntimeError, match="mapped for reading only"):
+            theirs.write(0, torch.zeros(1, 4))
+
+
 def test_a_store_on_disk_is_read_in_file_order_within_each_batch():
     """A shuffled batch's rows are gathered from the file in ascending order (read-ahead along the file, each
     page once), then given in the batch's order."""
@@ -191,7 +207,7 @@ def test_two_gloo_ranks_cached_and_uncached_end_alike(synthetic, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         runs[name] = done.stdout
     assert "feature cache: computed" in runs["cached"] and "feature cache" not in runs["plain"]
-    assert "MiB on disk (" in runs["disk"]
+    assert "MiB on disk (" in runs["disk"] and "one store for the 2 ranks of each node" in runs["disk"]
     assert_same_run(tmp_path / "cached", tmp_path / "plain")
     assert_same_run(tmp_path / "disk", tmp_path / "plain")
 

@@ -371,28 +371,34 @@ def first_rank_says(message: str | None, what: str = "its check of the input fil
     if not dist.is_initialized():
         return message
     key = f"planktonio/rank0-says/{next(_said)}"
-    store = dist.distributed_c10d._get_default_store()
     if dist.get_rank() == 0:
-        store.set(key, json.dumps(message))
+        publish(key, message)
         return message
-    waited = _wait_for_key(store, key, what, timeout_s)
-    return json.loads(waited)
+    return wait_for(key, what, "rank 0", timeout_s)
 
 
-def _wait_for_key(store, key: str, what: str, timeout_s: float) -> bytes:
+def publish(key: str, value) -> None:
+    """A word for the ranks that `wait_for` it (JSON), in the rendezvous store."""
+    dist.distributed_c10d._get_default_store().set(key, json.dumps(value))
+
+
+def wait_for(key: str, what: str, who: str, timeout_s: float = HOST_WORK_S):
+    """The word `who` publishes under `key` when it is done with `what`, waited for on the rendezvous store
+    (first_rank_says says why), at most timeout_s: then, or if the store stops answering, one line."""
+    store = dist.distributed_c10d._get_default_store()
     deadline = time.monotonic() + timeout_s
     rank, here = dist.get_rank(), socket.gethostname()
     try:
         while not store.check([key]):
             if time.monotonic() > deadline:
-                raise PeerLost(f"rank {rank} on {here}: rank 0 stopped answering during {what}: no word from it "
+                raise PeerLost(f"rank {rank} on {here}: {who} stopped answering during {what}: no word from it "
                                f"in {timeout_s:g} s (distributed.HOST_WORK_S)")
             time.sleep(POLL_S)
-        return store.get(key)
+        return json.loads(store.get(key))
     except PeerLost:
         raise
     except Exception as error:  # noqa: BLE001 (the store's own errors differ by transport)
-        raise PeerLost(f"rank {rank} on {here}: rank 0 left during {what} (the rendezvous store does not answer: "
+        raise PeerLost(f"rank {rank} on {here}: {who} left during {what} (the rendezvous store does not answer: "
                        f"{(str(error).splitlines() or [type(error).__name__])[0]})") from None
 
 

@@ -98,9 +98,10 @@ class OnDisk:
 
     device, pinned = memory.HOST, False
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, ranks_on_node: int = 1):
         self.folder = folder
-        self.placement = f"disk ({folder}, memory-mapped)"
+        shared = f", one store for the {ranks_on_node} ranks of each node" if ranks_on_node > 1 else ""
+        self.placement = f"disk ({folder}, memory-mapped{shared})"
 
     def release(self) -> None:
         pass

@@ -34,7 +34,8 @@ the model on the kept activations. It is the same run, not an approximation:
   (planktonio/memory.py), else in host memory (pinned, in chunks, on a GPU
   host), each batch gathered there and copied without a host wait; where
   neither budget takes it (millions of images), in a memory-mapped file in
-  `training.feature_cache_dir` (node-local disk: Slurm's $TMPDIR), each
+  `training.feature_cache_dir` (node-local disk: Slurm's $TMPDIR), one per
+  node (its first rank writes it, the node's other ranks map it), each
   epoch's batches gathered a few ahead by a background reader, in the
   epoch's order; the same values, so the same run. And on
   disk in the run folder (or `training.feature_cache_dir`, which a sweep
@@ -66,6 +67,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +178,15 @@ class FeatureCache:
             self.cut = cut
             self.counts = {split: len(spec.entries) for split, spec in specs.items()}
             why_not = self._place()
-            # Every rank caches or none does (a rank alone in a pass of collectives would wait forever):
-            # budgets and disks can differ between nodes.
-            refusing = distributed.all_sum([float(why_not is not None)], self.ex.device)[0]
+            # Every rank caches or none does (a rank alone in a pass of collectives would wait forever), and
+            # in memory all or on disk all (a node's ranks share its store on disk): budgets and disks differ.
+            refusing, on_disk = distributed.all_sum([float(why_not is not None),
+                                                     float(isinstance(self.reservation, OnDisk))], self.ex.device)
+            if 0 < on_disk < self.ex.ctx.world_size:  # (every rank sees the same sums)
+                if why_not is None and not isinstance(self.reservation, OnDisk):
+                    self.reservation.release()
+                    why_not = self._place(in_memory=False)
+                refusing = distributed.all_sum([float(why_not is not None)], self.ex.device)[0]
             if why_not is None and refusing:
                 self.reservation.release()
                 why_not = (f"{refusing:.0f} other rank(s) cannot keep the activations (over their memory budgets, "
@@ -212,27 +220,39 @@ class FeatureCache:
             out = self.cut.prefix(probe.contiguous(memory_format=self.ex.output.memory_format))
         return int(out[0].numel()), out.dtype
 
-    def _place(self) -> str | None:
-        """Reserve the stores' bytes (planktonio/memory.py); None, or why they do not fit."""
+    def _place(self, in_memory: bool = True) -> str | None:
+        """Reserve the stores' bytes (planktonio/memory.py), in memory if asked and a budget takes them, else
+        on disk; None, or why they do not fit."""
         self.width, self.dtype = self._row_shape()
         per_image = self.width * torch.empty((), dtype=self.dtype).element_size()
         self.needed = per_image * sum(n * (self.views() if split == "train" else 1) for split, n in self.counts.items())
         device, cap = self.ex.device, self.config.training.feature_cache_budget_bytes
-        self.reservation = memory.place(self.needed, device, KIND, cap, host=device.type == "cuda")
+        self.reservation = memory.place(self.needed, device, KIND, cap, host=device.type == "cuda") if in_memory \
+            else None
         if self.reservation is None:  # no memory budget takes them: a file on disk, if it has the room
-            free, node = disk_free_bytes(self.folder), self._ranks_on_this_node()
-            if free < self.needed * node:  # each rank on the node maps a store of its own there
-                return (f"the activations need {self.needed / 2**20:.1f} MiB ({self.width} values per image)"
-                        f"{f' for each of {node} ranks' if node > 1 else ''}, over {memory.describe(device, KIND, cap)} "
+            free = disk_free_bytes(self.folder)
+            if free < self.needed:  # one store per node: its first rank writes it, the others map it
+                return (f"the activations need {self.needed / 2**20:.1f} MiB ({self.width} values per image), "
+                        f"over {memory.describe(device, KIND, cap)} "
                         f"(training.feature_cache_budget_bytes), and {self.folder} has {free / 2**20:.1f} MiB "
                         f"free (training.feature_cache_dir: node-local disk with room)")
-            self.reservation = OnDisk(self.folder)
+            self.reservation = OnDisk(self.folder, self._ranks_on_this_node())
         return None
 
+    def _node(self) -> list[tuple[int, int]]:
+        """(rank, pid) of this node's ranks, the first first (one process: this one)."""
+        ctx = self.ex.ctx
+        mine = next((host for rank, host, _ in ctx.peers if rank == ctx.rank), None)
+        return sorted((rank, pid) for rank, host, pid in ctx.peers if host == mine) or [(ctx.rank, os.getpid())]
+
     def _ranks_on_this_node(self) -> int:
-        peers = self.ex.ctx.peers
-        mine = next((host for rank, host, _ in peers if rank == self.ex.ctx.rank), None)
-        return max(1, sum(1 for _, host, _ in peers if host == mine))
+        return len(self._node())
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes its stores: in memory each rank its own; on disk the node's first rank
+        alone, whose file the node's other ranks map for reading (one store per node, not one per rank)."""
+        return not isinstance(self.reservation, OnDisk) or self._node()[0][0] == self.ex.ctx.rank
 
     # ------------------------------------------------------------ the one pass, or the file
 
@@ -261,7 +281,9 @@ class FeatureCache:
         identities = {split: split_identity(spec) for split, spec in specs.items()}
         self._allocate()
         source = self._load(path, fingerprint, identities)
-        if source is None:
+        if source is not None:
+            self._filled()
+        else:
             writable = self._writable()
             self.log(f"feature cache: computing {', '.join(self.cut.names[-3:])} once per image "
                      f"({self.needed / 2**20:.1f} MiB, {self.views()} view(s) of each training image)")
@@ -271,6 +293,7 @@ class FeatureCache:
                                          f"loader skipped it: its log says which)")
             if self.ex.device.type == "cuda":
                 torch.cuda.synchronize(self.ex.device)  # the asynchronous copies into host memory are done
+            self._filled()
             if writable:
                 self._save(path, fingerprint, identities)
             # (the others wait on the store, not in a barrier that NCCL's watchdog would end: see first_rank_says)
@@ -292,16 +315,38 @@ class FeatureCache:
         return True
 
     def _allocate(self) -> None:
-        """The stores the pass (or the file) fills: every split's rows, where the reservation put them."""
-        device = self.reservation.device
-        for split, count in self.counts.items():
-            views = self.views() if split == "train" else 1
-            if isinstance(self.reservation, OnDisk):
-                self.stores[split] = memory.Rows.in_file(views * count, self.width, self.dtype, self.folder,
-                                                         "training.feature_cache_dir")
-            else:
-                self.stores[split] = memory.Rows(views * count, self.width, self.dtype, device,
+        """The stores the pass (or the file) fills: every split's rows, where the reservation put them. On
+        disk, the node's first rank makes the files and says their descriptors through the rendezvous
+        store; the node's other ranks map them from it (/proc/PID/fd: the files have no name)."""
+        rows = {split: count * (self.views() if split == "train" else 1) for split, count in self.counts.items()}
+        if not isinstance(self.reservation, OnDisk):
+            for split, count in rows.items():
+                self.stores[split] = memory.Rows(count, self.width, self.dtype, self.reservation.device,
                                                  pin=self.reservation.pinned)
+            return
+        writer, pid = self._node()[0]
+        key = f"planktonio/feature-store/{pid}"
+        if self.writes:
+            for split, count in rows.items():
+                self.stores[split] = memory.Rows.in_file(count, self.width, self.dtype, self.folder,
+                                                         "training.feature_cache_dir")
+            if self.ex.ctx.distributed:
+                distributed.publish(key, {split: store.descriptor for split, store in self.stores.items()})
+            return
+        descriptors = distributed.wait_for(key, "making this node's feature store", f"rank {writer}")
+        for split, count in rows.items():
+            self.stores[split] = memory.Rows.of_peer(pid, descriptors[split], count, self.width, self.dtype)
+
+    def _filled(self) -> None:
+        """On disk, the node's other ranks wait until its first rank has written every row."""
+        if not isinstance(self.reservation, OnDisk) or not self.ex.ctx.distributed:
+            return
+        writer, pid = self._node()[0]
+        if self.writes:
+            distributed.publish(f"planktonio/feature-store/{pid}/filled", True)
+        else:
+            distributed.wait_for(f"planktonio/feature-store/{pid}/filled", "filling this node's feature store",
+                                 f"rank {writer}")
 
     def _give_up(self, why: str) -> bool:
         self.stores.clear()
@@ -357,7 +402,7 @@ class FeatureCache:
                         short, stop = False, False
                         for rank, got, planned, stopped, values in self._exchange(rows, expected, batch):
                             short, stop = short or got < planned, stop or stopped
-                            if got:
+                            if got and self.writes:
                                 store.write(view * count + shares[rank].start + step * batch, values[:got])
                         if stop:  # on every rank at the same step: each saw every rank's flag
                             raise self.stop_flag.interrupted("the feature cache's pass")
@@ -417,7 +462,7 @@ class FeatureCache:
             return None
         for split, store in self.stores.items():
             start = 0
-            for chunk in state["splits"][split]["rows"]:
+            for chunk in state["splits"][split]["rows"] if self.writes else ():
                 store.write(start, chunk)
                 start += len(chunk)
         return f"read from {path}"
