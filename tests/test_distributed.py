@@ -564,10 +564,13 @@ def test_a_clean_end_with_a_slow_rank_exits_0_on_both(slow):
         assert process.returncode == 0 and "ended 2" in out and "exiting with 76" not in err, out + err
 
 
-def test_rank_0_waits_for_every_rank_done_or_lost():
+def test_rank_0_waits_for_every_rank_done_or_lost(monkeypatch):
     """Rank 0's end (the watch's thread stopped): it waits while a peer still beats, stops waiting for a
     peer done, and names one silent past the limit as lost (its group then left for the exit)."""
+    from train.peer_watch import done_key
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     watch, store, now = watching([(0, "node1", 1), (1, "node2", 2), (2, "node3", 3)], stale_s=10.0)
+    store.add("planktonio/done/0/2", 1)  # rank 2's mark from torchrun's first attempt: not this one's
     rounds = []
 
     def beat(_seconds):  # one second per round: rank 1 beats 3 s then is done; rank 2 beats 4 s then goes
@@ -576,17 +579,18 @@ def test_rank_0_waits_for_every_rank_done_or_lost():
         if now["s"] <= 3:
             store.add("planktonio/heartbeat/1", 1)
         elif now["s"] == 4:
-            store.add("planktonio/done/1", 1)
+            store.add(done_key(1), 1)
         if now["s"] <= 4:
             store.add("planktonio/heartbeat/2", 1)
     assert watch.finish(clean=True, sleep=beat) == [2]
-    assert store.counts["planktonio/done/0"] == 1 and rounds[-1] == 15  # rank 2 silent from 4 s: > 10 s at 15 s
-    assert "planktonio/done/1" in store.counts and 1 not in watch.seen
+    assert store.counts[done_key(0)] == 1 and rounds[-1] == 15  # rank 2 silent from 4 s: > 10 s at 15 s
+    assert done_key(1) in store.counts and 1 not in watch.seen
 
 
 def test_a_done_peer_is_not_flagged_by_the_watch():
+    from train.peer_watch import done_key
     watch, store, now = watching([(0, "node1", 1), (1, "node2", 2)], stale_s=10.0)
-    store.add("planktonio/done/1", 1)
+    store.add(done_key(1), 1)
     now["s"] = 100.0
     assert watch.look() is None
 

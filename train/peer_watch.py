@@ -48,11 +48,16 @@ from typing import Callable
 from .signals import EXIT_PEER_LOST
 
 KEY = "planktonio/heartbeat/{}"
-DONE = "planktonio/done/{}"  # 1 once that rank ended cleanly
 BEAT_S = 1.0        # how often a rank raises its counter and reads the others'
 MAX_STALE_S = 60.0  # the longest a silent peer is waited for (shorter with a shorter collective timeout)
 
 _said = threading.Lock()  # one line per process, from the watch or from the main thread, whichever comes first
+
+
+def done_key(rank: int) -> str:
+    """Where a rank's done mark goes (1 once it ended cleanly), per attempt: torchrun's agent keeps its store
+    across the restarts of its workers, and a mark of an earlier attempt must not count."""
+    return f"planktonio/done/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
 
 
 def claim_the_line() -> bool:
@@ -105,7 +110,7 @@ class PeerWatch:
         """Raise this rank's counter; the peers not done whose counters have not moved for stale_s (a peer
         found done is watched no more)."""
         self.store.add(KEY.format(self.ctx.rank), 1)
-        for rank in [rank for rank in self.seen if self.store.add(DONE.format(rank), 0)]:
+        for rank in [rank for rank in self.seen if self.store.add(done_key(rank), 0)]:
             del self.seen[rank]
         counts = {rank: self.store.add(KEY.format(rank), 0) for rank in self.seen}
         now = self.clock()
@@ -120,7 +125,7 @@ class PeerWatch:
         lost. The ranks lost (a store that does not answer: every rank not yet seen done)."""
         try:
             if clean:
-                self.store.add(DONE.format(self.ctx.rank), 1)
+                self.store.add(done_key(self.ctx.rank), 1)
             if self.ctx.rank != 0:
                 return []
             while set(silent := self._silent()) != set(self.seen):
