@@ -585,6 +585,8 @@ def test_rank_0_waits_for_every_rank_done_or_lost(monkeypatch):
     assert watch.finish(clean=True, sleep=beat) == [2]
     assert store.counts[done_key(0)] == 1 and rounds[-1] == 15  # rank 2 silent from 4 s: > 10 s at 15 s
     assert done_key(1) in store.counts and 1 not in watch.seen
+    failed, _, _ = watching([(0, "node1", 1), (1, "node2", 2)], stale_s=10.0)
+    assert failed.finish(clean=False, sleep=lambda s: pytest.fail("waited after a failure")) == []
 
 
 def test_a_done_peer_is_not_flagged_by_the_watch():

@@ -121,12 +121,13 @@ class PeerWatch:
 
     def finish(self, clean: bool, sleep: Callable[[float], None] = time.sleep) -> list[int]:
         """At this rank's end, the watch's thread stopped: its done mark (after a clean end: not a failure,
-        which its peers must see as a peer lost); on rank 0, the wait until every other rank is done or
-        lost. The ranks lost (a store that does not answer: every rank not yet seen done)."""
+        which its peers must see as a peer lost); on rank 0 after a clean end, the wait until every other rank
+        is done or lost (after a failure the others are failing too, or are told by its absence). The ranks
+        lost (a store that does not answer: every rank not yet seen done)."""
         try:
             if clean:
                 self.store.add(done_key(self.ctx.rank), 1)
-            if self.ctx.rank != 0:
+            if not clean or self.ctx.rank != 0:
                 return []
             while set(silent := self._silent()) != set(self.seen):
                 sleep(BEAT_S)
