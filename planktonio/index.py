@@ -89,13 +89,17 @@ class SplitIndex:
         return b"".join(b"%s %d\n" % (self.path(p).encode(), int(self.label[p])) for p in range(len(self)))
 
     def checksum(self) -> str:
+        """Computed once per index (its columns are not changed once made; a run asks several times)."""
+        if "_checksum" in self.__dict__:
+            return self.__dict__["_checksum"]
         digest = hashlib.sha256(f"planktonio index {FORMAT}".encode())
         for name in COLUMNS:
             array = np.ascontiguousarray(getattr(self, name))
             digest.update(f"{name} {array.dtype.str} {array.shape}".encode())
             digest.update(array.data)
         digest.update(self.manifest_sha256)
-        return digest.hexdigest()
+        self.__dict__["_checksum"] = digest.hexdigest()  # (frozen: __setattr__ refuses)
+        return self.__dict__["_checksum"]
 
     # ---------------------------------------------------------- writing and reading
 

@@ -8,7 +8,10 @@ bytes here, so that together they stay within one budget:
 - `Budget.of(device)`: what the process's caches may keep on one device. On a
   GPU, half its free memory when first asked (not its total: the model, other
   processes and DALI's pools are there already); in host memory ("cpu"), half
-  the memory available when first asked. One per process and device, shared
+  the memory available when first asked, counted once per node: the node's
+  available memory, capped by the job's memory cgroup (Slurm confines a job
+  to what it asked for, and psutil does not see that limit), divided by the
+  ranks on the node (`host_memory`). One per process and device, shared
   by both caches, so that the two together cannot take all of a GPU.
 - a cache's own option (the cache backend's `budget_bytes`, the training
   config's `feature_cache_budget_bytes`) caps what that kind of cache takes on
@@ -31,8 +34,10 @@ docs/loaders.md ("The cache's memory") and docs/feature-cache.md.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import tempfile
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +60,7 @@ class Budget:
     device: str
     limit: int
     reserved: dict[str, int] = field(default_factory=dict)  # by kind of cache
+    said: str = ""  # how the limit was found, for the log (host memory)
 
     _budgets = {}  # one per process and device: {device: Budget}
 
@@ -65,9 +71,10 @@ class Budget:
         if key not in cls._budgets:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(torch.device(key))
+                cls._budgets[key] = cls(key, int(free * SHARE))
             else:
-                free = psutil.virtual_memory().available
-            cls._budgets[key] = cls(key, int(free * SHARE))
+                host = host_memory()
+                cls._budgets[key] = cls(key, host.budget, said=host.describe())
         return cls._budgets[key]
 
     @property
@@ -138,6 +145,109 @@ def describe(device: torch.device, kind: str, cap: int | None) -> str:
     return text
 
 
+# ---------------------------------------------------------------- host memory, once per node
+
+PROC_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+UNLIMITED = 1 << 60  # cgroup v1 says "no limit" with a number near 2**63 (v2 says "max")
+# (limit, usage, page cache the kernel can drop) files of cgroup v2 and v1
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """What one rank's caches may keep in host memory: half of what the node has available, within the job's
+    memory cgroup, divided by the ranks on the node."""
+
+    available: int          # the node's available memory (psutil: blind to cgroups)
+    room: int | None        # what the job's tightest cgroup limit leaves (None: no limit)
+    limit: int | None       # that limit
+    cgroup: str             # where it was read
+    ranks: int              # ranks on this node
+
+    @property
+    def usable(self) -> int:
+        return self.available if self.room is None else min(self.available, self.room)
+
+    @property
+    def budget(self) -> int:
+        return int(self.usable * SHARE) // self.ranks
+
+    def describe(self) -> str:
+        text = f"{self.budget / 2**30:.1f} GiB per rank: half of {self.usable / 2**30:.1f} GiB available"
+        if self.room is not None and self.room <= self.available:
+            text += f" within the job's memory limit ({self.limit / 2**30:.1f} GiB, {self.cgroup})"
+        return text + (f", over {self.ranks} ranks on this node" if self.ranks > 1 else "")
+
+
+def ranks_on_node(environ=os.environ) -> int:
+    """This node's ranks: torchrun's LOCAL_WORLD_SIZE, else srun's tasks on this node
+    (SLURM_STEP_TASKS_PER_NODE, e.g. "4(x2),3", at SLURM_NODEID), else 1."""
+    if environ.get("LOCAL_WORLD_SIZE"):
+        return max(1, int(environ["LOCAL_WORLD_SIZE"]))
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE")
+    if not per_node:
+        return 1
+    counts = []
+    for part in per_node.split(","):
+        tasks, _, repeat = part.partition("(x")
+        counts += [int(tasks)] * int(repeat.rstrip(")") or 1)
+    node = int(environ.get("SLURM_NODEID", 0))
+    return max(1, counts[node] if node < len(counts) else counts[-1])
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.split()[:1] == [key]), 0)
+
+
+def cgroup_room(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT) -> tuple[int, int, str] | None:
+    """(room, limit, folder) of the tightest memory limit over this process's cgroups and their parents
+    (v2 memory.max, v1 memory.limit_in_bytes), room being the limit less what the cgroup uses, page cache
+    it can drop excepted; None where no limit is set."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    tightest = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, files = root, _CGROUP_FILES["v2"]
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", _CGROUP_FILES["v1"]
+        else:
+            continue
+        folder = base / path.strip("/")
+        for where in [folder, *folder.parents]:  # a container's own cgroup may be its namespace's root
+            limit = _read_int(where / files[0])
+            if limit is not None and limit < UNLIMITED:
+                used = _read_int(where / files[1]) or 0
+                room = max(0, limit - used + _stat(where / "memory.stat", files[2]))
+                if tightest is None or room < tightest[0]:
+                    tightest = (room, limit, str(where))
+            if where == base:
+                break
+    return tightest
+
+
+def host_memory(proc_cgroup: Path = PROC_CGROUP, root: Path = CGROUP_ROOT, environ=os.environ) -> HostMemory:
+    room, limit, where = cgroup_room(proc_cgroup, root) or (None, None, "")
+    return HostMemory(psutil.virtual_memory().available, room, limit, where, ranks_on_node(environ))
+
+
 # ---------------------------------------------------------------- host memory in chunks
 
 
@@ -175,6 +285,8 @@ class Rows:
     (`gather`) straight into the batch's own buffer: pinned on a GPU host, then copied without a host wait."""
 
     on_disk = False
+    read_only = False  # a peer's store, mapped for reading (of_peer)
+    descriptor = None  # the open file of a store in a file (in_file)
 
     def __init__(self, count: int, width: int, dtype: torch.dtype, device: torch.device, pin: bool = False):
         self.count, self.width, self.dtype, self.device, self.pin = count, width, dtype, device, pin
@@ -191,7 +303,8 @@ class Rows:
         disk is a DiskError now, not a crash at a write into the mapping later). The file is unlinked as
         soon as it is made, and mapped through its descriptor (Linux's /proc/self/fd): the mapping keeps
         it while the process lives, and the disk gets its space back however the process ends, a SIGKILL
-        included."""
+        included. The descriptor stays open while the rows live (`descriptor`): the other ranks of the node
+        map the same file through it (`of_peer`), one store per node."""
         rows = cls(0, width, dtype, HOST)
         nbytes = count * width * torch.empty((), dtype=dtype).element_size()
         if nbytes == 0:
@@ -208,11 +321,31 @@ class Rows:
             raw = torch.from_file(f"/proc/self/fd/{handle}", shared=True, size=nbytes, dtype=torch.uint8)
         except (OSError, RuntimeError) as error:  # torch reports a failed mmap as a RuntimeError
             full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            os.close(handle)
             raise DiskError(f"{what} {folder}: {'no room for' if full else 'cannot hold'} a store of "
                             f"{nbytes / 2**20:.1f} MiB ({getattr(error, 'strerror', None) or error})") from None
+        weakref.finalize(rows, os.close, handle)
+        rows.count, rows.rows_per_chunk, rows.on_disk, rows.descriptor = count, count, True, handle
+        rows.chunks = [raw.view(dtype).view(count, width)]
+        return rows
+
+    @classmethod
+    def of_peer(cls, pid: int, descriptor: int, count: int, width: int, dtype: torch.dtype) -> "Rows":
+        """The rows another process of this node keeps in a file (`in_file`), mapped read-only through its
+        descriptor (/proc/PID/fd: the file has no name), for reading only."""
+        rows = cls(0, width, dtype, HOST)
+        nbytes = count * width * torch.empty((), dtype=dtype).element_size()
+        if nbytes == 0:
+            return rows
+        handle = os.open(f"/proc/{pid}/fd/{descriptor}", os.O_RDONLY)
+        try:
+            mapped = mmap.mmap(handle, nbytes, prot=mmap.PROT_READ)
         finally:
             os.close(handle)
-        rows.count, rows.rows_per_chunk, rows.on_disk = count, count, True
+        with warnings.catch_warnings():  # read-only by design: nothing writes into these rows here
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mapped, dtype=torch.uint8)
+        rows.count, rows.rows_per_chunk, rows.on_disk, rows.read_only = count, count, True, True
         rows.chunks = [raw.view(dtype).view(count, width)]
         return rows
 
@@ -223,6 +356,8 @@ class Rows:
     def write(self, start: int, values: torch.Tensor) -> None:
         """Rows [start, start + len(values)) from `values` (any device: copied over; from a GPU into pinned
         memory without waiting: synchronise before reading them on the host)."""
+        if self.read_only:  # (a write into a read-only mapping would be a segmentation fault)
+            raise RuntimeError("internal error: a write into a peer's store, mapped for reading only")
         done = 0
         while done < len(values):
             chunk, at = divmod(start + done, self.rows_per_chunk)

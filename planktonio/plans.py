@@ -132,24 +132,70 @@ def make_plan(transform: Transform, widths, heights, *, seed: int, epoch: int) -
 
     With transform.period K, epoch e has the plan of epoch e mod K.
     """
-    if transform.period is not None:
-        epoch %= transform.period
-    widths = np.asarray(widths, dtype=np.int64)
-    heights = np.asarray(heights, dtype=np.int64)
+    return plan_range(transform, widths, heights, seed=seed, epoch=epoch)
+
+
+def plan_range(transform: Transform, widths, heights, *, seed: int, epoch: int, start: int = 0,
+               stop: int | None = None) -> Plan:
+    """The plans of manifest positions [start, stop) of an epoch: make_plan's rows start to stop, made without
+    the others (Philox is counter-based: a range's numbers are drawn from its own counter)."""
+    stop = len(widths) if stop is None else stop
+    widths = np.asarray(widths[start:stop], dtype=np.int64)
+    heights = np.asarray(heights[start:stop], dtype=np.int64)
+    if not _draws(transform):
+        return _boxes(transform, widths, heights, None)
+    epoch = _plan_epoch(transform, epoch)
+    pieces = []
+    # In blocks of positions: the uniform numbers of a block at a time (23 per image: at a million images,
+    # 184 MB held at once otherwise), to the same plan as in one piece.
+    for begin in range(start, stop, PLAN_BLOCK):
+        end = min(begin + PLAN_BLOCK, stop)
+        aligned = begin - begin % 4  # (epoch_uniforms starts at a multiple of 4)
+        uniforms = epoch_uniforms(seed, epoch, end - aligned, aligned)[begin - aligned:]
+        pieces.append(_boxes(transform, widths[begin - start:end - start], heights[begin - start:end - start],
+                             uniforms))
+    return _joined(pieces)
+
+
+def plan_at(transform: Transform, widths, heights, positions, *, seed: int, epoch: int) -> Plan:
+    """The plans of some manifest positions, in the order given (a batch of a shuffled epoch):
+    make_plan(...).take(positions), without the rest of the epoch: the numbers of each group of 4 positions
+    it touches, drawn from that group's counter."""
+    positions = np.asarray(positions, dtype=np.int64)
+    widths = np.asarray(widths, dtype=np.int64)[positions]
+    heights = np.asarray(heights, dtype=np.int64)[positions]
+    if not _draws(transform):
+        return _boxes(transform, widths, heights, None)
+    epoch = _plan_epoch(transform, epoch)
+    groups, which = np.unique(positions // 4, return_inverse=True)
+    drawn = np.concatenate([epoch_uniforms(seed, epoch, 4, 4 * int(group)) for group in groups]) if len(groups) \
+        else np.zeros((0, _DRAWS))
+    return _boxes(transform, widths, heights, drawn[which.reshape(-1) * 4 + positions % 4])
+
+
+def _draws(transform: Transform) -> bool:
+    """Whether the plans take random numbers (a random crop, or a flip)."""
+    return transform.crop != "center" or transform.hflip != 0
+
+
+def _plan_epoch(transform: Transform, epoch: int) -> int:
+    return epoch % transform.period if transform.period is not None else epoch
+
+
+def _boxes(transform: Transform, widths: np.ndarray, heights: np.ndarray, uniforms: np.ndarray | None) -> Plan:
+    """The plans of images of these sizes, from their uniform numbers (one row each; None: no draws)."""
     if transform.crop == "center":
         x, y, w, h = center_crop(widths, heights, transform.size, transform.resize)
-        if transform.hflip == 0:
-            return Plan(x, y, w, h, np.zeros(len(widths), dtype=np.int64))
     else:
-        x, y, w, h = (np.empty(len(widths), dtype=np.int64) for _ in range(4))
-    flip = np.empty(len(widths), dtype=np.int64)
-    # In blocks of manifest positions: the uniform numbers of a block at a time (23 per image: at a million
-    # images, 184 MB held at once otherwise), to the same plan as in one piece.
-    for start in range(0, len(widths), PLAN_BLOCK):
-        block = slice(start, start + PLAN_BLOCK)
-        uniforms = epoch_uniforms(seed, epoch, len(widths[block]), start)
-        if transform.crop != "center":
-            x[block], y[block], w[block], h[block] = random_resized_crop(
-                widths[block], heights[block], uniforms, transform.scale, transform.ratio)
-        flip[block] = uniforms[:, -1] < transform.hflip
+        x, y, w, h = random_resized_crop(widths, heights, uniforms, transform.scale, transform.ratio)
+    flip = np.zeros(len(widths), dtype=np.int64) if uniforms is None else \
+        (uniforms[:, -1] < transform.hflip).astype(np.int64)
     return Plan(x, y, w, h, flip)
+
+
+def _joined(pieces: list[Plan]) -> Plan:
+    if len(pieces) == 1:
+        return pieces[0]
+    empty = np.zeros(0, dtype=np.int64)
+    return Plan(*(np.concatenate([getattr(p, name) for p in pieces]) if pieces else empty
+                  for name in ("x", "y", "width", "height", "flip")))

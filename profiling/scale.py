@@ -14,6 +14,11 @@ of its own, so that its peak memory is its own:
   then the images/s of the next BATCHES batches (the steady rate, which must
   not depend on N).
 
+Before anything is made, the sizes are checked against the disk under OUT and
+the memory available (one line, not hours of work and then the OOM killer),
+and a kept set is reused only if it still holds what it was made with: its
+image count and a fingerprint of its files' names and sizes.
+
 Each cost is reported against N with the exponent b of a least-squares fit
 cost = a * N^b (0: flat; 1: linear), and memory as bytes per image: the slope
 between the smallest and the largest N (the constant part, torch and the
@@ -23,6 +28,8 @@ checks them (they depend on the machine). docs/measuring.md.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import resource
@@ -60,11 +67,41 @@ def _write_images(args: tuple[Path, int, int, int, int]) -> None:
         Image.fromarray(pixels).save(folder / f"class{label}" / f"{i:07d}.jpg", quality=90)
 
 
+def contents(folder: Path) -> tuple[int, str]:
+    """A set's image count, and the sha256 of its files' class/name and size, sorted."""
+    lines = []
+    for label in range(CLASSES):
+        try:
+            with os.scandir(folder / f"class{label}") as entries:
+                lines += [f"class{label}/{entry.name} {entry.stat().st_size}" for entry in entries]
+        except FileNotFoundError:
+            continue
+    lines.sort()
+    return len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def kept(folder: Path, wanted: dict) -> bool:
+    """Whether the set in `folder` was made as `wanted` and still holds what it was made with (else it says
+    why it is made again)."""
+    try:
+        made = json.loads((folder / MADE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(made, dict) or {key: made.get(key) for key in wanted} != wanted:
+        return False
+    count, fingerprint = contents(folder)
+    if (count, fingerprint) == (wanted["images"], made.get("fingerprint")):
+        return True
+    change = f"{count} images, not {wanted['images']}" if count != wanted["images"] else "other files"
+    print(f"scale: the kept set {folder} holds {change} since it was made: making it again", flush=True)
+    return False
+
+
 def make_set(folder: Path, count: int, size: int, workers: int, seed: int = 0) -> float:
-    """N synthetic JPEGs in class folders (made once: kept with its marker); the seconds it took (0 if kept)."""
+    """N synthetic JPEGs in class folders (made once: kept with its marker, and reused while its contents
+    match it); the seconds it took (0 if kept)."""
     wanted = {"images": count, "size": size, "classes": CLASSES, "seed": seed}
-    marker = folder / MADE
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+    if kept(folder, wanted):
         return 0.0
     shutil.rmtree(folder, ignore_errors=True)
     for label in range(CLASSES):
@@ -73,8 +110,47 @@ def make_set(folder: Path, count: int, size: int, workers: int, seed: int = 0) -
     step = 2000
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_images, [(folder, s, min(s + step, count), size, seed) for s in range(0, count, step)]))
-    write_atomic(marker, json.dumps(wanted) + "\n")
+    write_atomic(folder / MADE, json.dumps({**wanted, "fingerprint": contents(folder)[1]}) + "\n")
     return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- what the sizes need
+
+BLOCK = 4096             # a loose file takes whole file-system blocks
+TAR_BLOCK = 512          # a shard member: a header and its data in 512-byte blocks
+INDEX_PER_IMAGE = 512    # the prepared folder's manifests and index, per image (with room)
+MEMORY_PER_IMAGE = 1024  # the most a measuring process holds per image (measured: 200-300 bytes; with room)
+
+
+def sample_jpeg_bytes(size: int) -> int:
+    """The bytes of one synthetic JPEG of this side (they hardly vary: noise of one amplitude)."""
+    from PIL import Image
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return len(buffer.getbuffer())
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def check_room(bench: ScaleBenchmark, out: Path) -> None:
+    """Refuse, in one line, sizes whose sets, prepared folders and shards would not fit the disk under `out`,
+    or whose measurements would not fit the memory available: before anything is made."""
+    import psutil
+    jpeg = sample_jpeg_bytes(bench.image_size)
+    to_make = [n for n in bench.sizes if not (out / "sets" / str(n) / MADE).is_file()]
+    prepared = list(bench.sizes) if bench.keep else [max(bench.sizes)]  # (else removed once measured)
+    disk = sum(to_make) * _round_up(jpeg, BLOCK) + \
+        sum(prepared) * (TAR_BLOCK + _round_up(jpeg, TAR_BLOCK) + INDEX_PER_IMAGE)
+    memory = max(bench.sizes) * MEMORY_PER_IMAGE
+    free, available = shutil.disk_usage(out).free, psutil.virtual_memory().available
+    if disk > free or memory > available:
+        sizes = ",".join(map(str, bench.sizes))
+        raise PlanktonioError(f"scale benchmark: --sizes {sizes} needs about {disk / 2**30:,.1f} GiB of disk under "
+                              f"{out} ({free / 2**30:,.1f} GiB free) and {memory / 2**30:,.1f} GiB of memory "
+                              f"({available / 2**30:,.1f} GiB available); give smaller sizes")
 
 
 # ---------------------------------------------------------------- one cost, in a process of its own
@@ -162,6 +238,7 @@ def run(bench: ScaleBenchmark, json_path: Path | None, environment: dict) -> dic
     # (a name checked before any set is made; start-up costs, not decoding, are what is measured)
     backend = resolve_backend(bench.backend, cpu) if bench.backend else \
         next(name for name, b in BACKENDS.items() if b.role == "baseline" and b.runs_on(cpu))
+    check_room(bench, out)
     rows = []
     for count in sorted(bench.sizes):
         source, prepared = out / "sets" / f"{count}", out / "prepared" / f"{count}"

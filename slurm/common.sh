@@ -81,13 +81,21 @@ describe_failure() {
     # gradients' all-reduce) at epoch 2, step 1 (srun: Killed)". srun reports
     # each task that did not exit 0 ("srun: error: node2: task 1: Killed"); the
     # ranks that exited with EXIT_PEER_LOST only saw another go, so they are
-    # named only when no other is. Where: as a surviving rank said it.
-    awk -v peer_lost="$EXIT_PEER_LOST" -v status="$2" '
+    # named only when no other is. Where: as a surviving rank said it. Across
+    # nodes NCCL's watchdog often sees a dead peer before the peer watch does
+    # and aborts its rank (exit 134, SIGABRT) after saying the remote peer is
+    # gone: such a rank, too, only saw another go.
+    local remote=0
+    if grep -q -E 'remote process exited|NCCL communicator was aborted|ncclRemoteError' "$1"; then remote=1; fi
+    awk -v peer_lost="$EXIT_PEER_LOST" -v status="$2" -v remote="$remote" '
         BEGIN { FS = ": " }
         $1 == "srun" && $2 == "error" && $4 ~ /^tasks? [0-9,-]+$/ {
             ranks = $4; sub(/^task/, "rank", ranks)
             how = $5; for (i = 6; i <= NF; i++) how = how ": " $i
-            if (how == "Exited with exit code " peer_lost) { lost = lost sep_lost ranks " on " $3; sep_lost = ", " }
+            aborted = how == "Exited with exit code 134" || how ~ /^Aborted/
+            if (how == "Exited with exit code " peer_lost || (remote && aborted)) {
+                lost = lost sep_lost ranks " on " $3; sep_lost = ", "
+            }
             else { failed = failed sep ranks " on " $3; hows = hows sep how; sep = ", " }
         }
         where == "" && /^rank [0-9]+ on / && match($0, /(left|stopped answering) during .* at epoch [0-9]+, step [0-9]+/) {

@@ -71,7 +71,7 @@ def test_the_first_rank_alone_stats_the_files_and_every_rank_gets_its_verdict(pl
     monkeypatch.setattr(dataset_module, "stat_files", lambda *a: stats.append(1) or real_stat_files(*a))
     said = {}
 
-    def first_rank_says(message):  # what the broadcast gives: rank 0's message, on rank 1 too
+    def first_rank_says(message, what=""):  # what the wait gives: rank 0's message, on rank 1 too
         said["rank0"] = said.get("rank0", message)
         return said["rank0"] if rank == 0 else f"{tmp_path / 'images' / victim}: changed since prepare checked it"
     monkeypatch.setattr(distributed, "first_rank_says", first_rank_says)
@@ -80,6 +80,26 @@ def test_the_first_rank_alone_stats_the_files_and_every_rank_gets_its_verdict(pl
     with pytest.raises(PlanktonioError, match=f"{victim}: changed since prepare checked it"):
         checked_specs(executor)
     assert (len(stats) > 0) == (rank == 0)
+
+
+class DictStore:
+    """The rendezvous store's key-value calls, in a dict."""
+
+    def __init__(self):
+        self.values = {}
+
+    def set(self, key, value):
+        self.values[key] = value.encode() if isinstance(value, str) else value
+
+    def check(self, keys):
+        return all(key in self.values for key in keys)
+
+    def get(self, key):
+        return self.values[key]
+
+    def add(self, key, amount):
+        self.values[key] = int(self.values.get(key, 0)) + amount
+        return self.values[key]
 
 
 class FakeDist:
@@ -92,6 +112,8 @@ class FakeDist:
     def __init__(self, world: int = 2, rank: int = 0, current_device=lambda: None):
         self.world, self.rank, self.current_device = world, rank, current_device
         self.initialized, self.calls = False, []
+        self.store = DictStore()
+        self.distributed_c10d = type("c10d", (), {"_get_default_store": staticmethod(lambda: self.store)})
 
     def is_initialized(self) -> bool:
         return self.initialized
@@ -426,18 +448,168 @@ def test_compile_wraps_the_ddp_model_and_the_cached_rest(two_ranks_played_by_one
                                                          monkeypatch):
     """training.compile: PyTorch's order is torch.compile(DDP(model)) (DDP wrapped the compiled module here
     before), and a feature cache's rest is compiled too (it ran uncompiled, silently)."""
-    compiled = []
+    compiled = []  # (what was compiled, what it wraps): names, not the modules (a reference would hold the group)
 
     def recording_compile(module):
-        compiled.append(module)
+        compiled.append((type(module).__name__, type(getattr(module, "module", None)).__name__))
         return module
     monkeypatch.setattr(executor_module.torch, "compile", recording_compile)
+    monkeypatch.setattr(executor_module.torch._dynamo, "reset",
+                        lambda: two_ranks_played_by_one.calls.append(("dynamo reset",)))
     config = small_config(model={"freeze": "all-but-head"}, training={"epochs": 1, "compile": True},
                           augment={"train": {"crop": "center", "size": 64, "resize": 72},
                                    "eval": {"crop": "center", "size": 64, "resize": 72}})
     assert fit(config, plankton, tmp_path / "run") == 0
-    kinds = [type(module).__name__ for module in compiled]
+    kinds = [kind for kind, _ in compiled]
     assert kinds[0] == "TinyCNN"  # the model, for evaluation by default
     assert "RecordedDDP" in kinds and "Sequential" in kinds  # the DDP-wrapped rest for steps, the rest itself
-    ddp = next(m for m in compiled if type(m).__name__ == "RecordedDDP")
-    assert type(ddp.module).__name__ == "Sequential"  # DDP wraps the (uncompiled) rest of the cut
+    assert dict(compiled)["RecordedDDP"] == "Sequential"  # DDP wraps the (uncompiled) rest of the cut
+    # Dynamo's caches let go of the compiled DDP model before the process group is destroyed
+    ends = [call[0] for call in two_ranks_played_by_one.calls if call[0] in ("dynamo reset", "destroy_process_group")]
+    assert ends == ["dynamo reset", "destroy_process_group"]
+
+
+# ------------------------------------------------------------------ waits off the collective path
+
+RANK0_WORKS_LONG = """
+import datetime, os, sys, time
+import torch, torch.distributed as dist
+from train import distributed
+rank, how = int(os.environ["RANK"]), sys.argv[1]
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=2))
+if rank == 0:
+    time.sleep(5)  # long host work (the feature store written): past the collective timeout of 2 s
+try:
+    if how == "store":
+        print("rank 0 says:", distributed.first_rank_says("done" if rank == 0 else None, "writing the store"))
+    else:
+        dist.barrier()
+except RuntimeError as error:
+    print("failed:", str(error).splitlines()[0][:200])
+    sys.exit(1)
+total = torch.ones(1)
+dist.all_reduce(total)
+print("sum", int(total.item()))
+"""
+
+
+@pytest.mark.parametrize("how", ["store", "barrier"])
+def test_a_wait_on_rank_0_outlives_the_collective_timeout(tmp_path, how):
+    """Rank 0 works 5 s on the host while rank 1 waits, under a collective timeout of 2 s: in a barrier rank 1
+    times out (as NCCL's watchdog would end it, with SIGABRT), waiting on the rendezvous store it gets rank
+    0's word and both go on to their next collective."""
+    port = 20000 + (os.getpid() + 7) % 20000
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK0_WORKS_LONG, how], cwd=REPO, text=True,
+                              env=process_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                              MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        out, err = ranks[1].communicate(timeout=180)  # (importing torch alone takes seconds on a busy machine)
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+    said = [line for line in out.splitlines() if not line.startswith("[Gloo]")]
+    if how == "store":
+        assert ranks[1].returncode == 0 and said == ["rank 0 says: done", "sum 2"], out + err
+    else:
+        assert ranks[1].returncode == 1 and "failed:" in out and "imed out" in out, out + err
+
+
+def test_a_wait_on_rank_0_that_expires_is_one_line(monkeypatch):
+    import socket
+    fake = FakeDist(world=2, rank=1)
+    fake.initialized = True
+    monkeypatch.setattr(distributed, "dist", fake)
+    monkeypatch.setattr(distributed, "POLL_S", 0.01)
+    with pytest.raises(distributed.PeerLost) as lost:
+        distributed.first_rank_says(None, "writing the feature store /x/features.pt", timeout_s=0.05)
+    assert str(lost.value) == (f"rank 1 on {socket.gethostname()}: rank 0 stopped answering during writing the "
+                               f"feature store /x/features.pt: no word from it in 0.05 s (distributed.HOST_WORK_S)")
+
+
+# ------------------------------------------------------------------ a clean end is not a peer lost
+
+ENDS_UNEVENLY = """
+import os, sys, time
+import torch, torch.distributed as dist
+from train import distributed, peer_watch
+peer_watch.MAX_STALE_S = 2.0  # the watch's staleness limit: 2 s
+slow = int(sys.argv[1])
+with distributed.Session(torch.device("cpu"), 60) as ctx:
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    if ctx.rank == slow:
+        time.sleep(6)  # work after training (calibration, plots) longer than the staleness limit
+print("ended", int(total.item()))
+"""
+
+
+@pytest.mark.parametrize("slow", [0, 1])
+def test_a_clean_end_with_a_slow_rank_exits_0_on_both(slow):
+    """Rank 0 working after training past the watch's limit flagged rank 1, which had simply finished, as
+    lost (exit 76); rank 0 ending first took the rendezvous store (it hosts it under srun) from rank 1's
+    still polling watch (exit 76 there). With done marks and rank 0 leaving last, both end with 0."""
+    port = 20000 + (os.getpid() + 11 + slow) % 20000
+    ranks = [subprocess.Popen([sys.executable, "-c", ENDS_UNEVENLY, str(slow)], cwd=REPO, text=True,
+                              env=process_env(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                              MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        outputs = [process.communicate(timeout=180) for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    for process, (out, err) in zip(ranks, outputs):
+        assert process.returncode == 0 and "ended 2" in out and "exiting with 76" not in err, out + err
+
+
+def test_rank_0_waits_for_every_rank_done_or_lost(monkeypatch):
+    """Rank 0's end (the watch's thread stopped): it waits while a peer still beats, stops waiting for a
+    peer done, and names one silent past the limit as lost (its group then left for the exit)."""
+    from train.peer_watch import done_key
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    watch, store, now = watching([(0, "node1", 1), (1, "node2", 2), (2, "node3", 3)], stale_s=10.0)
+    store.add("planktonio/done/0/2", 1)  # rank 2's mark from torchrun's first attempt: not this one's
+    rounds = []
+
+    def beat(_seconds):  # one second per round: rank 1 beats 3 s then is done; rank 2 beats 4 s then goes
+        now["s"] += 1
+        rounds.append(now["s"])
+        if now["s"] <= 3:
+            store.add("planktonio/heartbeat/1", 1)
+        elif now["s"] == 4:
+            store.add(done_key(1), 1)
+        if now["s"] <= 4:
+            store.add("planktonio/heartbeat/2", 1)
+    assert watch.finish(clean=True, sleep=beat) == [2]
+    assert store.counts[done_key(0)] == 1 and rounds[-1] == 15  # rank 2 silent from 4 s: > 10 s at 15 s
+    assert done_key(1) in store.counts and 1 not in watch.seen
+    failed, _, _ = watching([(0, "node1", 1), (1, "node2", 2)], stale_s=10.0)
+    assert failed.finish(clean=False, sleep=lambda s: pytest.fail("waited after a failure")) == []
+
+
+def test_a_done_peer_is_not_flagged_by_the_watch():
+    from train.peer_watch import done_key
+    watch, store, now = watching([(0, "node1", 1), (1, "node2", 2)], stale_s=10.0)
+    store.add(done_key(1), 1)
+    now["s"] = 100.0
+    assert watch.look() is None
+
+
+@pytest.mark.parametrize("nccl_said", [True, False])
+def test_a_rank_nccl_aborted_after_a_remote_peer_went_is_a_rank_that_saw_another_go(tmp_path, nccl_said):
+    """Across nodes NCCL's watchdog often finds a dead peer first and aborts its rank (exit 134) after saying
+    the remote peer is gone: the job script names the rank that failed (the OOM killer's), not that one."""
+    output = tmp_path / "step.out"
+    output.write_text(("[rank0]: NCCL error: remote process exited or there was a network error\n" if nccl_said else
+                       "") + "srun: error: node1: task 0: Aborted (core dumped)\n"
+                       "srun: error: node2: task 1: Killed\n")
+    common = REPO / "slurm" / "common.sh"
+    function = f"eval \"$(sed -n '/^describe_failure()/,/^}}/p' '{common}')\""  # (sourcing it runs the job's start)
+    said = subprocess.run(["bash", "-c", f"EXIT_PEER_LOST=76; {function}; describe_failure '{output}' 137"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    if nccl_said:
+        assert said == "rank 1 on node2 failed (srun: Killed)"
+    else:
+        assert said == "rank 0 on node1, rank 1 on node2 failed (srun: Aborted (core dumped), Killed)"

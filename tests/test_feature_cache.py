@@ -138,6 +138,41 @@ def test_a_store_on_disk_reads_ahead_in_the_epoch_s_order():
                 assert torch.equal(rows, values[labels])
 
 
+def test_a_node_s_other_ranks_map_its_store_read_only():
+    """One store per node: the file its first rank makes (unlinked) is mapped by the others through that
+    rank's descriptor, for reading: the same rows, written after the mapping too; a write is refused."""
+    import tempfile
+    from planktonio import memory
+    with tempfile.TemporaryDirectory() as folder:
+        mine = memory.Rows.in_file(10, 4, torch.float32, folder, "test")
+        theirs = memory.Rows.of_peer(os.getpid(), mine.descriptor, 10, 4, torch.float32)
+        mine.write(0, torch.arange(40, dtype=torch.float32).reshape(10, 4))
+        assert torch.equal(theirs.gather(torch.tensor([7, 2]), torch.device("cpu")),
+                           torch.tensor([[28.0, 29, 30, 31], [8, 9, 10, 11]]))
+        assert theirs.on_disk and list(os.scandir(folder)) == []
+        with pytest.raises(RuntimeError, match="mapped for reading only"):
+            theirs.write(0, torch.zeros(1, 4))
+
+
+def test_a_store_on_disk_is_read_in_file_order_within_each_batch():
+    """A shuffled batch's rows are gathered from the file in ascending order (read-ahead along the file, each
+    page once), then given in the batch's order."""
+    import tempfile
+    from planktonio import memory
+    values = torch.arange(64 * 3, dtype=torch.float32).reshape(64, 3)
+    with tempfile.TemporaryDirectory() as folder:
+        store = memory.Rows.in_file(64, 3, torch.float32, folder, "test")
+        store.write(0, values)
+        asked, gather = [], store.gather
+        store.gather = lambda index, to: asked.append(index.clone()) or gather(index, to)
+        loader = feature_cache.FeatureBatches(store, 64, 1, torch.arange(64), batch_size=16, train=True, seed=4,
+                                              shard_index=0, shard_count=1, device=torch.device("cpu"))
+        batches = list(loader)
+    assert len(asked) == 4 and all(torch.equal(index, index.sort().values) for index in asked)
+    assert not all(torch.equal(labels, labels.sort().values) for _, labels in batches)  # the batches: shuffled
+    assert all(torch.equal(rows, values[labels]) for rows, labels in batches)
+
+
 def test_a_store_that_no_budget_and_no_disk_takes_is_refused_with_both(synthetic, tmp_path, capsys, monkeypatch):
     """auto stays off with the reason, on stops with it: the sizes, the budget and the free disk."""
     monkeypatch.setattr(feature_cache, "disk_free_bytes", lambda folder: 1000)
@@ -174,7 +209,7 @@ def test_two_gloo_ranks_cached_and_uncached_end_alike(synthetic, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         runs[name] = done.stdout
     assert "feature cache: computed" in runs["cached"] and "feature cache" not in runs["plain"]
-    assert "MiB on disk (" in runs["disk"]
+    assert "MiB on disk (" in runs["disk"] and "one store for the 2 ranks of each node" in runs["disk"]
     assert_same_run(tmp_path / "cached", tmp_path / "plain")
     assert_same_run(tmp_path / "disk", tmp_path / "plain")
 
@@ -435,3 +470,20 @@ def test_a_cache_in_host_memory_takes_little_more_than_its_size(tmp_path):
     assert done.returncode == 0, done.stderr
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["store"] > 300 * 2**20 and measured["ratio"] < 1.3, measured
+
+
+def test_a_split_index_is_hashed_once(synthetic, monkeypatch):
+    """SplitIndex.checksum hashed every column each time it was asked (at read, then twice per split by the
+    feature cache: its identity and its fingerprint): now once per index read."""
+    from planktonio import index as index_module
+    real, hashed = index_module.hashlib.sha256, []
+
+    def sha256(data=b""):
+        if bytes(data).startswith(b"planktonio index"):
+            hashed.append(1)
+        return real(data)
+    monkeypatch.setattr(index_module.hashlib, "sha256", sha256)
+    index = SplitIndex.read(index_file(synthetic, "train"))
+    first = index.checksum()
+    assert index.checksum() == index.checksum() == first and len(hashed) == 1
+    assert SplitIndex.read(index_file(synthetic, "train")).checksum() == first and len(hashed) == 2

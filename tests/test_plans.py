@@ -125,3 +125,28 @@ def test_plans_made_in_blocks_are_the_plans_made_in_one_piece(monkeypatch, crop)
     assert np.array_equal(epoch_uniforms(5, 3, 7, start=8), epoch_uniforms(5, 3, 15)[8:])
     with pytest.raises(ValueError, match="not a multiple of 4"):
         epoch_uniforms(5, 3, 7, start=6)
+
+
+@pytest.mark.parametrize("transform", [Transform(crop="random_resized", size=64, resize=72, hflip=0.5),
+                                       Transform(crop="center", size=64, resize=72, hflip=0.5),
+                                       Transform(crop="random_resized", size=64, resize=72, hflip=0.5, period=2),
+                                       Transform(crop="center", size=64, resize=72)])
+def test_a_batch_s_plans_are_the_whole_epoch_s_rows(monkeypatch, transform):
+    """Plans made per batch, without the epoch's whole plan: the positions [a, b) of an epoch (ranges that
+    start and end anywhere, across blocks of 12) and any positions in a shuffled order are, bit for bit,
+    those rows of the whole epoch's plan."""
+    from planktonio import plans
+    rng = np.random.default_rng(2)
+    widths, heights = rng.integers(1, 400, 203), rng.integers(1, 400, 203)
+    widths[:9] = 1  # boxes that only the fallback fits
+    whole = make_plan(transform, widths, heights, seed=5, epoch=3)
+    monkeypatch.setattr(plans, "PLAN_BLOCK", 12)
+    order = rng.permutation(203)
+    for start, stop in [(0, 203), (0, 1), (5, 6), (7, 31), (30, 203), (101, 101), (200, 203)]:
+        piece = plans.plan_range(transform, widths, heights, seed=5, epoch=3, start=start, stop=stop)
+        batch = plans.plan_at(transform, widths, heights, order[start:stop], seed=5, epoch=3)
+        for field in ("x", "y", "width", "height", "flip"):
+            assert np.array_equal(getattr(piece, field), getattr(whole, field)[start:stop]), (start, stop, field)
+            assert np.array_equal(getattr(batch, field), getattr(whole, field)[order[start:stop]]), (start, field)
+    epoch_5 = plans.plan_at(transform, widths, heights, order[:40], seed=5, epoch=5)
+    assert np.array_equal(epoch_5.x, make_plan(transform, widths, heights, seed=5, epoch=5).x[order[:40]])

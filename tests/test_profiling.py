@@ -352,6 +352,33 @@ def test_the_scale_benchmark_measures_each_size_and_fits_the_growth(tmp_path, ca
     assert "How the costs grow" in text and "grows no faster than N^0.2" in text
 
 
+def test_scale_refuses_sizes_over_the_disk_or_the_memory_before_it_starts(tmp_path, capsys):
+    """Issue 34 #8: --sizes 999999999999999 grew to 24 GB before the OOM killer ended it; now one line."""
+    out = tmp_path / "scale"
+    code, _, err = run_profiling(["scale", "--out", str(out), "--sizes", "999999999999999"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "scale benchmark: --sizes 999999999999999 needs about" in err and "give smaller sizes" in err
+    assert not (out / "sets").exists()
+
+
+def test_a_kept_set_is_reused_only_with_its_images(tmp_path, capsys):
+    """Issue 34 #8: a kept set with some of its images deleted was reused and reported at its old size. Its
+    count and a fingerprint of its files are checked; a set changed since it was made is made again."""
+    from profiling import scale
+    folder = tmp_path / "sets" / "40"
+    assert scale.make_set(folder, 40, 16, 1) > 0
+    assert scale.make_set(folder, 40, 16, 1) == 0.0  # kept
+    for victim in sorted((folder / "class3").iterdir())[:2]:
+        victim.unlink()
+    assert scale.make_set(folder, 40, 16, 1) > 0
+    assert "holds 38 images, not 40 since it was made: making it again" in capsys.readouterr().out
+    assert scale.contents(folder)[0] == 40
+    with open(next((folder / "class0").iterdir()), "ab") as image:
+        image.write(b"\0")
+    assert scale.make_set(folder, 40, 16, 1) > 0
+    assert "holds other files since it was made" in capsys.readouterr().out
+
+
 def test_the_growth_fit_finds_known_exponents():
     from profiling.scale import growth, per_image
     sizes = [10_000, 100_000, 1_000_000]

@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import datetime
 import gc
+import itertools
+import json
 import os
 import re
 import socket
 import sys
+import time
 import traceback
 import weakref
 from dataclasses import dataclass, field, replace
@@ -169,7 +172,8 @@ class Session:
        group from Python, which lets the GIL go while it waits.
     After a peer was lost the group is not destroyed: a collective left
     pending with a dead peer cannot complete, and destroying the group would
-    wait on it. The process ends without it (its exit code says why).
+    wait on it. The process ends without it (its exit code says why). Rank 0
+    destroys it only once every other rank is done or lost (peer_watch.py).
     """
 
     def __init__(self, device: torch.device, timeout_s: float):
@@ -183,11 +187,20 @@ class Session:
         return ctx
 
     def __exit__(self, kind, error, tb) -> None:
-        if self.watch is not None:
+        from .signals import Interrupted
+        lost = []
+        if self.watch is not None:  # its thread first, then the done mark, then (rank 0) the wait for the others
             self.watch.stop()
+            if not isinstance(error, PeerLost):
+                lost = self.watch.finish(clean=error is None or isinstance(error, Interrupted))
         _clear_frames(error)
         gc.collect()
         if not dist.is_initialized() or isinstance(error, PeerLost):
+            return
+        if lost:  # a collective with them may be pending: destroying the group would wait on it
+            print(f"warning: rank {dist.get_rank()}: rank(s) {', '.join(map(str, lost))} ended without their done "
+                  f"mark (no heartbeat); the process group is left for the process's exit", file=sys.stderr,
+                  flush=True)
             return
         if len(_holders):  # a bug of ours: say it rather than hang at exit
             print(f"internal error: {len(_holders)} object(s) still hold the process group at the run's end "
@@ -336,13 +349,59 @@ def gather_to_main(obj) -> list | None:
     return gathered
 
 
-def first_rank_says(message: str | None) -> str | None:
-    """Rank 0's `message` on every rank (a verdict only it worked out); the message itself in one process."""
+# ------------------------------------------------------------------ waits off the collective path
+
+# The longest the other ranks wait for rank 0's long host work (the feature store hashed, written and
+# synced: up to ~100 GB; a million loose files statted on a shared file system).
+HOST_WORK_S = 4 * 3600.0
+POLL_S = 0.2
+_said = itertools.count()  # the how-manieth word of rank 0's this is: every rank asks in the same order
+
+
+def first_rank_says(message: str | None, what: str = "its check of the input files",
+                    timeout_s: float = HOST_WORK_S) -> str | None:
+    """Rank 0's `message` on every rank (a verdict only it worked out; None for "done"), the message itself in
+    one process. Rank 0 calls this when its work is done; the others call it at once and wait for its word.
+
+    They wait on the rendezvous store, not in a collective: under NCCL a collective pending past the
+    process group's timeout (training.collective_timeout_s) is ended by torch's watchdog with SIGABRT and
+    no line, and rank 0's host work (`what`) can take longer than that. This wait has its own limit,
+    `timeout_s`, and says so in one line when it expires; a rank 0 that died meanwhile is found by the
+    peer watch (its heartbeat stops) or by the store that no longer answers."""
     if not dist.is_initialized():
         return message
-    box = [message if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    key = f"planktonio/rank0-says/{next(_said)}"
+    if dist.get_rank() == 0:
+        publish(key, message)
+        return message
+    return wait_for(key, what, "rank 0", timeout_s)
+
+
+def publish(key: str, value) -> None:
+    """A word for the ranks that `wait_for` it (JSON), in the rendezvous store."""
+    dist.distributed_c10d._get_default_store().set(key, json.dumps(value))
+
+
+def wait_for(key: str, what: str, who: str, timeout_s: float = HOST_WORK_S):
+    """The word `who` publishes under `key` when it is done with `what`, waited for on the rendezvous store
+    (first_rank_says says why), at most timeout_s: then, or if the store stops answering, one line."""
+    store = dist.distributed_c10d._get_default_store()
+    deadline = time.monotonic() + timeout_s
+    rank, here = dist.get_rank(), socket.gethostname()
+    try:
+        while not store.check([key]):
+            if time.monotonic() > deadline:
+                raise PeerLost(f"rank {rank} on {here}: {who} stopped answering during {what}: no word from it "
+                               f"in {timeout_s:g} s (distributed.HOST_WORK_S)")
+            time.sleep(POLL_S)
+        return json.loads(store.get(key))
+    except PeerLost:
+        raise
+    except Exception as error:  # noqa: BLE001 (the store's own errors differ by transport)
+        raise PeerLost(f"rank {rank} on {here}: {who} left during {what} (the rendezvous store does not answer: "
+                       f"{(str(error).splitlines() or [type(error).__name__])[0]})") from None
+
+
 
 
 def barrier() -> None:

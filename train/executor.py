@@ -78,9 +78,13 @@ class Executor:
 
     def close(self) -> None:
         """Let go of the DDP wrapper (and of its compiled form): its Reducer holds the process group, which
-        distributed.Session destroys after this (the order that cannot hang at exit)."""
+        distributed.Session destroys after this (the order that cannot hang at exit). Dynamo's caches keep
+        the compiled modules' guards and graphs, and through them the DDP wrapper: reset when anything was
+        compiled."""
         self._ddp = None
-        self._compiled.clear()
+        if self._compiled:
+            self._compiled.clear()
+            torch._dynamo.reset()
         self.net = self.model
 
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:

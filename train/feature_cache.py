@@ -20,7 +20,8 @@ same run, not an approximation.
   before the pass or the file is read; an image the pass could not read makes
   the run read images uncached, and no file is kept.
 - Where it lives: placed by planktonio/memory.py (device, pinned host, else a
-  memory-mapped file read ahead in epoch order), and on disk under a
+  memory-mapped file on node-local disk, one per node: its first rank
+  writes it, the node's other ranks map it), and on disk under a
   fingerprint of everything that decides its values, so a resume or a
   sweep's runs compute it once; a file that does not match is recomputed.
 - The pass writes into the store made for it: each rank computes its share
@@ -37,10 +38,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
+import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +53,12 @@ from planktonio.loaders import LoaderSpec, sharding
 from planktonio.loaders.base import entry_labels
 
 from . import checkpoint, distributed
+from .feature_batches import FeatureBatches, OnDisk, disk_free_bytes
 from .model import forward_steps, set_train_mode
 from .signals import StopFlag
 from .step import autocast
 
 KIND = "feature cache"  # what its bytes are called in the process's cache budget (planktonio/memory.py)
-READ_AHEAD = 4          # batches a store on disk is read ahead of the step
 FORMAT = 2              # the file's layout: a file of another one is computed again
 
 
@@ -99,92 +98,6 @@ def find_cut(model: nn.Module, frozen_eval: bool = False) -> Cut | str:
         return f"its first module, {name}, {reason}: nothing before it to compute once (model.freeze none?)"
     return Cut(nn.Sequential(*(m for _, m in steps[:index])), nn.Sequential(*(m for _, m in steps[index:])),
                [n for n, _ in steps[:index]], f"the input of {name} ({type(module).__name__}, which {reason})")
-
-
-# ------------------------------------------------------------------ the kept activations
-
-
-class FeatureBatches:
-    """Batches of kept activations in the order and shards in which the training or evaluation loader
-    would read the images (the loaders' rules, sharding.py), with their labels: looks like a Loader."""
-
-    backend = "feature cache"
-
-    def __init__(self, store: memory.Rows, count: int, views: int, labels: torch.Tensor, *, batch_size: int,
-                 train: bool, seed: int, shard_index: int, shard_count: int, device: torch.device):
-        self.store, self.count, self.views, self.labels = store, count, views, labels  # rows: view v at v*count
-        self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.shard_index, self.shard_count, self.device = shard_index, shard_count, device
-        self.epoch, self.skip_batches = 0, 0
-
-    def __len__(self) -> int:
-        if self.train:
-            return sharding.train_batches(self.count, self.shard_count, self.batch_size)
-        return sharding.eval_batches(self.count, self.shard_index, self.shard_count, self.batch_size)
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def _order(self) -> torch.Tensor:
-        if self.train:
-            order = sharding.train_order(self.count, self.seed, self.epoch, self.shard_index, self.shard_count)
-        else:
-            order = sharding.eval_shard_range(self.count, self.shard_index, self.shard_count)
-        return torch.as_tensor(list(order), dtype=torch.long)
-
-    def __iter__(self):
-        order = self._order()
-        rows = order + (self.epoch % self.views) * self.count  # the epoch's view: its plans repeat with the period
-        # The epoch's order goes to where the rows and the labels are once, not per batch: a cached epoch on
-        # a GPU is a fraction of a second of small kernels, and a copy from pageable memory waits.
-        rows, labels_order = rows.to(self.store.device), order.to(self.labels.device)
-
-        def batch(index: int):
-            taken = slice(index * self.batch_size, (index + 1) * self.batch_size)
-            return self.store.gather(rows[taken], self.device), self.labels.index_select(0, labels_order[taken])
-        indices = range(self.skip_batches, len(self))
-        if not self.store.on_disk:
-            yield from map(batch, indices)
-        else:  # a reader thread gathers (reads from disk) the next batches while the step runs on this one
-            reader = ThreadPoolExecutor(1, thread_name_prefix="feature-cache-reader")
-            try:
-                ahead = deque(reader.submit(batch, i) for i in indices[:READ_AHEAD])
-                for i in indices[READ_AHEAD:]:
-                    ahead.append(reader.submit(batch, i))
-                    yield ahead.popleft().result()
-                while ahead:
-                    yield ahead.popleft().result()
-            finally:  # an epoch left early (a stop signal): the batches read ahead are not waited for
-                reader.shutdown(wait=True, cancel_futures=True)
-        self.set_epoch(self.epoch + 1)
-
-    def close(self) -> None:
-        pass
-
-
-# ------------------------------------------------------------------ a store on disk
-
-
-class OnDisk:
-    """Where the stores go when no memory budget takes them: memory-mapped files in `folder`
-    (memory.Rows.in_file), in host memory's place; nothing reserved in a budget."""
-
-    device, pinned = memory.HOST, False
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.placement = f"disk ({folder}, memory-mapped)"
-
-    def release(self) -> None:
-        pass
-
-
-def disk_free_bytes(folder: Path) -> int:
-    """Free bytes where `folder` is (or would be made: its nearest existing parent)."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
 
 
 # ------------------------------------------------------------------ which images a file holds
@@ -236,9 +149,15 @@ class FeatureCache:
             self.cut = cut
             self.counts = {split: len(spec.entries) for split, spec in specs.items()}
             why_not = self._place()
-            # Every rank caches or none does (a rank alone in a pass of collectives would wait forever):
-            # budgets and disks can differ between nodes.
-            refusing = distributed.all_sum([float(why_not is not None)], self.ex.device)[0]
+            # Every rank caches or none does (a rank alone in a pass of collectives would wait forever), and
+            # in memory all or on disk all (a node's ranks share its store on disk): budgets and disks differ.
+            refusing, on_disk = distributed.all_sum([float(why_not is not None),
+                                                     float(isinstance(self.reservation, OnDisk))], self.ex.device)
+            if 0 < on_disk < self.ex.ctx.world_size:  # (every rank sees the same sums)
+                if why_not is None and not isinstance(self.reservation, OnDisk):
+                    self.reservation.release()
+                    why_not = self._place(in_memory=False)
+                refusing = distributed.all_sum([float(why_not is not None)], self.ex.device)[0]
             if why_not is None and refusing:
                 self.reservation.release()
                 why_not = (f"{refusing:.0f} other rank(s) cannot keep the activations (over their memory budgets, "
@@ -272,27 +191,39 @@ class FeatureCache:
             out = self.cut.prefix(probe.contiguous(memory_format=self.ex.output.memory_format))
         return int(out[0].numel()), out.dtype
 
-    def _place(self) -> str | None:
-        """Reserve the stores' bytes (planktonio/memory.py); None, or why they do not fit."""
+    def _place(self, in_memory: bool = True) -> str | None:
+        """Reserve the stores' bytes (planktonio/memory.py), in memory if asked and a budget takes them, else
+        on disk; None, or why they do not fit."""
         self.width, self.dtype = self._row_shape()
         per_image = self.width * torch.empty((), dtype=self.dtype).element_size()
         self.needed = per_image * sum(n * (self.views() if split == "train" else 1) for split, n in self.counts.items())
         device, cap = self.ex.device, self.config.training.feature_cache_budget_bytes
-        self.reservation = memory.place(self.needed, device, KIND, cap, host=device.type == "cuda")
+        self.reservation = memory.place(self.needed, device, KIND, cap, host=device.type == "cuda") if in_memory \
+            else None
         if self.reservation is None:  # no memory budget takes them: a file on disk, if it has the room
-            free, node = disk_free_bytes(self.folder), self._ranks_on_this_node()
-            if free < self.needed * node:  # each rank on the node maps a store of its own there
-                return (f"the activations need {self.needed / 2**20:.1f} MiB ({self.width} values per image)"
-                        f"{f' for each of {node} ranks' if node > 1 else ''}, over {memory.describe(device, KIND, cap)} "
+            free = disk_free_bytes(self.folder)
+            if free < self.needed:  # one store per node: its first rank writes it, the others map it
+                return (f"the activations need {self.needed / 2**20:.1f} MiB ({self.width} values per image), "
+                        f"over {memory.describe(device, KIND, cap)} "
                         f"(training.feature_cache_budget_bytes), and {self.folder} has {free / 2**20:.1f} MiB "
                         f"free (training.feature_cache_dir: node-local disk with room)")
-            self.reservation = OnDisk(self.folder)
+            self.reservation = OnDisk(self.folder, self._ranks_on_this_node())
         return None
 
+    def _node(self) -> list[tuple[int, int]]:
+        """(rank, pid) of this node's ranks, the first first (one process: this one)."""
+        ctx = self.ex.ctx
+        mine = next((host for rank, host, _ in ctx.peers if rank == ctx.rank), None)
+        return sorted((rank, pid) for rank, host, pid in ctx.peers if host == mine) or [(ctx.rank, os.getpid())]
+
     def _ranks_on_this_node(self) -> int:
-        peers = self.ex.ctx.peers
-        mine = next((host for rank, host, _ in peers if rank == self.ex.ctx.rank), None)
-        return max(1, sum(1 for _, host, _ in peers if host == mine))
+        return len(self._node())
+
+    @property
+    def writes(self) -> bool:
+        """Whether this rank writes its stores: in memory each rank its own; on disk the node's first rank
+        alone, whose file the node's other ranks map for reading (one store per node, not one per rank)."""
+        return not isinstance(self.reservation, OnDisk) or self._node()[0][0] == self.ex.ctx.rank
 
     # ------------------------------------------------------------ the one pass, or the file
 
@@ -321,7 +252,9 @@ class FeatureCache:
         identities = {split: split_identity(spec) for split, spec in specs.items()}
         self._allocate()
         source = self._load(path, fingerprint, identities)
-        if source is None:
+        if source is not None:
+            self._filled()
+        else:
             writable = self._writable()
             self.log(f"feature cache: computing {', '.join(self.cut.names[-3:])} once per image "
                      f"({self.needed / 2**20:.1f} MiB, {self.views()} view(s) of each training image)")
@@ -331,9 +264,11 @@ class FeatureCache:
                                          f"loader skipped it: its log says which)")
             if self.ex.device.type == "cuda":
                 torch.cuda.synchronize(self.ex.device)  # the asynchronous copies into host memory are done
+            self._filled()
             if writable:
                 self._save(path, fingerprint, identities)
-            distributed.barrier()
+            # (the others wait on the store, not in a barrier that NCCL's watchdog would end: see first_rank_says)
+            distributed.first_rank_says(None, f"writing the feature store {path}")
             source = "computed"
         for split, spec in specs.items():
             self.labels[split] = torch.as_tensor(entry_labels(spec.entries), device=self.ex.device)
@@ -351,16 +286,38 @@ class FeatureCache:
         return True
 
     def _allocate(self) -> None:
-        """The stores the pass (or the file) fills: every split's rows, where the reservation put them."""
-        device = self.reservation.device
-        for split, count in self.counts.items():
-            views = self.views() if split == "train" else 1
-            if isinstance(self.reservation, OnDisk):
-                self.stores[split] = memory.Rows.in_file(views * count, self.width, self.dtype, self.folder,
-                                                         "training.feature_cache_dir")
-            else:
-                self.stores[split] = memory.Rows(views * count, self.width, self.dtype, device,
+        """The stores the pass (or the file) fills: every split's rows, where the reservation put them. On
+        disk, the node's first rank makes the files and says their descriptors through the rendezvous
+        store; the node's other ranks map them from it (/proc/PID/fd: the files have no name)."""
+        rows = {split: count * (self.views() if split == "train" else 1) for split, count in self.counts.items()}
+        if not isinstance(self.reservation, OnDisk):
+            for split, count in rows.items():
+                self.stores[split] = memory.Rows(count, self.width, self.dtype, self.reservation.device,
                                                  pin=self.reservation.pinned)
+            return
+        writer, pid = self._node()[0]
+        key = f"planktonio/feature-store/{pid}"
+        if self.writes:
+            for split, count in rows.items():
+                self.stores[split] = memory.Rows.in_file(count, self.width, self.dtype, self.folder,
+                                                         "training.feature_cache_dir")
+            if self.ex.ctx.distributed:
+                distributed.publish(key, {split: store.descriptor for split, store in self.stores.items()})
+            return
+        descriptors = distributed.wait_for(key, "making this node's feature store", f"rank {writer}")
+        for split, count in rows.items():
+            self.stores[split] = memory.Rows.of_peer(pid, descriptors[split], count, self.width, self.dtype)
+
+    def _filled(self) -> None:
+        """On disk, the node's other ranks wait until its first rank has written every row."""
+        if not isinstance(self.reservation, OnDisk) or not self.ex.ctx.distributed:
+            return
+        writer, pid = self._node()[0]
+        if self.writes:
+            distributed.publish(f"planktonio/feature-store/{pid}/filled", True)
+        else:
+            distributed.wait_for(f"planktonio/feature-store/{pid}/filled", "filling this node's feature store",
+                                 f"rank {writer}")
 
     def _give_up(self, why: str) -> bool:
         self.stores.clear()
@@ -416,7 +373,7 @@ class FeatureCache:
                         short, stop = False, False
                         for rank, got, planned, stopped, values in self._exchange(rows, expected, batch):
                             short, stop = short or got < planned, stop or stopped
-                            if got:
+                            if got and self.writes:
                                 store.write(view * count + shares[rank].start + step * batch, values[:got])
                         if stop:  # on every rank at the same step: each saw every rank's flag
                             raise self.stop_flag.interrupted("the feature cache's pass")
@@ -476,7 +433,7 @@ class FeatureCache:
             return None
         for split, store in self.stores.items():
             start = 0
-            for chunk in state["splits"][split]["rows"]:
+            for chunk in state["splits"][split]["rows"] if self.writes else ():
                 store.write(start, chunk)
                 start += len(chunk)
         return f"read from {path}"

@@ -19,6 +19,7 @@ from typing import Callable
 
 from torch import nn
 
+from planktonio import memory
 from planktonio.errors import PlanktonioError
 from planktonio.loaders import LoaderSpec, resolve_backend
 
@@ -71,7 +72,7 @@ def checked_specs(executor: Executor) -> dict[str, LoaderSpec]:
         problem = error
     except OSError as error:  # (a folder that cannot be read): one line, and the other ranks told, not left waiting
         problem = PlanktonioError(f"{error.filename or 'the data'}: cannot be read ({error.strerror or error})")
-    verdict = distributed.first_rank_says(None if problem is None else str(problem))
+    verdict = distributed.first_rank_says(None if problem is None else str(problem), "its check of the input files")
     if problem is not None:
         raise problem
     if verdict is not None:
@@ -82,6 +83,7 @@ def checked_specs(executor: Executor) -> dict[str, LoaderSpec]:
 def build_inputs(executor: Executor, out: Path, log: Callable[[str], None], stop_flag: StopFlag) -> Inputs:
     """The run's inputs: cached activations where the feature cache applies, images otherwise."""
     specs = checked_specs(executor)
+    log(f"host memory for caches: {memory.Budget.of(memory.HOST).said}")
     batch, eval_batch = executor.config.loader.batch_size, executor.eval_batch_size()
     name = resolve_backend(executor.config.loader.backend, executor.device)
     features = FeatureCache(executor, out, log=log, stop_flag=stop_flag)

@@ -23,7 +23,15 @@ rank 0's node or torchrun's agent, is gone. The watch then says so in the
 gloo path's one line and ends the process with exit 76 at once
 (`os._exit`: with a peer gone the process group cannot be destroyed, its
 destructor would wait on it). Whichever of the two notices first speaks,
-once. The job scripts restart the step from last.pt. docs/training.md.
+once. The job scripts restart the step from last.pt.
+
+A peer that ended is not a peer lost: a rank that ends cleanly stops its
+heartbeat, then sets its done mark in the store, and is watched no more
+(rank 0's post-training work, calibration and plots, can outlast the
+staleness limit). Rank 0 hosts the store under srun, so it leaves last: it
+waits (`finish`) until every other rank is done or silent for `stale_s`
+(lost) before it destroys the process group and exits, and a rank still
+polling the store never finds it gone. docs/training.md.
 """
 
 from __future__ import annotations
@@ -44,6 +52,12 @@ BEAT_S = 1.0        # how often a rank raises its counter and reads the others'
 MAX_STALE_S = 60.0  # the longest a silent peer is waited for (shorter with a shorter collective timeout)
 
 _said = threading.Lock()  # one line per process, from the watch or from the main thread, whichever comes first
+
+
+def done_key(rank: int) -> str:
+    """Where a rank's done mark goes (1 once it ended cleanly), per attempt: torchrun's agent keeps its store
+    across the restarts of its workers, and a mark of an earlier attempt must not count."""
+    return f"planktonio/done/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
 
 
 def claim_the_line() -> bool:
@@ -74,20 +88,14 @@ class PeerWatch:
     def look(self) -> str | None:
         """Raise this rank's counter and read the others'; the one line to say when a peer is gone, else None."""
         try:
-            self.store.add(KEY.format(self.ctx.rank), 1)
-            counts = {rank: self.store.add(KEY.format(rank), 0) for rank in self.seen}
+            silent = self._silent()
         except Exception as error:  # noqa: BLE001 (the store's own exceptions differ by transport)
             host = next((h for r, h, _ in self.ctx.peers if r == 0), "its host")
             return self._line(f"rank 0 on {host}", "left", f"the rendezvous store there does not answer: "
                                                             f"{(str(error).splitlines() or [type(error).__name__])[0]}")
-        now = self.clock()
-        for rank, count in counts.items():
-            if count != self.seen[rank][0]:
-                self.seen[rank] = (count, now)
-        silent = [rank for rank, (_, since) in self.seen.items() if now - since > self.stale_s]
         if not silent:
             return None
-        rank = silent[0]
+        now, rank = self.clock(), silent[0]
         _, host, pid = next(p for p in self.ctx.peers if p[0] == rank)
         quiet = f"no heartbeat for {now - self.seen[rank][1]:.0f} s"
         if host == socket.gethostname():
@@ -97,6 +105,35 @@ class PeerWatch:
             if state == "T":
                 return self._line(f"rank {rank} on {host}", "stopped answering", f"{quiet}; process {pid} is stopped")
         return self._line(f"rank {rank} on {host}", "stopped answering", quiet)
+
+    def _silent(self) -> list[int]:
+        """Raise this rank's counter; the peers not done whose counters have not moved for stale_s (a peer
+        found done is watched no more)."""
+        self.store.add(KEY.format(self.ctx.rank), 1)
+        for rank in [rank for rank in self.seen if self.store.add(done_key(rank), 0)]:
+            del self.seen[rank]
+        counts = {rank: self.store.add(KEY.format(rank), 0) for rank in self.seen}
+        now = self.clock()
+        for rank, count in counts.items():
+            if count != self.seen[rank][0]:
+                self.seen[rank] = (count, now)
+        return [rank for rank, (_, since) in self.seen.items() if now - since > self.stale_s]
+
+    def finish(self, clean: bool, sleep: Callable[[float], None] = time.sleep) -> list[int]:
+        """At this rank's end, the watch's thread stopped: its done mark (after a clean end: not a failure,
+        which its peers must see as a peer lost); on rank 0 after a clean end, the wait until every other rank
+        is done or lost (after a failure the others are failing too, or are told by its absence). The ranks
+        lost (a store that does not answer: every rank not yet seen done)."""
+        try:
+            if clean:
+                self.store.add(done_key(self.ctx.rank), 1)
+            if not clean or self.ctx.rank != 0:
+                return []
+            while set(silent := self._silent()) != set(self.seen):
+                sleep(BEAT_S)
+            return sorted(silent)
+        except Exception:  # noqa: BLE001 (the store's own exceptions differ by transport)
+            return sorted(self.seen)
 
     def _line(self, who: str, what: str, reason: str) -> str:
         return (f"rank {self.ctx.rank} on {socket.gethostname()}: {who} {what} during {self.activity()} ({reason}); "
