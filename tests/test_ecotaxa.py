@@ -180,8 +180,8 @@ def _zip_with(tmp_path, name, text, images=()):
     ("ecotaxa_a.tsv", "img_file_name\tobject_id\tscore\n[t]\t[t]\t[f]\na.jpg\tA\t1\n", ["a.jpg"], "prefix"),
     ("ecotaxa_a.tsv", "img_file_name\tobject_id\tobject_s\n[t]\t[t]\t[f]\na.jpg\tA\thigh\n", ["a.jpg"],
      "typed [f]"),
-    ("ecotaxa_a.tsv", "img_file_name\tobject_id\tobject_annotation_status\tobject_annotation_category\n"
-                      "[t]\t[t]\t[t]\t[t]\na.jpg\tA\tsure\tX\n", ["a.jpg"], "not one of"),
+    ("ecotaxa_a.tsv", ("img_file_name\tobject_id\tobject_annotation_status\tobject_annotation_category\n"
+                       "[t]\t[t]\t[t]\t[t]\na.jpg\tA\tsure\tX\n"), ["a.jpg"], "not one of"),
     ("export.tsv", "img_file_name\tobject_id\n[t]\t[t]\na.jpg\tA\n", ["a.jpg"], "no ecotaxa"),
     ("ecotaxa_a.tsv", "object_id\n[t]\nA\n", [], "no img_file_name"),
 ])
