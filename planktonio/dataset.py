@@ -345,12 +345,14 @@ class PrepareResult:
 
 def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | None = None,
             seed: int = 0, workers: int | None = None, exclude: tuple[str, ...] = (),
-            progress: bool | None = None) -> PrepareResult:
+            progress: bool | None = None, splitter=None) -> PrepareResult:
     """Scan, validate, filter and split `source`; write manifests and the binary index into `out`.
 
     exclude: class names to leave out, e.g. another prepared set's classes
     (pretraining on the classes a later fine-tuning does not use).
     progress: a progress bar of the decoding (default: when stderr is a terminal).
+    splitter: how a class's distinct images are cut into splits (split_class's signature; default split_class),
+    e.g. whole samples per split for an EcoTaxa export (planktonio/ecotaxa/view.py).
     The decoding is journaled in OUT (planktonio/inspection.py): the same call
     after a stop goes on where it was, to the same result.
     """
@@ -417,7 +419,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     splits: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     positions: dict[str, list[int]] = {s: [] for s in SPLITS}
     for label, name in enumerate(kept):
-        parts = split_class(distinct[name], plan.counts(len(distinct[name])), seed, name, copies)
+        parts = (splitter or split_class)(distinct[name], plan.counts(len(distinct[name])), seed, name, copies)
         for split in SPLITS:
             splits[split].extend((path, label) for path in parts[split])
             positions[split].extend(_position(found, class_start, name, path) for path in parts[split])

@@ -195,3 +195,95 @@ def test_an_object_in_two_zips_is_caught(tmp_path):
     zips = [_zip_with(tmp_path, "ecotaxa_a.tsv", text, ["a.jpg"]), _zip_with(tmp_path, "ecotaxa_b.tsv", text,
                                                                              ["a.jpg"])]
     assert any("also in" in p for p in check_import(zips))
+
+
+# ---------------------------------------------------------------- the round trip (issue 37's "what must show")
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory):
+    """One synthetic export prepared (copepod genera as Copepoda, whole samples per split), a tiny run fitted on
+    it, and a second export of other samples (validated, dubious and predicted objects) predicted to EcoTaxa."""
+    from planktonio.__main__ import main as planktonio_main
+    from train.__main__ import main as train_main
+    from train.loop import fit
+
+    from .helpers import small_config
+    root = tmp_path_factory.mktemp("round_trip")
+    rows = export_rows(classes=("copepod", "chaetognath", "radiolarian"), per_class=24)
+    source = write_export(root / "export.zip", rows)
+    prepared = root / "prepared"
+    assert planktonio_main(["prepare", "--source", str(source), "--out", str(prepared), "--ecotaxa-level",
+                            "Copepoda", "--group-by", "sample_id", "--fractions", "0.6,0.2,0.2",
+                            "--workers", "1"]) == 0
+    run = root / "run"
+    assert fit(small_config(training={"epochs": 1}), prepared, run) == 0
+    new = export_rows(classes=("copepod", "chaetognath", "radiolarian"), per_class=6, samples=("new01", "new02"),
+                      status=lambda i: ("validated", "dubious", "predicted")[i % 3], id_prefix="new")
+    new_export = write_export(root / "new.zip", new)
+    out = root / "predicted"
+    assert train_main(["predict", "--run", str(run), "--images", str(new_export), "--out", str(out),
+                       "--format", "ecotaxa", "--backend", "torchvision", "--workers", "0"]) == 0
+    return rows, prepared, new, out
+
+
+def test_prepare_keeps_exactly_the_validated_objects_and_no_sample_is_in_two_splits(round_trip):
+    from planktonio import PreparedDataset
+    from planktonio.ecotaxa.view import read_objects
+    rows, prepared, _, _ = round_trip
+    dataset = PreparedDataset.load(prepared)
+    assert list(dataset.classes) == ["Acantharea", "Chaetognatha", "Copepoda"]
+    objects = {row["path"]: row for row in read_objects(prepared)}
+    in_splits = {split: [objects[path] for path, _ in dataset.entries(split)] for split in ("train", "valid",
+                                                                                              "test")}
+    kept = [o["object_id"] for split in in_splits.values() for o in split]
+    assert sorted(kept) == sorted(_ids(rows, "validated"))  # each validated object once, nothing else
+    samples = {split: {o["sample_id"] for o in objs} for split, objs in in_splits.items()}
+    assert all(samples[a].isdisjoint(samples[b]) for a, b in (("train", "valid"), ("train", "test"),
+                                                               ("valid", "test")))
+    assert all(samples.values())
+    copepods = {o["category"] for objs in in_splits.values() for o in objs if o["object_id"].startswith("obj_copepod")}
+    assert copepods == {"Copepoda"}
+    assert objects[next(iter(objects))]["sample_cruise"] == "cruise-1"  # metadata beside the manifests
+
+
+def test_predict_writes_an_import_that_passes_the_checks_and_names_every_predicted_object_once(round_trip):
+    _, _, new, out = round_trip
+    zips = sorted(out.glob("ecotaxa_import_*.zip"))
+    assert zips and check_import(zips) == []
+    written = tsv_rows(zips)
+    assert sorted(r["object_id"] for r in written) == sorted(_ids(new) - _ids(new, "validated"))
+    assert {r["object_annotation_category"] for r in written} <= {"Acantharea", "Chaetognatha", "Copepoda"}
+    assert {r["object_annotation_status"] for r in written} == {"predicted"}
+    assert {r["sample_id"] for r in written} == {"new01", "new02"}
+    assert {r["sample_cruise"] for r in written} == {"cruise-1"}
+
+
+def test_predict_on_any_folder_writes_an_import_too(round_trip, tmp_path, capsys):
+    from .helpers import run_train
+    _, prepared, _, out = round_trip
+    run = out.parent / "run"
+    folder = tmp_path / "images"
+    for path in sorted((prepared / "ecotaxa" / "images" / "Copepoda").rglob("*.jpg"))[:5]:
+        (folder / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (folder / path.parent.name / path.name).write_bytes(path.read_bytes())
+    code, _, err = run_train(["predict", "--run", run, "--images", folder, "--out", tmp_path / "out", "--format",
+                              "ecotaxa", "--backend", "torchvision", "--workers", "0", "--ecotaxa-zip-size",
+                              "6KB"], capsys)
+    assert code == 0, err
+    zips = sorted((tmp_path / "out").glob("ecotaxa_import_*.zip"))
+    assert len(zips) >= 2 and check_import(zips) == []
+    assert len({r["object_id"] for r in tsv_rows(zips)}) == 5
+
+
+def test_ecotaxa_options_without_an_export_or_with_counts_are_one_line_errors(tmp_path, export_zip, capsys):
+    from .helpers import one_line_error, run_planktonio
+
+    def error_of(*argv):
+        code, _, err = run_planktonio(["prepare", "--out", tmp_path / "o", *argv], capsys)
+        return one_line_error(code, err)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    assert "need an EcoTaxa export" in error_of("--source", tmp_path / "src", "--group-by", "sample_id")
+    assert "--fractions, not --per-class" in error_of("--source", export_zip, "--group-by", "sample_id",
+                                                      "--per-class", "2,1,1")
+    assert "--ecotaxa-status" in error_of("--source", export_zip, "--ecotaxa-status", "sure")

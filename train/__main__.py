@@ -63,12 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's)")
     pr.add_argument("--precision", help="fp32 | amp-fp16 | amp-bf16 | amp (default: the run's)")
     pr.add_argument("--workers", type=int, help="DataLoader processes / DALI threads (default: the run's)")
-    pr.add_argument("--format", default="parquet", choices=["parquet", "csv"])
+    pr.add_argument("--format", default="parquet", choices=["parquet", "csv", "ecotaxa"],
+                    help="ecotaxa: also the EcoTaxa import zip(s) in OUT (docs/ecotaxa.md); --images may be an "
+                         "EcoTaxa export: its objects that are not validated are predicted")
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--float16", action="store_true", help="the probability columns in float16")
     pr.add_argument("--embeddings", action="store_true", help="also the head's input, float16, per unit (.npy)")
     pr.add_argument("--shard", default="0/1", help="I/N: this task's share of the units (a job array's index)")
     pr.add_argument("--overwrite", action="store_true", help="predict the units already done again")
+    eco = pr.add_argument_group("--format ecotaxa")
+    eco.add_argument("--ecotaxa-categories", type=Path, metavar="FILE",
+                     help="JSON {class: EcoTaxa category} where names differ (default: the categories of the "
+                          "export the run's data was prepared from, else the class names)")
+    eco.add_argument("--ecotaxa-zip-size", default="500MB", help="the most bytes per zip (default 500MB)")
+    eco.add_argument("--ecotaxa-include-validated", action="store_true",
+                     help="also predict an export's validated objects (scores only: their annotation is kept)")
+    eco.add_argument("--ecotaxa-no-images", action="store_true",
+                     help="the TSV names the images, the zip leaves them out (updating objects already there)")
     return parser
 
 
@@ -90,12 +101,24 @@ def main(argv: list[str] | None = None) -> int:
             from planktonio.cores import let_idle_threads_sleep
             let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
             from .predict import PredictOptions, parse_shard, predict
-            return predict(PredictOptions(
-                run=args.run, images=args.images, out=args.out, checkpoint=args.checkpoint,
-                calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size, device=args.device,
-                precision=args.precision, workers=args.workers, format=args.format, top_k=args.top_k,
-                float16=args.float16, embeddings=args.embeddings, shard=parse_shard(args.shard),
-                overwrite=args.overwrite, command=["python", "-m", "train", *(argv or sys.argv[1:])]))
+
+            def run_predict(images: Path, table_format: str = args.format) -> int:
+                return predict(PredictOptions(
+                    run=args.run, images=images, out=args.out, checkpoint=args.checkpoint,
+                    calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size,
+                    device=args.device, precision=args.precision, workers=args.workers, format=table_format,
+                    top_k=args.top_k, float16=args.float16, embeddings=args.embeddings,
+                    shard=parse_shard(args.shard), overwrite=args.overwrite,
+                    command=["python", "-m", "train", *(argv or sys.argv[1:])]))
+            if args.format != "ecotaxa":
+                return run_predict(args.images)
+            from planktonio.declared import parse_size
+            from planktonio.ecotaxa.commands import predict_ecotaxa
+            return predict_ecotaxa(lambda images: run_predict(images, "parquet"), run=args.run,
+                                   images=args.images, out=args.out, categories_file=args.ecotaxa_categories,
+                                   top_k=args.top_k, zip_bytes=parse_size(args.ecotaxa_zip_size, "--ecotaxa-zip-size"),
+                                   include_validated=args.ecotaxa_include_validated,
+                                   with_images=not args.ecotaxa_no_images)
         if args.command == "calibrate":
             from .evaluate import calibrate_run
             fitted = calibrate_run(args.run, args.checkpoint, args.target, args.backend)

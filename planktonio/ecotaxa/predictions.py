@@ -94,7 +94,7 @@ def read_predictions(predictions: Path):
     return pd.concat(frames, ignore_index=True)
 
 
-def read_categories(path: Path | None, classes: list[str] | None = None) -> dict[str, str]:
+def read_categories(path: Path | None) -> dict[str, str]:
     """A class-to-category mapping file: JSON {"class folder": "EcoTaxa category"}; classes not named keep
     their name."""
     if path is None:
@@ -106,10 +106,6 @@ def read_categories(path: Path | None, classes: list[str] | None = None) -> dict
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise PlanktonioError(f"--ecotaxa-categories {path}: expected an object of class name -> EcoTaxa "
                               f"category, e.g. {{\"copepod\": \"Copepoda\"}}")
-    unknown = sorted(set(mapping) - set(classes)) if classes is not None else []
-    if unknown:
-        raise PlanktonioError(f"--ecotaxa-categories {path}: {', '.join(unknown)} is not a class of the run "
-                              f"(its classes: {', '.join(classes)})")
     return mapping
 
 
@@ -165,6 +161,11 @@ def import_predictions(predictions: Path, out: Path, *, images_root: Path | None
                        zip_bytes: int = DEFAULT_ZIP_BYTES, images: bool = True) -> list[Path]:
     """The import zip(s) in OUT from predict's output folder PREDICTIONS (and its staged export, if any)."""
     frame = read_predictions(predictions)
+    classes = [c[2:] for c in frame.columns if c.startswith("p_")]
+    unknown = sorted(set(categories or {}) - set(classes))
+    if classes and unknown:
+        raise PlanktonioError(f"--ecotaxa-categories: {', '.join(unknown)} is not a class of the run (its "
+                              f"classes: {', '.join(classes)})")
     staged_file = Path(predictions) / FOLDER / TO_PREDICT
     staged = None
     if staged_file.is_file():
