@@ -287,3 +287,20 @@ def test_ecotaxa_options_without_an_export_or_with_counts_are_one_line_errors(tm
     assert "--fractions, not --per-class" in error_of("--source", export_zip, "--group-by", "sample_id",
                                                       "--per-class", "2,1,1")
     assert "--ecotaxa-status" in error_of("--source", export_zip, "--ecotaxa-status", "sure")
+
+
+def test_validated_objects_asked_for_are_scored_without_their_annotation(round_trip, tmp_path, capsys):
+    from .helpers import one_line_error, run_train
+    _, _, new, out = round_trip
+    args = ["predict", "--run", out.parent / "run", "--images", out.parent / "new.zip", "--out", tmp_path / "out",
+            "--format", "ecotaxa", "--backend", "torchvision", "--workers", "0"]
+    code, _, err = run_train([*args, "--ecotaxa-include-validated"], capsys)
+    assert code == 0, err
+    written = tsv_rows(sorted((tmp_path / "out").glob("ecotaxa_import_*.zip")))
+    scores_only = {r["object_id"] for r in written if r["_tsv"].endswith("_scores_only.tsv")}
+    assert scores_only == _ids(new, "validated")
+    assert all("object_annotation_category" not in r for r in written if r["object_id"] in scores_only)
+    mapping = tmp_path / "map.json"
+    mapping.write_text('{"Copepod": "Copepoda"}')
+    code, _, err = run_train([*args, "--ecotaxa-categories", mapping], capsys)
+    assert "Copepod is not a class of the run" in one_line_error(code, err)

@@ -57,14 +57,31 @@ def prepare_export(source: Path, out: Path, *, level: str | None = None, statuse
     return result, selection
 
 
+def _data_of_run(run: Path) -> Path | None:
+    try:
+        return Path(json.loads((Path(run) / "run.json").read_text())["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def categories_of_run(run: Path) -> dict[str, str]:
     """The class-to-category mapping of the data a run was trained on, when it was prepared from an export."""
+    data = _data_of_run(run)
+    path = data / FOLDER / CATEGORIES if data is not None else None
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+
+
+def _check_mapping(categories: dict[str, str], run: Path, what: Path) -> None:
+    """Before any image is predicted: every class the mapping names is a class of the run (when its data says)."""
+    data = _data_of_run(run)
     try:
-        data = Path(json.loads((Path(run) / "run.json").read_text())["data"])
+        classes = json.loads((data / "classes.json").read_text())["classes"] if data is not None else None
     except (OSError, ValueError, KeyError):
-        return {}
-    path = data / FOLDER / CATEGORIES
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        classes = None
+    unknown = sorted(set(categories) - set(classes)) if classes is not None else []
+    if unknown:
+        raise PlanktonioError(f"--ecotaxa-categories {what}: {', '.join(unknown)} is not a class of the run "
+                              f"(its classes: {', '.join(classes)})")
 
 
 def predict_ecotaxa(run_predict, *, run: Path, images: Path, out: Path, categories_file: Path | None = None,
@@ -78,6 +95,8 @@ def predict_ecotaxa(run_predict, *, run: Path, images: Path, out: Path, categori
     from .importer import DEFAULT_ZIP_BYTES
     from .predictions import import_predictions, read_categories, stage_export
     categories = read_categories(categories_file) if categories_file else categories_of_run(run)
+    if categories_file:
+        _check_mapping(categories, run, categories_file)
     source, root = Path(images), Path(images)
     if is_export(source):
         listing, counts = stage_export(source, out, include_validated)
