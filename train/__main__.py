@@ -71,15 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--embeddings", action="store_true", help="also the head's input, float16, per unit (.npy)")
     pr.add_argument("--shard", default="0/1", help="I/N: this task's share of the units (a job array's index)")
     pr.add_argument("--overwrite", action="store_true", help="predict the units already done again")
-    eco = pr.add_argument_group("--format ecotaxa")
-    eco.add_argument("--ecotaxa-categories", type=Path, metavar="FILE",
-                     help="JSON {class: EcoTaxa category} where names differ (default: the categories of the "
-                          "export the run's data was prepared from, else the class names)")
-    eco.add_argument("--ecotaxa-zip-size", default="500MB", help="the most bytes per zip (default 500MB)")
-    eco.add_argument("--ecotaxa-include-validated", action="store_true",
-                     help="also predict an export's validated objects (scores only: their annotation is kept)")
-    eco.add_argument("--ecotaxa-no-images", action="store_true",
-                     help="the TSV names the images, the zip leaves them out (updating objects already there)")
+    _ecotaxa_options(pr.add_argument_group("--format ecotaxa (docs/ecotaxa.md)"))
     return parser
 
 
@@ -100,25 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             from planktonio.cores import let_idle_threads_sleep
             let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
-            from .predict import PredictOptions, parse_shard, predict
-
-            def run_predict(images: Path, table_format: str = args.format) -> int:
-                return predict(PredictOptions(
-                    run=args.run, images=images, out=args.out, checkpoint=args.checkpoint,
-                    calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size,
-                    device=args.device, precision=args.precision, workers=args.workers, format=table_format,
-                    top_k=args.top_k, float16=args.float16, embeddings=args.embeddings,
-                    shard=parse_shard(args.shard), overwrite=args.overwrite,
-                    command=["python", "-m", "train", *(argv or sys.argv[1:])]))
-            if args.format != "ecotaxa":
-                return run_predict(args.images)
-            from planktonio.declared import parse_size
-            from planktonio.ecotaxa.commands import predict_ecotaxa
-            return predict_ecotaxa(lambda images: run_predict(images, "parquet"), run=args.run,
-                                   images=args.images, out=args.out, categories_file=args.ecotaxa_categories,
-                                   top_k=args.top_k, zip_bytes=parse_size(args.ecotaxa_zip_size, "--ecotaxa-zip-size"),
-                                   include_validated=args.ecotaxa_include_validated,
-                                   with_images=not args.ecotaxa_no_images)
+            return _predict(args, argv)
         if args.command == "calibrate":
             from .evaluate import calibrate_run
             fitted = calibrate_run(args.run, args.checkpoint, args.target, args.backend)
@@ -157,6 +131,40 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted before training started: nothing to save (a feature cache file is written only "
               "once complete)", file=sys.stderr)
         return EXIT_ABORTED
+
+
+def _ecotaxa_options(eco) -> None:
+    eco.add_argument("--ecotaxa-categories", type=Path, metavar="FILE",
+                     help="JSON {class: EcoTaxa category} where names differ (default: the categories of the "
+                          "export the run's data was prepared from, else the class names)")
+    eco.add_argument("--ecotaxa-zip-size", default="500MB", help="the most bytes per zip (default 500MB)")
+    eco.add_argument("--ecotaxa-include-validated", action="store_true",
+                     help="also predict an export's validated objects (scores only: their annotation is kept)")
+    eco.add_argument("--ecotaxa-no-images", action="store_true",
+                     help="the TSV names the images, the zip leaves them out (updating objects already there)")
+
+
+def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """predict's tables; with --format ecotaxa, Parquet tables and then the EcoTaxa import (planktonio/ecotaxa)."""
+    from .predict import PredictOptions, parse_shard, predict
+
+    def run_predict(images: Path, table_format: str = args.format) -> int:
+        return predict(PredictOptions(
+            run=args.run, images=images, out=args.out, checkpoint=args.checkpoint,
+            calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size,
+            device=args.device, precision=args.precision, workers=args.workers, format=table_format,
+            top_k=args.top_k, float16=args.float16, embeddings=args.embeddings,
+            shard=parse_shard(args.shard), overwrite=args.overwrite,
+            command=["python", "-m", "train", *(argv or sys.argv[1:])]))
+    if args.format != "ecotaxa":
+        return run_predict(args.images)
+    from planktonio.declared import parse_size
+    from planktonio.ecotaxa.commands import predict_ecotaxa
+    return predict_ecotaxa(lambda images: run_predict(images, "parquet"), run=args.run,
+                           images=args.images, out=args.out, categories_file=args.ecotaxa_categories,
+                           top_k=args.top_k, zip_bytes=parse_size(args.ecotaxa_zip_size, "--ecotaxa-zip-size"),
+                           include_validated=args.ecotaxa_include_validated,
+                           with_images=not args.ecotaxa_no_images)
 
 
 def _share(value: float | None) -> str:
