@@ -304,3 +304,25 @@ def test_validated_objects_asked_for_are_scored_without_their_annotation(round_t
     mapping.write_text('{"Copepod": "Copepoda"}')
     code, _, err = run_train([*args, "--ecotaxa-categories", mapping], capsys)
     assert "Copepod is not a class of the run" in one_line_error(code, err)
+
+
+def test_calibrated_unclassified_objects_are_left_without_category(round_trip, tmp_path, capsys):
+    import shutil
+
+    from planktonio.ecotaxa.predictions import read_predictions
+
+    from .helpers import run_train
+    _, _, _, out = round_trip
+    run = Path(shutil.copytree(out.parent / "run", tmp_path / "run"))
+    code, _, err = run_train(["calibrate", "--run", run, "--target", "0.99", "--backend", "torchvision"], capsys)
+    assert code == 0, err
+    code, _, err = run_train(["predict", "--run", run, "--images", out.parent / "new.zip", "--out", tmp_path / "out",
+                              "--format", "ecotaxa", "--calibrated", "--backend", "torchvision", "--workers", "0"],
+                             capsys)
+    assert code == 0, err
+    zips = sorted((tmp_path / "out").glob("ecotaxa_import_*.zip"))
+    assert check_import(zips) == []
+    labels = read_predictions(tmp_path / "out")["label"].tolist()
+    written = tsv_rows(zips)
+    assert sum(r["object_annotation_category"] == "" for r in written) == labels.count("unclassified") > 0
+    assert all((r["object_annotation_category"] == "") == (r["object_annotation_status"] == "") for r in written)
