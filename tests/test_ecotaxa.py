@@ -292,7 +292,8 @@ def test_ecotaxa_options_without_an_export_or_with_counts_are_one_line_errors(tm
 def test_validated_objects_asked_for_are_scored_without_their_annotation(round_trip, tmp_path, capsys):
     from .helpers import one_line_error, run_train
     _, _, new, out = round_trip
-    args = ["predict", "--run", out.parent / "run", "--images", out.parent / "new.zip", "--out", tmp_path / "out",
+    unpacked = write_export(tmp_path / "new", new, types=True, zipped=False)  # the export's folder form, this time
+    args = ["predict", "--run", out.parent / "run", "--images", unpacked, "--out", tmp_path / "out",
             "--format", "ecotaxa", "--backend", "torchvision", "--workers", "0"]
     code, _, err = run_train([*args, "--ecotaxa-include-validated"], capsys)
     assert code == 0, err
