@@ -6,7 +6,7 @@
     python -m planktonio doctor   [--json FILE]       # what this machine can run, and why not
 
 The library: `make_loader` (loaders/), one `Transform` description for every
-backend (transforms.py), dataset preparation (dataset.py).
+backend (transforms.py), preparing a data set (preparation.py) and reading it (dataset.py).
 """
 
 import importlib
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # or `planktonio.files` stays light (no torch), which lets `profiling report` render
 # results without importing torch.
 _EXPORTS = {
-    "PreparedDataset": ".dataset", "SplitPlan": ".dataset", "prepare": ".dataset",
+    "PreparedDataset": ".dataset", "SplitPlan": ".preparation", "prepare": ".preparation",
     "PlanktonioError": ".errors",
     "BACKENDS": ".loaders", "Loader": ".loaders", "make_loader": ".loaders",
     "DEFAULT_TRANSFORMS": ".transforms", "EVAL_TRANSFORM": ".transforms", "Output": ".transforms",

@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int | None:
         print(f"wrote {len(paths)} images ({len(paths) // args.per_class} classes x {args.per_class}, "
               f"{args.size} x {args.size} px) to {args.out}")
     elif args.command == "prepare":
-        from .dataset import DEFAULT_FRACTIONS, PreparedDataset, SplitPlan, prepare
+        from .dataset import PreparedDataset
+        from .preparation import DEFAULT_FRACTIONS, SplitPlan, prepare
         plan = SplitPlan(per_class=args.per_class, fractions=args.fractions or DEFAULT_FRACTIONS)
         exclude = PreparedDataset.load(args.exclude_classes_of).classes if args.exclude_classes_of else ()
         options = {"min_images": args.min_images, "seed": args.seed, "workers": args.workers, "exclude": exclude}

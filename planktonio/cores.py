@@ -5,14 +5,12 @@ wheels), which after each parallel region keep spinning for a while in case
 more work comes. Where a loader's threads share those cores (DALI's CPU
 threads, DataLoader workers), the spinning takes the cores from the
 decoder. Classifying (`train predict`, a forward pass per batch) suffers
-most: with tiny-cnn on 2 cores (2026-12-02, NDSB at 255 px, dali-cpu) it
-ran 1.1k images/s with spinning threads and 1.4-1.8k with sleeping ones.
-Training, whose backward pass keeps the threads busy, was not faster that
-way (917 against 1,007 images/s, the mean of 5 runs each, within the
-noise), so only the predicting programs ask OpenMP to sleep when idle
+most; training, whose backward pass keeps the threads busy, gains nothing.
+So only the predicting programs ask OpenMP to sleep when idle
 (OMP_WAIT_POLICY=PASSIVE), and only where the environment does not say
 otherwise. libgomp reads it once, when torch is loaded: call this before
-anything imports torch (this module imports nothing).
+anything imports torch (this module imports nothing). Measured in
+profiling/results/ (the predict session); docs/predict.md.
 """
 
 from __future__ import annotations

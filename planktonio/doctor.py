@@ -23,7 +23,7 @@ when something cannot work:
 - --require-gpu and no GPU visible.
 
 The rules are pure functions at the top (tested on known GPUs); the facts
-are gathered below them. Without a GPU nothing here creates a CUDA context.
+are gathered below them. Without a GPU nothing here creates a CUDA context. docs/gpu.md.
 """
 
 from __future__ import annotations

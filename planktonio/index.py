@@ -5,13 +5,12 @@
                                  sha256 (32 bytes an image), the manifest's own sha256, a checksum
 
 Why: a run starts by reading what `prepare` recorded of every image it will
-read. As text and JSON that was a Python object per image, parsed and
-checked line by line in every rank (seconds per 100,000 images, minutes at
-millions). Here a split is a few arrays, each read in one call and checked
-with vectorised operations (no Python loop over images): at a million images
-that is a fraction of a second. The text manifests stay, for people and
-for DALI's file_list format; the index records the manifest's sha256, so
-one edited by hand is noticed (and its bad line named, as before).
+read, in every rank. A Python object per image, parsed and checked line by
+line, costs minutes at millions of images; here a split is a few arrays,
+each read in one call and checked with vectorised operations (no Python loop
+over images). The text manifests stay, for people and for DALI's file_list
+format; the index records the manifest's sha256, so one edited by hand is
+noticed and its bad line named. docs/data.md.
 
 Why numpy's .npz and not Arrow or Parquet: numpy is what every loader
 already uses, its arrays load without a conversion, and `np.load` with

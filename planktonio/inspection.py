@@ -2,7 +2,7 @@
 
 Each file is read once by a worker process: its size and modification time
 (stat'ed before the read, so a file changed during prepare looks changed to
-the run that checks it), its full decode (dataset.py `_decode_check`: what
+the run that checks it), its full decode (image_checks.py `decode_check`: what
 every loader backend will need of it) and the sha256 of the bytes it decoded
 (which finds copies). What comes back is kept in numpy columns indexed by
 the file's position, a few dozen bytes an image, and a dict for the files
@@ -16,7 +16,7 @@ is written to the journal (OUT/.prepare-journal/, atomically). A prepare
 stopped by any signal, SIGKILL included, and run again finds the journal of
 the same file list and decodes only the parts it lacks; the columns, and so
 everything prepare writes, are those of an uninterrupted run. The journal
-goes when prepare has written its folder.
+goes when prepare has written its folder. docs/data.md.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Inspection:
 
 def _inspect_chunk(root: str, paths: list[str]) -> dict:
     """One task of a worker: the columns of these files (positions relative to the chunk's first)."""
-    from .dataset import _decode_check
+    from .image_checks import decode_check
     n = len(paths)
     out = {"width": np.zeros(n, np.int32), "height": np.zeros(n, np.int32), "bytes": np.zeros(n, np.int64),
            "mtime_ns": np.zeros(n, np.int64), "sha256": np.zeros((n, 32), np.uint8), "problems": []}
@@ -81,7 +81,7 @@ def _inspect_chunk(root: str, paths: list[str]) -> dict:
         except OSError as error:  # permissions, I/O errors
             out["problems"].append((i, "unreadable", str(error) or type(error).__name__))
             continue
-        check = _decode_check(full, data)
+        check = decode_check(full, data)
         out["bytes"][i], out["mtime_ns"][i] = status.st_size, status.st_mtime_ns
         out["sha256"][i] = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
         if check.problem is not None:

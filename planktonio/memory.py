@@ -8,9 +8,8 @@ bytes here, so that together they stay within one budget:
 - `Budget.of(device)`: what the process's caches may keep on one device. On a
   GPU, half its free memory when first asked (not its total: the model, other
   processes and DALI's pools are there already); in host memory ("cpu"), half
-  the memory available when first asked. One per process and device: before,
-  each cache took half the GPU's free memory for itself, so the two together
-  could take all of it.
+  the memory available when first asked. One per process and device, shared
+  by both caches, so that the two together cannot take all of a GPU.
 - a cache's own option (the cache backend's `budget_bytes`, the training
   config's `feature_cache_budget_bytes`) caps what that kind of cache takes on
   the device, within the budget; it never raises the budget.
@@ -25,6 +24,8 @@ bytes here, so that together they stay within one budget:
   torch's pinned allocator rounds every allocation up to a power of two
   (PowerOf2Ceil in ATen's CachingHostAllocator.h, no setting turns it off): a
   9 GB store in one piece would pin 16 GB.
+
+docs/loaders.md ("The cache's memory") and docs/feature-cache.md.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ sees the crops an uninterrupted one would.
   `resize`, then cut the central size x size" covers, in source pixels.
 
 Image sizes come from `prepare`, which decodes every image once and records
-them (PreparedDataset.image_info), so no backend has to look at a file to
-know its plan.
+them (PreparedDataset.index), so no backend has to look at a file to
+know its plan. docs/loaders.md.
 """
 
 from __future__ import annotations

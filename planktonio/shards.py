@@ -11,32 +11,25 @@ shard. `python -m planktonio pack --data PREPARED` writes, per split:
                                           library read them too
     PREPARED/shards/train-00000.json      that shard's samples, written once the shard is
                                           complete: what makes an interrupted pack restartable
-    PREPARED/shards/train.npz             the split's index, in manifest order, as numpy columns
-                                          (read in one call, no object per image: a million
-                                          samples open in a fraction of a second): each
-                                          sample's shard, offset and size of its image bytes,
-                                          sha256; the shards' names; the sha256 of the manifest
-                                          it was packed from
+    PREPARED/shards/train.npz             the split's index, in manifest order, as numpy
+                                          columns: each sample's shard, offset and size of its
+                                          image bytes, sha256; the shards' names; the sha256 of
+                                          the manifest it was packed from
     PREPARED/shards/train.verified.json   the stamp of the last full check: each shard's size
                                           and mtime_ns when its every sample matched the index
 
-The loose files are not touched. Which samples go into which shard follows
-from the manifest and the file sizes alone, so a rerun of an interrupted
-pack finds the same shards: complete ones (their record present, their
-members verified) are kept, the unfinished one is written again.
+Which samples go into which shard follows from the manifest and the file
+sizes alone, so a rerun of an interrupted pack finds the same shards and
+keeps the complete ones.
 
-Reading (`ShardSet`): every backend reads a split from its shards when the
-prepared folder has them, in manifest order, with the same plans: the
-image bytes at the sample's offset, sliced from a memory map of the shard.
-The index only names shards inside PREPARED/shards/ (plain file names; any
-other name is refused), and every sample is checked against it in full
-(truncation, then sha256) once: by pack, and again by `ShardSet.open` for a
-shard whose size or modification time differs from the stamp of its last
-check, so a damaged shard is an error naming the shard and the sample
-before training starts. Otherwise open only compares the stamp with a stat
-per shard: hashing a split costs minutes at ImageNet scale, which every
-run would pay before its first step. The trust is the same as make_loader
-gives the loose files (size and mtime, see dataset.check_files_unchanged).
+Reading (`ShardSet`): the image bytes at the sample's offset, sliced from a
+memory map of the shard. The index may name only plain file names inside
+PREPARED/shards/. Every sample is checked in full (truncation, then sha256)
+once, by pack, and again by `ShardSet.open` for a shard whose size or
+modification time differs from its stamp; otherwise open compares the stamp
+with a stat per shard, because hashing a split before every run costs
+minutes at ImageNet scale. The trust is the one make_loader gives loose
+files (dataset.check_files_unchanged). docs/data.md ("Packed shards").
 """
 
 from __future__ import annotations

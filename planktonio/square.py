@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .dataset import scan_classes
+from .preparation import scan_classes
 from .errors import PlanktonioError
 
 # Full scale of each wide PIL mode: the value that becomes 255.

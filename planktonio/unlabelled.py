@@ -20,7 +20,7 @@ Before anything is decoded, each image's header is read, in parallel: its
 size (EXIF orientation applied), which the evaluation plans need, and the
 files that are not 8-bit images at all (empty, text, 16-bit, not an image),
 rejected there with the reason. One that breaks in decoding (truncated) is
-found by the loader that decodes it. Nothing is decoded twice.
+found by the loader that decodes it. Nothing is decoded twice. docs/predict.md.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .dataset import EXIF_ORIENTATION, IMAGE_EXTENSIONS, QUARTER_TURNS, WIDE_MODES
+from .image_checks import EXIF_ORIENTATION, IMAGE_EXTENSIONS, QUARTER_TURNS, WIDE_MODES
 from .errors import PlanktonioError
 
 UNIT_IMAGES = 10_000  # the most images of one unit: a stop loses at most this much work

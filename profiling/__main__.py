@@ -13,7 +13,7 @@
     python -m profiling scale --out DIR [--sizes 10000,100000,1000000]   how the costs grow with the images
 
 The options of smoke, loaders, amp, predict, trace, suite and scale, and their defaults, are
-their settings dataclasses' fields (profiling/cli.py).
+their settings dataclasses' fields (profiling/settings.py). docs/measuring.md.
 """
 
 from __future__ import annotations

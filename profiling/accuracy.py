@@ -15,7 +15,7 @@ the seeds; the verdict says whether the interval lies within +-margin
 
 An interrupted sweep continues where it stopped: finished runs are kept,
 an interrupted one resumes from its last.pt. Every arm's config is checked
-before anything trains.
+before anything trains. docs/measuring.md.
 """
 
 from __future__ import annotations

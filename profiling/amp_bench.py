@@ -20,7 +20,7 @@ cudnn.benchmark (on by default here, as in training: cuDNN times its
 algorithms for the fixed batch shape) and TF32 (`--tf32 off` is true FP32,
 the study's V100 has no TF32; torch's default lets cuDNN convolutions use
 TF32 on Ampere and later but not matrix multiplications; `on` allows both).
-Every row is on disk as soon as it is measured (measure.ResultFile).
+Every row is on disk as soon as it is measured (measure.ResultFile). docs/measuring.md.
 """
 
 from __future__ import annotations

@@ -2,53 +2,31 @@
 
 Reads a torch.profiler Chrome trace into a pandas frame of events and splits
 the device's time in every step (ProfilerStep#N) into parts that do not
-overlap and add up to the step:
+overlap and add up to the step: compute (the model's GPU kernels; on a
+CPU-only trace, the forward, backward and optimizer ranges of train/step.py),
+copies not hidden under a kernel, communication (NCCL kernels; on a CPU,
+gloo's ranges, counted even inside a compute range, because most of a
+collective is waiting for the slowest rank), the loader's GPU kernels where
+nothing of the above runs, and idle, split into idle in the host's "data"
+range (waiting for the loader) and idle waiting for the host.
 
-- compute: the model's GPU kernels; on a CPU-only trace, the compute ranges
-  forward, backward and optimizer of train/step.py;
-- copies: GPU memcpy/memset not hidden under a kernel;
-- communication: collectives not hidden under compute. On a GPU, NCCL
-  kernels. On a CPU, gloo's "gloo:all_reduce"/"gloo:broadcast" ranges, which
-  run on gloo's threads while forward/backward block on them: there a
-  collective counts as communication even inside a compute range, because
-  most of it is waiting for the slowest rank;
-- loader: the loader's GPU kernels (DALI's decoding, resizing, normalising;
-  a GPU cache's batch assembly) where nothing of the above runs: under the
-  model's kernels they cost the step nothing, like copies;
-- idle while the host is in the "data" range (waiting for the loader), and
-  idle otherwise (waiting for the host: launches, Python, synchronisation).
+Which GPU kernels are the loader's: those named as DALI's, nvJPEG's or
+nvImageCodec's; and, where the trace has launch records, kernels on a stream
+the training thread launched no model kernel to inside forward, backward or
+optimizer (backward's kernels come from autograd's thread but run on the
+forward's stream, so the stream, not the thread, decides), and kernels the
+training thread launched inside "data". DALI hands over a batch its kernels
+are still making, so on a GPU the wait for data can show on the device, not
+the host: the verdict reads the larger of the two (`device_data_wait_share`).
 
-Which GPU kernels are the loader's. A kernel named as DALI's, nvJPEG's or
-nvImageCodec's (`dali::`, `nvjpeg`, `nvimgcodec`) always is. Otherwise a
-trace with launch records (torch.profiler's: a kernel's args.correlation
-matches a cuda_runtime/cuda_driver launch on a host thread) tells by stream:
-the model's streams are those that received a kernel launched from the
-training thread (the one with the ProfilerStep ranges) inside forward,
-backward or optimizer. Backward's kernels come from autograd's own thread
-but run on the forward's stream, so the stream, not the thread, decides.
-Kernels on any other stream are the loader's (DALI runs its own stream from
-its own threads), and so are kernels the training thread launched inside a
-"data" range (the loader's work done on the model's stream). Without launch
-records every kernel but the named ones is the model's, as before this rule.
-
-On a GPU the model waits for data while it idles in the host's "data" range
-and while only the loader's kernels run: DALI hands over a batch its kernels
-are still making (the handover is a stream dependency), so the host leaves
-"data" at once and the wait shows on the device. The verdict reads the
-larger of the host's and the device's wait (`device_data_wait_share`).
-
-It also reports the host's time in each range, host-to-device bytes per
-step, the top operators and kernels, and a verdict. A trace is read a chunk
-at a time, up to PROFILING_TRACE_MAX_MB of JSON (default 1 GiB, chosen at
-`TRACE_LIMIT_VARIABLE`), so a gzip bomb is refused before it fills the memory. inspect_ranks.py and
-inspect_compare.py build on it for a folder of rank traces and for two runs.
-
-Holistic Trace Analysis (published as `traceinsight`) was weighed and left
-out, also as a test-only cross-check: traceinsight 0.6.1 installs about 70
-packages (jupyterlab, ipython, plotly) for this one use, and its temporal and
-idle-time breakdowns fail on traces without GPU kernels (HTA 0.5.0:
-IndexError, "No objects to concatenate"), which is every trace CI can make.
-The GPU arithmetic is instead tested on a synthetic trace with known answers.
+A trace is read a chunk at a time, up to PROFILING_TRACE_MAX_MB of JSON
+(`TRACE_LIMIT_VARIABLE`), so a gzip bomb is refused before it fills the
+memory. inspect_ranks.py and inspect_compare.py build on this for a folder
+of rank traces and for two runs. Holistic Trace Analysis is not used: it
+pulls in a notebook stack for this one use, and its breakdowns fail on
+traces without GPU kernels, which is every trace CI can make; the GPU
+arithmetic is tested on a synthetic trace with known answers instead.
+docs/measuring.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ ready-made batches leak into a turn. Per backend:
 the upper bound ("batches already on the device") included. The batches are
 timed by train/timing.py's TimedBatches with a device sync per batch (a
 batch counts once it is really there). Rows are on disk after every round
-of turns (measure.ResultFile).
+of turns (measure.ResultFile). docs/measuring.md.
 """
 
 from __future__ import annotations

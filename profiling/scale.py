@@ -18,7 +18,7 @@ Each cost is reported against N with the exponent b of a least-squares fit
 cost = a * N^b (0: flat; 1: linear), and memory as bytes per image: the slope
 between the smallest and the largest N (the constant part, torch and the
 interpreter, drops out). The figures are for a benchmark's record; no test
-checks them (they depend on the machine).
+checks them (they depend on the machine). docs/measuring.md.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _peak_bytes(who: int = resource.RUSAGE_SELF) -> int:
 def probe(stage: str, args: list[str]) -> dict:
     """One measurement in this process (started by `measure`); its figures."""
     if stage == "prepare":
-        from planktonio.dataset import SplitPlan, prepare
+        from planktonio.preparation import SplitPlan, prepare
         source, out, workers = Path(args[0]), Path(args[1]), int(args[2])
         started = time.perf_counter()
         result = prepare(source, out, plan=SplitPlan(fractions=(0.8, 0.1, 0.1)), workers=workers, progress=False)

@@ -2,42 +2,28 @@
 
 GPU time is often short (a reserved slot, an interactive job, a node
 borrowed between jobs), so one command measures everything, in this order,
-within `--minutes` (7 by default):
-1. `planktonio doctor` (what this machine can run, a decode through each decoder);
-2. `profiling smoke` (every GPU path tried once: each loader backend, AMP
-   steps, NCCL where there are two GPUs), so a broken piece names itself;
-3. the GPU tests, `pytest -m gpu` (where there is a GPU);
-4. the loader benchmark, every backend this machine runs, whole epochs;
-5. the AMP compute benchmark (cudnn.benchmark on, TF32 off: a true FP32
-   baseline, as on the study's V100; bf16 left out where the GPU has no
-   bf16 hardware);
-6. end-to-end training of the fast configuration for two whole epochs:
-   every candidate loader with AMP, and the reference (the study's own
-   pipeline) in FP32 as the study ran it. Speed runs: no checkpoint but
-   best.pt at the end, no test pass (the AMP-against-FP32 question is stage
-   5's, the loaders' stage 4's);
-7. the study's own recipe (train/configs/study.yaml: AlexNet frozen but its
-   new head, fp32, batch 24, resize 256 / centre crop 224) for all of its 91
-   epochs, end to end: the feature cache's one pass, then every epoch on
-   the kept activations, against the study's 6,218 s on a V100;
-8. `train predict` on the training split's images with the default
-   backend's AMP run (`profiling predict`: against the same loader alone and
-   the model alone);
-9. a trace of the fast training, read back by `inspect`;
-10. the report with its goal checks, OUT/report/report.md.
+within `--minutes`: `planktonio doctor`; `profiling smoke` (every GPU path
+tried once, so a broken piece names itself); the GPU tests (`pytest -m gpu`,
+where there is a GPU); the loader benchmark over whole epochs; the AMP
+compute benchmark (TF32 off: a true FP32 baseline, as on the study's V100);
+end-to-end training of the fast configuration, every candidate loader with
+AMP and the reference in FP32 (speed runs: no checkpoint but best.pt at the
+end, no test pass); the study's own recipe for all of its 91 epochs with the
+feature cache; `profiling predict`; a trace read back by `inspect`; and the
+report with its goal checks, OUT/report/report.md.
 
-Each stage is a process of its own, so GPU memory is each benchmark's own
-(nothing left behind by an earlier one). A stage gets a share of what is
-left of the budget, in proportion to its estimate (`Stage.estimate_s`, its
-expected seconds on a GPU node, or on a 2-core CPU for the tiny plan);
-time a stage leaves unused goes to the stages after it. A stage that
-overruns its share is stopped (SIGTERM, then SIGKILL) and reported as timed
-out while the rest goes on; the benchmarks write each row as they measure
-it, so a stopped stage keeps what it finished. The report always runs.
+Each stage is a process of its own, so GPU memory is each benchmark's own.
+A stage gets a share of what is left of the budget in proportion to its
+estimate (`Stage.estimate_s`); time a stage leaves unused goes to the stages
+after it. A stage that overruns its share is stopped (SIGTERM, then SIGKILL)
+and reported as timed out while the rest goes on; the benchmarks write each
+row as they measure it, so a stopped stage keeps what it finished. The
+report always runs.
 
 Writes OUT/suite.json (each stage: command, status, seconds, log),
 OUT/training.json (the end-to-end runs), the benchmarks' JSON, OUT/logs/,
 OUT/train/<loader>-<precision>/ (the runs) and OUT/report/.
+docs/measuring.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from planktonio import PreparedDataset, prepare
-from planktonio.dataset import SplitPlan
+from planktonio.preparation import SplitPlan
 
 from .helpers import REPO, small_config
 

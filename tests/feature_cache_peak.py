@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from planktonio import memory, prepare
-from planktonio.dataset import SplitPlan
+from planktonio.preparation import SplitPlan
 from train import config as config_module
 from train import feature_cache, writers
 from train import model as model_module

@@ -41,7 +41,7 @@ CONFIG = {  # the run of test_two_process_run_stopped_by_sigterm..., where the h
 
 def prepare_data(work: Path) -> Path:
     from planktonio import prepare
-    from planktonio.dataset import SplitPlan
+    from planktonio.preparation import SplitPlan
     from planktonio.synth import synthesize
     prepared = work / "prepared"
     if not (prepared / "train.txt").exists():

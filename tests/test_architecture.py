@@ -41,7 +41,7 @@ LIBRARIES = {"torchvision", "dali"}
 
 
 LIBRARY_FILES = {"planktonio/doctor.py", "profiling/environment.py", "profiling/render/common.py",
-                 "profiling/accuracy.py", "train/predict.py"}  # (predict: the library versions in its provenance)
+                 "profiling/accuracy.py", "train/predict/settings.py"}  # (predict: the library versions in its provenance)
 
 
 def test_no_backend_name_is_a_literal_outside_its_own_module():

@@ -14,10 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, make_loader, memory, prepare
-from planktonio.dataset import PreparedDataset, SplitPlan
+from planktonio import (
+    EVAL_TRANSFORM,
+    TRAIN_AUGMENT,
+    PlanktonioError,
+    make_loader,
+    memory,
+    prepare,
+)
+from planktonio.dataset import PreparedDataset
 from planktonio.loaders import BACKENDS, runnable_backends
 from planktonio.loaders.cache_loader import CacheLoader, CacheOptions
+from planktonio.preparation import SplitPlan
 
 from .conftest import NDSB, batch_indices, colour_of
 
@@ -151,8 +159,8 @@ def test_reported_memory_is_what_it_holds(synthetic, mixed_sizes):
     prepared, _ = mixed_sizes
     mixed = loader("cache", prepared, "train", batch_size=4)
     next(iter(mixed))
-    sizes = PreparedDataset.load(prepared).image_sizes("train")
-    assert mixed.cache_bytes == mixed.store.nbytes == int((3 * sizes[0] * sizes[1]).sum())
+    index = PreparedDataset.load(prepared).index("train")
+    assert mixed.cache_bytes == mixed.store.nbytes == int((3 * index.width * index.height).sum())
 
 
 def test_a_budget_too_small_keeps_the_images_in_host_memory_or_refuses(synthetic):
@@ -255,7 +263,7 @@ def ndsb_sample(tmp_path_factory):
 
 @pytest.mark.parametrize("split, transform", [("train", TRAIN_AUGMENT), ("valid", EVAL_TRANSFORM)])
 def test_raw_ndsb_images_of_many_sizes(ndsb_sample, split, transform):
-    widths, _ = PreparedDataset.load(ndsb_sample).image_sizes(split)
+    widths = PreparedDataset.load(ndsb_sample).index(split).width
     assert len(np.unique(widths)) > 3  # really variable sizes
     cache = loader("cache", ndsb_sample, split, batch_size=4, seed=1, transform=transform)
     tv = loader("torchvision", ndsb_sample, split, batch_size=4, seed=1, transform=transform)

@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planktonio import PlanktonioError, PreparedDataset, make_loader, prepare
-from planktonio.dataset import SplitPlan, read_manifest
+from planktonio.dataset import read_manifest
 from planktonio.index import SplitIndex, index_file
+from planktonio.preparation import SplitPlan
 
 from .conftest import write_coloured_set
 

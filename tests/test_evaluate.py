@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from planktonio import PlanktonioError, prepare
-from planktonio.dataset import SplitPlan
+from planktonio.preparation import SplitPlan
 
 from .helpers import run_train
 

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from planktonio import PlanktonioError, files, prepare
-from planktonio.dataset import PreparedDataset, SplitPlan
+from planktonio.dataset import PreparedDataset
 from planktonio.index import SplitIndex, index_file
+from planktonio.preparation import SplitPlan
 from train import checkpoint, feature_cache
 from train import config as config_module
 from train.executor import Executor
@@ -115,6 +116,7 @@ def test_a_store_on_disk_reads_ahead_in_the_epoch_s_order():
     """FeatureBatches over a store in a file and over the same rows in memory: the same batches, in order,
     entered mid-epoch too (a resume), with fewer batches than the reader runs ahead and with more."""
     import tempfile
+
     from planktonio import memory
     values = torch.arange(37 * 5, dtype=torch.float32).reshape(37, 5)
     with tempfile.TemporaryDirectory() as folder:

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from planktonio import PlanktonioError, prepare
-from planktonio.dataset import SplitPlan
+from planktonio.preparation import SplitPlan
 from train import distributed, loop
 from train.early_stopping import EarlyStopping
 from train.executor import Executor

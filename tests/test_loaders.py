@@ -18,9 +18,17 @@ import pytest
 import torch
 from PIL import Image
 
-from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, Output, PlanktonioError, make_loader, prepare
-from planktonio.dataset import PreparedDataset, SplitPlan
+from planktonio import (
+    EVAL_TRANSFORM,
+    TRAIN_AUGMENT,
+    Output,
+    PlanktonioError,
+    make_loader,
+    prepare,
+)
+from planktonio.dataset import PreparedDataset
 from planktonio.loaders import BACKENDS, runnable_backends, sharding
+from planktonio.preparation import SplitPlan
 
 from .conftest import batch_indices
 from .helpers import python
@@ -378,7 +386,7 @@ def test_exif_orientation_is_applied_alike_by_every_backend(tmp_path):
             exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
             Image.fromarray(pixels).save(source / f"c{c}" / f"img{i}.jpg", exif=exif.tobytes(), quality=95)
     prepare(source, tmp_path / "prepared", plan=SplitPlan(per_class=(1, 1, 1)), workers=1)
-    info = PreparedDataset.load(tmp_path / "prepared").image_info("valid")
+    info = PreparedDataset.load(tmp_path / "prepared").index("valid")
     assert info.width.tolist() == [40, 40] and info.height.tolist() == [80, 80]  # upright: 40 wide, 80 high
     transform = EVAL_TRANSFORM.__class__(size=32, resize=32)
     outputs = {}

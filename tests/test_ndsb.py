@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, make_loader, prepare
-from planktonio.dataset import SplitPlan
+from planktonio.preparation import SplitPlan
 from planktonio.loaders import runnable_backends
 
 # Every backend that reads the images as planned, and the reference implementation they are compared with.

@@ -1,4 +1,4 @@
-"""prepare and square (planktonio/dataset.py, planktonio/square.py): validation, stratified reproducible
+"""prepare and square (planktonio/preparation.py, planktonio/square.py): validation, stratified reproducible
 splits, manifests, duplicates, what is taken and what is skipped, bit depths, and clear errors."""
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 
 from planktonio import PlanktonioError, PreparedDataset, prepare
-from planktonio.dataset import SplitPlan, inspect_image
+from planktonio.image_checks import inspect_image
 from planktonio.inspection import JOURNAL
+from planktonio.preparation import SplitPlan
 from planktonio.square import square_tree
 
 from .conftest import jpeg_bytes, write_coloured_set
@@ -347,14 +348,14 @@ def test_square_skips_a_decompression_bomb_and_keeps_colliding_names_apart(tmp_p
 
 def test_an_unreadable_class_folder_is_a_one_line_error(tmp_path, monkeypatch):
     """Tests run as root, who reads everything: the folder's permission error is simulated."""
-    from planktonio import dataset
+    from planktonio import preparation
     source = tmp_path / "source"
     write_coloured_set(source, classes=2, per_class=2, size=8)
 
     def walk(top, onerror=None):
         onerror(PermissionError(13, "Permission denied", str(top)))
         return iter(())
-    monkeypatch.setattr(dataset.os, "walk", walk)
+    monkeypatch.setattr(preparation.os, "walk", walk)
     with pytest.raises(PlanktonioError, match="class0: cannot be read \\(Permission denied\\); fix its permissions"):
         prepare(source, tmp_path / "prepared", workers=1)
 

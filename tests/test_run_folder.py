@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from planktonio import prepare
-from planktonio.dataset import SplitPlan
+from planktonio.preparation import SplitPlan
 
 from .conftest import write_coloured_set
 from .helpers import REPO, one_line_error, process_env, run_train, wait_for, write_config

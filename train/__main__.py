@@ -2,9 +2,12 @@
 
 Exit codes (train/signals.py): 0 done; 2 bad input (config, data, weights,
 a run folder another process is writing); 3 the loss or the weights became
-NaN/inf (no checkpoint holds them); 75 stopped by SIGTERM, SIGUSR1, SIGINT or
-SIGHUP, last.pt written (continue with --resume); 76 another rank left or
-hung (restart from last.pt; the Slurm job scripts do); 130 a second Ctrl-C.
+NaN/inf (no checkpoint holds them); 74 a file could not be written (a full
+disk, a quota, a read-only folder; last.pt and best.pt stay as they were);
+75 stopped by SIGTERM, SIGUSR1, SIGINT or SIGHUP, last.pt written (continue
+with --resume); 76 another rank left or hung (restart from last.pt; the
+Slurm job scripts do); 130 a second Ctrl-C. Run from the checkout (train is
+not installed). docs/training.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@
   one it never predicts on the validation split likewise: said in the file.
 - The expected calibration error (15 equal-width bins of the top-1
   probability) and accuracy and coverage at the thresholds measure both:
-  `train evaluate` reports them where a run has a calibration.
+  `train evaluate` reports them where a run has a calibration. docs/predict.md.
 """
 
 from __future__ import annotations

@@ -4,8 +4,7 @@ Like torchtitan's CheckpointManager, one object owns it all for the fit loop:
 - when: last.pt at the first epoch end at least `training.checkpoint_every_s`
   after the previous checkpoint (checkpoint.CheckpointPolicy), and always on
   a signal, at early stopping and at the end: the loop asks with `due()` and
-  `save()`. A crash (not a signal: that writes a checkpoint) therefore loses
-  at most the budget plus one epoch;
+  `save()` (what a crash can lose: CheckpointPolicy);
 - the best weights are kept in memory (`remember_best`) and written as best.pt
   with the next checkpoint, so best.pt and last.pt come from the same moment,
   except after a crash between their two renames, when best.pt can be one
@@ -17,7 +16,7 @@ Like torchtitan's CheckpointManager, one object owns it all for the fit loop:
 - resume: `load_for_resume` reads last.pt and refuses a config that would
   compute something else; `restore` puts everything back.
 Files are written by rank 0; every rank calls `save` (it gathers the ranks'
-random states) and leaves it only once the files are there.
+random states) and leaves it only once the files are there. docs/training.md.
 """
 
 from __future__ import annotations

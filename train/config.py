@@ -13,7 +13,7 @@ numbers (YAML 1.1, PyYAML's default, reads them as strings), and only
 true/false are booleans (YAML 1.1 also reads on, off, yes and no as booleans,
 so `feature_cache: off` would not be the string it looks like). A key given
 twice in one mapping is an error naming it and both lines, not the last one
-silently.
+silently. docs/training.md.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ and when a peer hangs (stopped, a wedged GPU) it blocks until the process
 group's timeout (`training.collective_timeout_s`). `PeerLost` turns either
 into one line naming the rank and host that left where that can be told, and
 the training program exits with EXIT_PEER_LOST for the job script to restart
-it from last.pt.
+it from last.pt. docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,63 +1,34 @@
 """The feature cache: compute once what every epoch would compute identically, and train the rest on it.
 
 The study's recipe freezes every AlexNet layer but a new last one and feeds
-every split a fixed transform (resize 256, centre crop 224): each of its
-epochs decodes the same JPEGs and runs the same frozen convolutions on the
-same pixels. Here that part of the model, the *prefix*, runs once per image
-(in one pass over each split with the run's own loader backend, DALI's GPU
-decoder on a GPU), its outputs are kept, and every epoch trains the rest of
-the model on the kept activations. It is the same run, not an approximation:
+every split a fixed transform, so each epoch decodes the same JPEGs and runs
+the same frozen layers on the same pixels. Here that part of the model, the
+*prefix*, runs once per image (one pass over each split with the run's own
+loader), its outputs are kept, and every epoch trains the rest on them: the
+same run, not an approximation.
 
-- where to cut (`find_cut`): the prefix ends at the input of the first module
-  that trains, or is random in training mode (Dropout), or changes state in
-  training (a BatchNorm with trainable parameters; a fully frozen one runs
-  in eval mode, train/model.py set_train_mode). AlexNet or VGG with
-  all-but-head or features frozen: the 9,216 pooled features (the classifier
-  starts with Dropout, so its two frozen Linear layers and their dropout
-  still run every step); a ResNet with all-but-head: the input of `fc`;
-  tiny-cnn: the input of its last Linear. A model whose forward is not a
-  sequence of modules known here has no cut: the run goes on uncached;
-- the same numbers: each image's activations in the dtype the uncached step
-  feeds the rest (fp32, or the autocast dtype under AMP: computed under the
-  same autocast), the batches in the order and shards of the loaders' rules
-  (planktonio/loaders/sharding.py), the same random numbers for dropout (the
-  prefix draws none, and the pass runs on a copy of the random state);
-- the same inputs: the run's inputs are checked once, as every loader checks
-  them (train/inputs.py: files unchanged since prepare, a full training
-  batch, shards), before the pass or the file is read; an image the pass
-  could not read (the loader skipped it) makes the run read images as an
-  uncached run would, and no file is kept that would pass for the full set;
-- random augmentation repeats only with `augment.train.period: K` (epoch e
-  uses the plans of epoch e mod K): then K views of each training image are
-  kept; without a period, random augmentation is never cached;
-- where it lives: on the training device within the process's cache budget
-  (planktonio/memory.py), else in host memory (pinned, in chunks, on a GPU
-  host), each batch gathered there and copied without a host wait; where
-  neither budget takes it (millions of images), in a memory-mapped file in
-  `training.feature_cache_dir` (node-local disk: Slurm's $TMPDIR), each
-  epoch's batches gathered a few ahead by a background reader, in the
-  epoch's order; the same values, so the same run. And on
-  disk in the run folder (or `training.feature_cache_dir`, which a sweep
-  shares), named by a fingerprint of the prefix's weights and structure, the
-  transforms, the data (class names, manifests, each split's index), the
-  dtype and the views: a resume, or a sweep's runs that share the prefix,
-  compute it once. The file says which images it holds (the checksum of
-  each split's index: its paths, labels, recorded sizes, dates and content
-  digests); one that does not
-  match the run's, or whose content does not match its checksum (cut short,
-  changed), is computed again; one that cannot be written (a full or
-  read-only disk) leaves the activations used from memory, said in one line.
-- the pass writes into the store made for it (no list of batches to join):
-  each rank computes its share of every split (the evaluation sharding), and
-  at every step the ranks exchange that step's batches, so that each holds
-  the whole split and no more than a step's worth besides. A stop signal
-  during the pass stops it at the next step, on every rank alike, with
-  nothing written (signals.Interrupted).
+- `find_cut`: the prefix ends at the input of the first module that trains,
+  is random in training mode (Dropout) or changes state in training (a
+  BatchNorm that trains; a fully frozen one runs in eval mode,
+  train/model.py set_train_mode). No known sequence of modules: no cut.
+- The same numbers: the activations in the dtype the uncached step feeds the
+  rest (under the same autocast), the batches in the loaders' order and
+  shards (planktonio/loaders/sharding.py), the pass on a copy of the random
+  state so that dropout draws what it would uncached. Random augmentation is
+  cached only with `augment.train.period: K` (K views per image).
+- The same inputs: checked once as every loader checks them (train/inputs.py)
+  before the pass or the file is read; an image the pass could not read makes
+  the run read images uncached, and no file is kept.
+- Where it lives: placed by planktonio/memory.py (device, pinned host, else a
+  memory-mapped file read ahead in epoch order), and on disk under a
+  fingerprint of everything that decides its values, so a resume or a
+  sweep's runs compute it once; a file that does not match is recomputed.
+- The pass writes into the store made for it: each rank computes its share
+  (the evaluation sharding) and the ranks exchange each step's batches, so
+  each holds the whole split and no more than a step's worth besides. A stop
+  signal during the pass stops every rank at the next step, nothing written.
 
-`training.feature_cache`: auto (the default) caches where a cut exists, the
-training transform is deterministic or periodic, and the cache fits its
-budget, and says why not otherwise; on does the same or stops with the
-reason; off never caches.
+docs/feature-cache.md.
 """
 
 from __future__ import annotations

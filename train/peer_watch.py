@@ -23,7 +23,7 @@ rank 0's node or torchrun's agent, is gone. The watch then says so in the
 gloo path's one line and ends the process with exit 76 at once
 (`os._exit`: with a peer gone the process group cannot be destroyed, its
 destructor would wait on it). Whichever of the two notices first speaks,
-once. The job scripts restart the step from last.pt.
+once. The job scripts restart the step from last.pt. docs/training.md.
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ Rank 0 writes, after every epoch:
   file atomically), then writes them again;
 - `learning-curves.png`: loss and accuracy, training and validation, per
   epoch, redrawn from all lines so far on a thread of its own, at most once
-  every 30 s and once more at the end. Drawing takes a few tenths of a second
-  of Python holding the GIL; redrawn after every epoch, it made 30 epochs of a
-  cached run (tens of milliseconds each) 6.5x slower on 2 cores;
+  every 30 s and once more at the end: drawing holds the GIL for a few tenths
+  of a second, longer than a cached epoch of a small model takes;
 - TensorBoard event files in `tensorboard/` when `training.tensorboard` is on
-  (what torchtitan and most PyTorch users read scalars in:
-  `tensorboard --logdir RUN/tensorboard`).
+  (`tensorboard --logdir RUN/tensorboard`).
+
+The run folder's files: docs/training.md.
 """
 
 from __future__ import annotations

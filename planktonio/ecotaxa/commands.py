@@ -31,10 +31,10 @@ def prepare_export(source: Path, out: Path, *, level: str | None = None, statuse
                    group_by: str | None = None, plan=None, **prepare_options):
     """prepare from an EcoTaxa export: its chosen objects as class folders under OUT/ecotaxa/images, then
     every rule of prepare; with group_by, whole samples per split. Returns (prepare's result, the selection)."""
-    from .. import dataset
+    from .. import preparation
     if group_by is not None and group_by not in GROUP_KEYS:
         raise PlanktonioError(f"--group-by {group_by}: expected one of {', '.join(GROUP_KEYS)}")
-    plan = plan or dataset.SplitPlan()
+    plan = plan or preparation.SplitPlan()
     if group_by is not None and plan.per_class is not None:
         raise PlanktonioError("--group-by keeps whole samples together, so it splits by --fractions, not "
                               "--per-class counts")
@@ -53,7 +53,7 @@ def prepare_export(source: Path, out: Path, *, level: str | None = None, statuse
         record = json.loads(record_path.read_text(encoding="utf-8"))
         record.update(group_by=group_by, splits_of_groups=split_of)
         write_atomic(record_path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    result = dataset.prepare(images, out, plan=plan, splitter=assign, **prepare_options)
+    result = preparation.prepare(images, out, plan=plan, splitter=assign, **prepare_options)
     return result, selection
 
 

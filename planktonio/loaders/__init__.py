@@ -15,7 +15,7 @@ entry here: make_loader, the training config's choices and `loader.options`,
 `profiling loaders --backends auto`, the report's rows and goals, the
 accuracy arms and the loader contract tests all iterate the registry.
 Backends import shared pieces (base.py, ops.py, workers.py, dali_graph.py),
-never each other.
+never each other. docs/loaders.md.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def loader_spec(
     if not entries:
         raise PlanktonioError(f"{dataset.manifest(split)}: the {split} split has no images; prepare it with "
                               f"images in every split (--per-class / --fractions)")
-    info = dataset.image_info(split)
+    info = dataset.index(split)
     is_train = split == "train" if train is None else train
     if is_train and len(entries) // shard_count < batch_size:
         raise PlanktonioError(

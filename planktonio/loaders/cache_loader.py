@@ -1,51 +1,30 @@
 """The cache backend: decode a split once, keep the uint8 images on the device, augment with tensor operations.
 
-Where a batch is decoded: nowhere. On first use the loader decodes every
-image it will ever read (the whole split for training, its evaluation
-shard's range otherwise) with one DALI pipeline: the "mixed" decoder
-(nvJPEG, the hardware decoder on A100/H100/H200) when the device is cuda,
-DALI's CPU decoder otherwise. DALI on both devices, not torchvision.io on
-the CPU, so that the CPU path CI runs is the GPU path's code but for one
-argument, and the pipeline takes encoded bytes (fn.external_source), so
-loose files and packed shards feed it alike. The images stay as uint8
-C x H x W tensors (`ImageStore`):
-- on the device when they fit the process's cache budget on it
-  (planktonio/memory.py: one per process and device, shared with the feature
-  cache; on a GPU half its free memory when first asked), within the option
-  `budget_bytes`, which caps what the process's cache loaders take together
-  (a run's train, valid and test loaders);
-- past it, by the user's choice (`overflow`): in host memory (pinned when
-  the device is cuda, allocated in chunks: memory.py says why), each batch
-  gathered there and copied over, or a PlanktonioError saying how much is
-  needed and what is left.
+Decoded once, on first use: every image the loader will read (the whole
+split for training, its evaluation shard's range otherwise), by one DALI
+pipeline fed encoded bytes (loose files and shards alike): the "mixed"
+decoder on cuda, the CPU decoder otherwise, so the CPU path CI runs is the
+GPU path's code but for one argument. The images stay as uint8 tensors
+(`ImageStore`) on the device within the process's cache budget
+(planktonio/memory.py) and the `budget_bytes` option; past it, by the
+`overflow` option, in (pinned, chunked) host memory with each batch copied
+over, or an error saying how much is needed and what is left.
 
-Where a batch is augmented: on the device, from the plan
-(planktonio/plans.py) as every backend: crop the box, resize to
-size x size, flip, normalise, with torch operations on the device's tensors.
-- On a GPU, equal-size images (the study's 255 x 255 set): one
-  N x 3 x H x W tensor, and crop, resize and flip of a whole batch are two
-  batched matrix products (one kernel each, however large the batch). On a
-  CPU the loader resizes each image's uint8 box with torch's vectorised
-  antialiased kernel instead (the torchvision backend's own, faster there
-  than float matrix products over whole images); the batched path is still
-  tested on the CPU against it (`fast_path=True`).
-- The batched path: two matrix products
-  with per-image weight matrices (`resize_weights`): each row holds the
-  weights torch's antialiased bilinear interpolation (the kernel behind
-  torchvision's resize) gives that output pixel, over the box's pixels and
-  zero elsewhere; a flip reverses the rows. The same arithmetic as
-  torchvision, not an approximation of it (roi_align and grid_sample sample
-  a few points per output pixel instead of the triangle filter, which
-  aliases when shrinking a large box). Where a run allows TF32 matmuls on
-  the GPU (torch.backends.cuda.matmul.allow_tf32), the products carry about
-  1e-3 relative error: a pixel now and then a level off after rounding.
-- Images of different sizes (raw NDSB: 21-428 px): stored flat with
-  offsets (in chunks); each image's box is cut out and resized one image at a time
-  (F.interpolate(antialias=True) on a GPU, the uint8 kernel on a CPU).
-Resized pixels are rounded to whole levels, as the uint8 resizes of the
-torchvision and DALI backends do, then normalised.
-
-Randomness: none here; sharding, order and plans come from Loader.batch_plan.
+Augmented on the device from the plan (planktonio/plans.py), as every
+backend: crop the box, resize, flip, normalise.
+- On a GPU, equal-size images: crop, resize and flip of a whole batch are
+  two batched matrix products with per-image weight matrices
+  (`resize_weights`: the weights of torch's antialiased bilinear resize,
+  the arithmetic of torchvision's, not an approximation; roi_align and
+  grid_sample sample a few points per pixel and alias when shrinking). With
+  TF32 matmuls allowed a pixel may come out a level off.
+- Other sizes: each image's box resized on its own (F.interpolate with
+  antialias on a GPU). On a CPU every image goes through torch's vectorised
+  uint8 resize (the torchvision backend's kernel, faster there); the batched
+  path is tested on the CPU against it (`fast_path=True`).
+Pixels are rounded to whole levels, as the other backends' uint8 resizes
+do, then normalised. Nothing here is random: sharding, order and plans come
+from Loader.batch_plan. docs/loaders.md ("Which backend when").
 """
 
 from __future__ import annotations
@@ -60,7 +39,7 @@ import torch
 import torch.nn.functional as TF
 
 from .. import memory
-from ..dataset import inspect_image
+from ..image_checks import inspect_image
 from ..declared import Bytes, setting
 from ..errors import PlanktonioError
 from . import sharding

@@ -28,7 +28,7 @@ short, so every image is seen exactly once per epoch across the shards.
 
 The outputs reach torch without the host waiting for the GPU
 (dali_graph.PipelineOutputs: bound to torch's stream, kept alive until
-torch's work on them is done).
+torch's work on them is done). docs/loaders.md.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class DaliLoader(Loader):
             self.close()  # a DALI pipeline that failed cannot go on
             # DALI cannot skip a bad file and says only "Failed to decode sample #k": decode the images of
             # every batch in flight again, on the CPU, to find the culprit (a batch or three, once).
-            from ..dataset import _decode_check, inspect_image
+            from ..image_checks import decode_check, inspect_image
             suspects = [p for epoch, index in in_flight for p in self.batch_plan(epoch, index).positions.tolist()]
             for position in suspects:
                 if self.spec.shards is None:
@@ -178,7 +178,7 @@ class DaliLoader(Loader):
                     problem = inspect_image(path).problem
                 else:
                     path = self.spec.shards.describe(position)
-                    problem = _decode_check(self.spec.entries[position][0],
+                    problem = decode_check(self.spec.entries[position][0],
                                             self.spec.shards.read(position).tobytes()).problem
                 if problem:
                     raise BrokenFile(position, str(path), *problem) from None

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
-from ..dataset import TORCHVISION_DECODES
+from ..image_checks import TORCHVISION_DECODES
 from ..transforms import Output, Transform
 
 
