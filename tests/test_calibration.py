@@ -89,3 +89,50 @@ def test_fit_calibrates_at_its_end_when_asked(plankton, tmp_path):
     assert fit(small_config(training={"epochs": 1, "calibrate": True}), plankton, tmp_path / "run") == 0
     fitted = json.loads((tmp_path / "run" / "calibration.json").read_text())
     assert fitted["temperature"] > 0 and fitted["fitted_on"]["images"] == 40
+
+
+@pytest.mark.parametrize("margin", [4.0, 200.0])  # plainly right, and saturated (probabilities exactly 1.0)
+def test_a_perfect_model_keeps_every_image_classified_and_says_the_split_is_too_easy(margin):
+    """Every validation image right: the temperature stays within its range (not run towards 0), every class
+    keeps threshold 0 (all the images the model puts in it keep their class), and the file says why."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    logits = torch.randn(60, 3, generator=generator) + margin * F.one_hot(labels, 3)
+    fitted = calibration.calibrate(logits, labels, ["a", "b", "c"], 0.9)
+    low, high = calibration.TEMPERATURE_RANGE
+    assert low <= fitted["temperature"] <= high
+    assert fitted["thresholds"] == {"a": 0.0, "b": 0.0, "c": 0.0} and fitted["notes"] == {}
+    warnings = " ".join(fitted["warnings"])
+    assert "too easy to calibrate on" in warnings and "holds 60 images" in warnings
+    new = torch.randn(200, 3, generator=generator)  # new images, far less sure than the validation ones
+    _, kept = calibration.labelled(F.softmax(new / fitted["temperature"], dim=1), list(fitted["thresholds"].values()))
+    assert kept.all()
+
+
+def test_a_class_that_is_always_right_admits_every_image_put_in_it():
+    """Class a is right at every threshold (lowest validation probability 0.6): threshold 0, not 0.6; class b
+    (0.9 right, 0.8 wrong, 0.7 right) keeps the lowest probability that reaches the precision."""
+    p0 = torch.tensor([0.9, 0.8, 0.6, 0.3, 0.2, 0.1], dtype=torch.float64)
+    probabilities = torch.stack([p0, 1 - p0], dim=1)  # a for the first three, b (0.7, 0.8, 0.9) for the rest
+    labels = torch.tensor([0, 0, 0, 1, 0, 1])
+    thresholds, _ = calibration.fit_thresholds(probabilities, labels, ["a", "b"], 0.9)
+    assert thresholds == [0.0, pytest.approx(0.9)]
+
+
+def test_checkpoint_last_is_calibrated_and_used_for_last_pt(run_copy, test_split_list, tmp_path, capsys):
+    """`calibrate --checkpoint last` writes calibration-last.json, which `predict --calibrated --checkpoint last`
+    uses; without it, the error names the command that makes it. best.pt's calibration.json is left alone."""
+    args = ["predict", "--run", run_copy, "--images", test_split_list, "--calibrated", "--checkpoint", "last"]
+    code, _, err = run_train([*args, "--out", tmp_path / "before"], capsys)
+    assert "calibration-last.json: not found" in one_line_error(code, err)
+    assert f"train calibrate --run {run_copy} --checkpoint last" in err
+    assert not (tmp_path / "before").exists()
+    code, out, err = run_train(["calibrate", "--run", run_copy, "--checkpoint", "last"], capsys)
+    assert code == 0, err
+    assert "calibration-last.json" in out and not (run_copy / "calibration.json").exists()
+    fitted = json.loads((run_copy / "calibration-last.json").read_text())
+    assert fitted["checkpoint"] == "last.pt"
+    code, _, err = run_train([*args, "--out", tmp_path / "after"], capsys)
+    assert code == 0, err
+    provenance = predict_module.provenance_of(next((tmp_path / "after" / "units").glob("*.parquet")))
+    assert provenance["checkpoint"] == "last.pt" and provenance["calibration"]["temperature"] == fitted["temperature"]

@@ -8,6 +8,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,15 +19,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from planktonio import PreparedDataset
-from planktonio import unlabelled
+from planktonio import PreparedDataset, unlabelled
 from train import config as config_module
 from train import distributed
 from train import predict as predict_module
 from train.executor import Executor
 from train.signals import EXIT_INTERRUPTED
 
-from .helpers import one_line_error, run_train
+from .helpers import REPO, one_line_error, process_env, run_train
 
 
 def predicted(out) -> pd.DataFrame:
@@ -252,3 +254,258 @@ def test_predict_on_a_gpu_gives_the_cpu_s_classes(finished_run, test_split_list,
     assert np.allclose(on_gpu[columns].to_numpy(), on_cpu[columns].to_numpy(), atol=5e-3)
     clear = (on_cpu["top1_prob"] - on_cpu["top2_prob"]) > 1e-2  # no near-tie that rounding may turn
     assert (on_gpu["top1"][clear] == on_cpu["top1"][clear]).all() and clear.sum() > 0
+
+
+@pytest.fixture
+def stations(plankton, tmp_path):
+    """Three samples of four good images each: three units."""
+    dataset = PreparedDataset.load(plankton)
+    source = tmp_path / "stations"
+    for number, (path, _) in enumerate(dataset.entries("valid")[:12]):
+        target = source / f"station{number % 3}" / f"{number:03d}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(dataset.root / path, target)
+    return source
+
+
+def test_a_folder_of_predictions_belongs_to_one_checkpoint(finished_run, stations, tmp_path, capsys):
+    """Shard 0 of a job with best.pt, shard 1 with last.pt into the same OUT: the second is refused before it
+    writes. In a folder that does not say whose it is (an older planktonio's), the merge refuses to add up
+    units of two checkpoints, naming both."""
+    out = tmp_path / "pred"
+    args = ["predict", "--run", finished_run, "--images", stations, "--out", out, "--batch-size", "4"]
+    assert run_train([*args, "--shard", "0/2"], capsys)[0] == 0
+    owner = json.loads((out / "predictions.json").read_text())
+    assert owner["checkpoint"] == "best.pt" and owner["classes"]
+    units = sorted(p.name for p in (out / "units").iterdir())
+    code, _, err = run_train([*args, "--shard", "1/2", "--checkpoint", "last"], capsys)
+    line = one_line_error(code, err)
+    assert "holds the predictions of" in line and "best.pt" in line and "last.pt" in line and "--out" in line
+    assert sorted(p.name for p in (out / "units").iterdir()) == units
+    (out / "predictions.json").unlink()
+    code, _, err = run_train([*args, "--shard", "1/2", "--checkpoint", "last"], capsys)
+    line = one_line_error(code, err)
+    assert "samples.csv would add up two runs" in line and "best.pt" in line and "last.pt" in line
+    assert not (out / "samples.csv").exists()
+
+
+HOLDER = """
+import json, sys, time
+from train.predict.folder import PredictionsFolder
+with PredictionsFolder(sys.argv[1], json.loads(sys.argv[2]), overwrite=False):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_tasks_of_one_job_share_a_folder_and_another_run_is_refused(finished_run, stations, tmp_path,
+                                                                         capsys):
+    """While another process writes OUT for the same run and settings (a task of the same job array), a task
+    goes on beside it; a run of another checkpoint is refused while it writes, --overwrite or not."""
+    out = tmp_path / "pred"
+    options = predict_module.PredictOptions(run=finished_run, images=stations, out=out, batch_size=4)
+    record = predict_module.owner_record(predict_module.Predictor(options).provenance)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), json.dumps(record)], cwd=REPO,
+                              env=process_env(), text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["predict", "--run", finished_run, "--images", stations, "--out", out, "--batch-size", "4"]
+        code, _, err = run_train([*args, "--shard", "1/2"], capsys)
+        assert code == 0, err
+        code, _, err = run_train([*args, "--checkpoint", "last", "--overwrite"], capsys)
+        assert "another predict is writing it" in one_line_error(code, err)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_train([*args, "--checkpoint", "last", "--overwrite"], capsys)[0] == 0  # the holder gone: allowed
+    assert json.loads((out / "predictions.json").read_text())["checkpoint"] == "last.pt"
+
+
+def test_csv_names_with_a_hash_and_a_path_listed_twice(finished_run, plankton, tmp_path, capsys):
+    """CSV output read back keeps a file name holding `#`; a path listed twice is predicted once, its second
+    listing rejected as a duplicate, and samples.csv counts the sample's images once each."""
+    dataset = PreparedDataset.load(plankton)
+    folder = tmp_path / "station"
+    folder.mkdir()
+    names = []
+    for number, (path, _) in enumerate(dataset.entries("valid")[:5]):
+        names.append(f"roi#{number}.jpg")
+        shutil.copy(dataset.root / path, folder / names[-1])
+    listing = tmp_path / "images.txt"
+    listing.write_text("".join(f"station/{name}\n" for name in [*names, names[2]]))
+    out = tmp_path / "pred"
+    code, _, err = run_train(["predict", "--run", finished_run, "--images", listing, "--out", out, "--format",
+                              "csv"], capsys)
+    assert code == 0, err
+    table = predicted(out)
+    assert table["path"].tolist() == sorted(str(folder / name) for name in names)
+    assert not table.isna().any().any() and table["p_copepod"].dtype == np.float64
+    rejected = pd.read_csv(out / "rejected.csv")
+    assert rejected["path"].tolist() == [str(folder / names[2])] and rejected["reason"].tolist() == ["duplicate path"]
+    samples = pd.read_csv(out / "samples.csv").set_index("sample")
+    assert samples["images"].tolist() == [6] and samples["rejected"].tolist() == [1]
+    classes = json.loads((out / "provenance.json").read_text())["classes"]
+    assert samples[classes].sum(axis=1).tolist() == [5]
+
+
+def test_no_images_creates_nothing(finished_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for images, says in ((tmp_path / "empty", "no images under it"), (tmp_path / "nowhere", "no such file")):
+        code, _, err = run_train(["predict", "--run", finished_run, "--images", images, "--out", tmp_path / "out"],
+                                 capsys)
+        assert says in one_line_error(code, err)
+        assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_says_what_predict_keeps(finished_run, test_split_list, tmp_path, capsys, monkeypatch):
+    """SIGINT during predict: exit 75 and a line that speaks of the units kept, not of a checkpoint."""
+    put = predict_module.Writer.put
+
+    def interrupting_put(self, ready, host):
+        put(self, ready, host)
+        os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(predict_module.Writer, "put", interrupting_put)
+    code, out, err = run_train(["predict", "--run", finished_run, "--images", test_split_list, "--out",
+                                tmp_path / "pred", "--batch-size", "8"], capsys)
+    assert code == EXIT_INTERRUPTED and "stopping on SIGINT" in out
+    assert "the units written are kept" in err and "checkpoint" not in err
+
+
+def test_predict_needs_no_backbone_weights_file(run_copy, test_split_list, tmp_path, capsys):
+    """The run's config names the backbone weights it started from; on another machine that file is not
+    there: predict builds the model without it (the checkpoint holds every weight)."""
+    values = config_module.parse_yaml((run_copy / "config.yaml").read_text())
+    values["model"]["weights"] = str(tmp_path / "deleted" / "backbone.pth")
+    (run_copy / "config.yaml").write_text(config_module.dump(config_module.from_dict(values)))
+    code, _, err = run_train(["predict", "--run", run_copy, "--images", test_split_list, "--out", tmp_path / "pred"],
+                             capsys)
+    assert code == 0, err
+    assert len(predicted(tmp_path / "pred")) == 40
+
+
+def test_one_large_image_does_not_size_every_decoder_buffer():
+    """Plankton ROIs with one 8000 x 6000 photograph among them: the GPU decoder's hints stay at HINT_SIDE a
+    side (the photograph reallocates when it comes); small images alone are sized as before."""
+    from planktonio.loaders.dali_graph import HINT_SIDE, decoder_hints
+    widths, heights = np.array([120, 255, 80, 8000]), np.array([90, 255, 300, 6000])
+    hints = decoder_hints(widths, heights)
+    assert hints["preallocate_width_hint"] == HINT_SIDE and hints["preallocate_height_hint"] == HINT_SIDE
+    assert hints["device_memory_padding"] == hints["host_memory_padding"] == 2 * HINT_SIDE * HINT_SIDE * 3
+    small = decoder_hints(widths[:3], heights[:3])
+    assert small["preallocate_width_hint"] == 255 and small["preallocate_height_hint"] == 300
+    assert small["device_memory_padding"] == 1 << 20
+
+
+def test_the_writer_thread_binds_its_device_and_sleeps_on_a_blocking_event(monkeypatch):
+    """Without a GPU, with fakes: the writer thread makes the predictor's device its own before it waits on
+    anything, and the event it waits on is a blocking one, recorded on that device's current stream."""
+    import threading
+
+    from train.predict import predictor as predictor_module
+    bound, events = [], []
+
+    class FakeEvent:
+        def __init__(self, **kwargs):
+            events.append(kwargs)
+
+        def record(self, stream):
+            events.append(stream)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: bound.append((device, threading.current_thread().name)))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: ("stream of", device))
+    device = torch.device("cuda", 1)
+    writer = predict_module.Writer(None, [], {}, None, {"classes": []}, None, None, device)
+    writer.close()
+    assert bound == [(device, "predict-writer")]
+    predictor_module.copies_done(device)
+    assert events == [{"blocking": True}, ("stream of", device)]
+
+
+def test_the_shard_header_scan_sends_each_job_its_positions_only():
+    """The header scan of tar shards: each worker gets the shards once, when it starts; each job's bytes do
+    not grow with the catalog (they carried the whole member table: 53 MiB a job at a million members)."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from train.predict import headers
+
+    class CountingPool(ThreadPoolExecutor):
+        sent: list[int] = []
+        started: list[int] = []
+
+        def __init__(self, max_workers, initializer, initargs):
+            CountingPool.started.append(len(pickle.dumps(initargs)))
+            super().__init__(max_workers, initializer=initializer, initargs=initargs)
+
+        def map(self, fn, chunks):
+            chunks = list(chunks)
+            CountingPool.sent += [len(pickle.dumps((fn, chunk))) for chunk in chunks]
+            return super().map(fn, chunks)
+
+    per_job = {}
+    for members in (1_000, 100_000):
+        names = [f"shard-{i // 1000:04d}/roi-{i:07d}.jpg" for i in range(members)]
+        zeros = np.zeros(members, dtype=np.int64)
+        shards = unlabelled.TarShards(Path("/nowhere"), ["a.tar"], zeros, zeros, zeros, names)
+        catalog = unlabelled.Catalog(Path("/nowhere"), Path("/nowhere"), names, ["s"] * members,
+                                     [unlabelled.Unit("s", 0, members)], shards)
+        CountingPool.sent, CountingPool.started = [], []
+        widths, _, problems = headers.read_headers(catalog, np.arange(1000), workers=2, pool=CountingPool)
+        assert len(widths) == 1000 and set(problems) == set(range(1000))  # every member empty here
+        per_job[members] = max(CountingPool.sent)
+        assert CountingPool.started[0] > 10 * per_job[members]  # the shards, once
+    assert per_job[1_000] == per_job[100_000] < 2000
+
+
+def test_images_a_decoder_fails_on_but_pil_reads_are_decoded_again_image_by_image(finished_run, test_split_list,
+                                                                                  tmp_path, capsys, monkeypatch):
+    """A GPU decoder may fail on a file that PIL decodes (DALI then names no file): the batches it had in
+    flight are decoded again with the reference backend one image at a time, and the run's backend goes on
+    after them; every image is predicted once, none rejected. (No GPU here: DALI's CPU loader, made to fail
+    after two batches as the mixed decoder would.)"""
+    real, built = predict_module.Predictor.loader, []
+
+    class FailsAfterTwoBatches:
+        def __init__(self, inner):
+            self.inner, self.spec, self.prefetch_depth = inner, inner.spec, inner.prefetch_depth
+
+        def __iter__(self):
+            for number, batch in enumerate(self.inner):
+                if number == 2:
+                    raise RuntimeError("Error in thread 0: nvjpeg: Failed to decode sample #3\nC++ context")
+                yield batch
+
+        def close(self):
+            self.inner.close()
+
+    def loader(self, positions, sizes, backend=None, batch_size=None):
+        built.append((backend, batch_size, len(positions)))
+        made = real(self, positions, sizes, backend, batch_size)
+        return FailsAfterTwoBatches(made) if len(built) == 1 else made
+    monkeypatch.setattr(predict_module.Predictor, "loader", loader)
+    code, out, err = run_train(["predict", "--run", finished_run, "--images", test_split_list, "--out",
+                                tmp_path / "pred", "--backend", "dali-cpu", "--batch-size", "4"], capsys)
+    assert code == 0, err
+    assert "Failed to decode sample #3); decoding them with pil, image by image" in out
+    first, again, rest = built
+    assert first == (None, None, 40) and again[:2] == ("pil", 1) and rest == (None, None, 40 - 8 - again[2])
+    table = predicted(tmp_path / "pred")
+    assert len(table) == 40 and table["path"].is_unique
+    assert len(pd.read_csv(tmp_path / "pred" / "rejected.csv")) == 0
+
+
+def test_every_predict_option_is_taken_from_its_command_line_argument():
+    """PredictOptions is filled from the arguments of the same names: each field, given on the command line,
+    differs from its default (an option added to one and not the other would fail here)."""
+    import dataclasses
+
+    from train.__main__ import build_parser
+    args = build_parser().parse_args([
+        "predict", "--run", "r", "--images", "i", "--out", "o", "--checkpoint", "last", "--calibrated",
+        "--backend", "pil", "--batch-size", "8", "--device", "cpu", "--precision", "fp32", "--workers", "1",
+        "--format", "csv", "--top-k", "2", "--float16", "--embeddings", "--shard", "1/3", "--overwrite"])
+    options = predict_module.predict_options(args, ["python", "-m", "train", "predict"])
+    defaults = predict_module.PredictOptions(run=None, images=None, out=None)
+    for field in dataclasses.fields(predict_module.PredictOptions):
+        assert getattr(options, field.name) != getattr(defaults, field.name), field.name
+    assert options.shard == (1, 3) and options.top_k == 2 and str(options.run) == "r"

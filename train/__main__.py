@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = commands.add_parser("calibrate", help="fit a temperature and per-class thresholds on the validation split")
     cal.add_argument("--run", type=Path, required=True)
-    cal.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    cal.add_argument("--checkpoint", default="best", choices=["best", "last"],
+                     help="the weights to calibrate: best.pt (RUN/calibration.json) or last.pt "
+                          "(RUN/calibration-last.json)")
     cal.add_argument("--target", type=float, default=0.9,
                      help="the validation precision each class's threshold must reach (default 0.9)")
     cal.add_argument("--backend", help="loader backend (default: the run's)")
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, required=True, help="where the predictions go (units/, samples.csv)")
     pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
     pr.add_argument("--calibrated", action="store_true",
-                    help="use RUN/calibration.json: its temperature, and its thresholds for the label column")
+                    help="use the checkpoint's calibration (RUN/calibration.json; calibration-last.json with "
+                         "--checkpoint last): its temperature, and its thresholds for the label column")
     pr.add_argument("--backend", help="loader backend (default: the run's)")
     pr.add_argument("--batch-size", type=int, help="default: the run's evaluation batch size")
     pr.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's)")
@@ -107,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_share(v['accuracy_of_classified'])}")
             for name, note in fitted["notes"].items():
                 print(f"  {name}: {note}")
-            print(f"wrote {args.run}/calibration.json")
+            for warning in fitted["warnings"]:
+                print(f"  warning: {warning}")
+            from .calibration import path_of
+            print(f"wrote {path_of(args.run, args.run / f'{args.checkpoint}.pt')}")
             return 0
         from .evaluate import evaluate_run
         result = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.backend, args.other_data)
@@ -149,22 +155,16 @@ def _ecotaxa_options(eco) -> None:
 
 def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
     """predict's tables; with --format ecotaxa, Parquet tables and then the EcoTaxa import (planktonio/ecotaxa)."""
-    from .predict import PredictOptions, parse_shard, predict
+    from dataclasses import replace
 
-    def run_predict(images: Path, table_format: str = args.format) -> int:
-        return predict(PredictOptions(
-            run=args.run, images=images, out=args.out, checkpoint=args.checkpoint,
-            calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size,
-            device=args.device, precision=args.precision, workers=args.workers, format=table_format,
-            top_k=args.top_k, float16=args.float16, embeddings=args.embeddings,
-            shard=parse_shard(args.shard), overwrite=args.overwrite,
-            command=["python", "-m", "train", *(argv or sys.argv[1:])]))
+    from .predict import predict, predict_options
+    options = predict_options(args, ["python", "-m", "train", *(argv or sys.argv[1:])])
     if args.format != "ecotaxa":
-        return run_predict(args.images)
+        return predict(options)
     from planktonio.declared import parse_size
     from planktonio.ecotaxa.commands import predict_ecotaxa
-    return predict_ecotaxa(lambda images: run_predict(images, "parquet"), run=args.run,
-                           images=args.images, out=args.out, categories_file=args.ecotaxa_categories,
+    return predict_ecotaxa(lambda images: predict(replace(options, images=images, format="parquet")),
+                           run=args.run, images=args.images, out=args.out, categories_file=args.ecotaxa_categories,
                            top_k=args.top_k, zip_bytes=parse_size(args.ecotaxa_zip_size, "--ecotaxa-zip-size"),
                            include_validated=args.ecotaxa_include_validated,
                            with_images=not args.ecotaxa_no_images)

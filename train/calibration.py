@@ -10,9 +10,17 @@
   its class's threshold an image is "unclassified" (a person looks at it).
   The lowest such t keeps the most images classified at that precision;
   precision need not grow with t, so every candidate t (each validation
-  probability of the class) is tried. A class the model never reaches the
-  target for gets the threshold 1.0 (all of its images go to a person), and
-  one it never predicts on the validation split likewise: said in the file.
+  probability of the class) is tried. A class whose validation images reach
+  the target all together gets 0: it admits every image the model puts in
+  it (its lowest validation probability would say nothing about new
+  images). A class the model never reaches the target for gets the
+  threshold 1.0 (all of its images go to a person), and one it never
+  predicts on the validation split likewise: said in the file.
+- A split too small or too easy (every image right: the fitted temperature
+  runs towards 0) says little: the temperature is kept within
+  TEMPERATURE_RANGE, and calibration.json's `warnings` (and the log) say so.
+- One calibration per checkpoint: calibration.json for best.pt,
+  calibration-last.json for last.pt (`--checkpoint last`).
 - The expected calibration error (15 equal-width bins of the top-1
   probability) and accuracy and coverage at the thresholds measure both:
   `train evaluate` reports them where a run has a calibration. docs/predict.md.
@@ -21,8 +29,8 @@
 from __future__ import annotations
 
 import datetime
-import itertools
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -36,6 +44,10 @@ from planktonio.files import write_atomic
 CALIBRATION = "calibration.json"
 UNCLASSIFIED = "unclassified"
 BINS = 15
+# Beyond these a temperature says more about the split than about the model: a perfect split drives it
+# towards 0 (every probability to 1), a split of noise towards infinity (every probability equal).
+TEMPERATURE_RANGE = (0.2, 10.0)
+SMALL_SPLIT = 100  # validation images below which the fit is rough (said in the file)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -74,8 +86,8 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
 
 def fit_thresholds(probabilities: torch.Tensor, labels: torch.Tensor, classes: list[str],
                    target: float) -> tuple[list[float], dict[str, str]]:
-    """Per class, the lowest t with precision >= target among images put in it with probability >= t; and
-    a note for each class whose threshold had to be 1.0."""
+    """Per class, the lowest t with precision >= target among images put in it with probability >= t (0
+    where all of them together reach it); and a note for each class whose threshold had to be 1.0."""
     confidence, predicted = probabilities.max(dim=1)
     thresholds, notes = [], {}
     for c, name in enumerate(classes):
@@ -92,7 +104,9 @@ def fit_thresholds(probabilities: torch.Tensor, labels: torch.Tensor, classes: l
         last_of_tie = torch.ones(len(p), dtype=torch.bool)
         last_of_tie[:-1] = p[:-1] != p[1:]
         good = (precision >= target) & last_of_tie
-        if good.any():
+        if good[-1]:  # every image it puts in the class together reaches the target: admit them all
+            thresholds.append(0.0)
+        elif good.any():
             thresholds.append(float(p[good.nonzero().max()]))
         else:
             thresholds.append(1.0)
@@ -134,31 +148,57 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def bounded_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[str]]:
+    """The fitted temperature within TEMPERATURE_RANGE, and what the split leaves unsaid (warnings)."""
+    fitted = fit_temperature(logits, labels)
+    low, high = TEMPERATURE_RANGE
+    temperature = min(max(fitted, low), high)
+    warnings = []
+    if len(labels) < SMALL_SPLIT:
+        warnings.append(f"the validation split holds {len(labels)} images (fewer than {SMALL_SPLIT}): the "
+                        f"temperature and thresholds are rough; calibrate on a larger validation split")
+    if len(labels) and bool((logits.argmax(dim=1) == labels).all()):
+        warnings.append("every validation image is classified right: the split is too easy to calibrate on; "
+                        "each class predicted keeps threshold 0 (its images keep their top-1 class)")
+    if temperature != fitted:
+        warnings.append(f"the fitted temperature {fitted:.3g} is outside [{low}, {high}]: kept at {temperature}")
+    return temperature, warnings
+
+
 def calibrate(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], target: float) -> dict:
-    temperature = fit_temperature(logits, labels)
+    temperature, warnings = bounded_temperature(logits, labels)
     probabilities = F.softmax(logits.double() / temperature, dim=1)
     thresholds, notes = fit_thresholds(probabilities, labels, classes, target)
     return {"temperature": temperature, "target_precision": target,
-            "thresholds": dict(zip(classes, thresholds)), "notes": notes,
+            "thresholds": dict(zip(classes, thresholds)), "notes": notes, "warnings": warnings,
             "fitted_on": {"split": "valid", "images": len(labels)},
             "validation": scores(logits, labels, temperature, thresholds),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def path_of(run: Path, checkpoint: Path | None = None) -> Path:
+    """Where a checkpoint's calibration lives: RUN/calibration.json for best.pt (or none named),
+    RUN/calibration-<name>.json for another (last.pt: calibration-last.json)."""
+    if checkpoint is None or Path(checkpoint).stem == "best":
+        return Path(run) / CALIBRATION
+    return Path(run) / f"calibration-{Path(checkpoint).stem}.json"
+
+
 def write(run: Path, calibration: dict, checkpoint: Path) -> Path:
-    path = Path(run) / CALIBRATION
+    path = path_of(run, checkpoint)
     write_atomic(path, json.dumps({**calibration, "checkpoint": checkpoint.name,
                                    "checkpoint_sha256": file_sha256(checkpoint)}, indent=2) + "\n")
     return path
 
 
 def read(run: Path, classes: list[str], checkpoint: Path | None = None) -> dict:
-    """RUN/calibration.json for these classes (and checkpoint, when given); a one-line error where it is missing,
+    """The calibration of this checkpoint (path_of) for these classes; a one-line error where it is missing,
     is of other classes, or was fitted for another checkpoint."""
-    path = Path(run) / CALIBRATION
+    path = path_of(run, checkpoint)
+    option = "" if path.name == CALIBRATION else f" --checkpoint {Path(checkpoint).stem}"
     if not path.is_file():
         raise PlanktonioError(f"{path}: not found: thresholds and a temperature were asked for but the run has "
-                              f"none; fit them first with `python -m train calibrate --run {run}`")
+                              f"none; fit them first with `python -m train calibrate --run {run}{option}`")
     try:
         calibration = json.loads(path.read_text())
         thresholds = [float(calibration["thresholds"][c]) for c in classes]
@@ -169,5 +209,5 @@ def read(run: Path, classes: list[str], checkpoint: Path | None = None) -> dict:
         raise PlanktonioError(f"{path}: its temperature or thresholds are out of range; calibrate again")
     if checkpoint is not None and calibration.get("checkpoint_sha256") != file_sha256(checkpoint):
         raise PlanktonioError(f"{path}: fitted for another {calibration.get('checkpoint', 'checkpoint')} than "
-                              f"{checkpoint}; calibrate again for it (--checkpoint)")
+                              f"{checkpoint}; calibrate again for it: `python -m train calibrate --run {run}{option}`")
     return {**calibration, "threshold_list": thresholds}

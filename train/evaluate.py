@@ -6,7 +6,7 @@ checkpoint, the expected calibration error before and after its temperature
 and the accuracy and coverage at its thresholds), RUN/confusion-<split>.csv
 and RUN/confusion-<split>.png. calibrate fits the temperature and the
 thresholds on the validation split (train/calibration.py) and writes
-RUN/calibration.json.
+RUN/calibration.json (calibration-last.json for last.pt).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
             **{k.removeprefix("split_"): v for k, v in stats.summary("split").items()},
             "per_class": {name: scores for name, scores in zip(classes, per_class_scores(confusion))},
         }
-        if (run / calibration.CALIBRATION).is_file():
+        if calibration.path_of(run, run / f"{which}.pt").is_file():
             try:
                 fitted = calibration.read(run, classes, run / f"{which}.pt")
                 result["calibration"] = calibration.scores(logits, labels, fitted["temperature"],
@@ -88,7 +88,7 @@ def evaluate_run(run: Path, split: str, data: Path | None = None, which: str = "
 
 
 def calibrate_run(run: Path, which: str = "best", target: float = 0.9, backend: str | None = None) -> dict:
-    """Fit the run's temperature and thresholds on its validation split; write RUN/calibration.json."""
+    """Fit the run's temperature and thresholds on its validation split; write RUN/calibration.json (calibration-last.json for last.pt)."""
     run = Path(run)
     if not 0 < target <= 1:
         raise PlanktonioError(f"--target {target}: a precision in (0, 1]")

@@ -369,6 +369,8 @@ class Trainer:
                      f"{fitted['validation']['ece_before']:.3f} -> {fitted['validation']['ece_after']:.3f}, "
                      f"coverage {fitted['validation']['coverage']:.3f} at precision {fitted['target_precision']}: "
                      f"{path}")
+            for warning in fitted["warnings"]:
+                self.say(f"calibration: {warning}")
 
     def write_summary(self, stop_reason: str, test: dict | None) -> None:
         ex = self.ex

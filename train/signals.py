@@ -65,32 +65,36 @@ class StopFlag:
     """The flag the handled signals raise, for the whole of a run (`with StopFlag() as stop:`), from start-up
     to the last file: a signal at any point is a clean stop, never the default action's exit 143 or 138."""
 
-    def __init__(self):
+    # What a first and a second Ctrl-C say: what the command does when it stops (fit writes a checkpoint).
+    STOPPING = "stopping at the next check (SIGINT): writing a checkpoint; press Ctrl-C again to abort without one"
+    ABORTED = "aborted by a second Ctrl-C: nothing written since the last checkpoint"
+
+    def __init__(self, stopping: str | None = None, aborted: str | None = None):
         self.signal_name: str | None = None
         self._previous = {}
+        self.stopping, self.aborted = stopping or self.STOPPING, aborted or self.ABORTED
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         return self.install()
 
     def __exit__(self, *exc) -> None:
         self.uninstall()
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            _say("\naborted by a second Ctrl-C: nothing written since the last checkpoint")
+            _say(f"\n{self.aborted}")
             os._exit(EXIT_ABORTED)  # at once: no unwinding through the step that is running
         if signum == signal.SIGHUP:
             _detach_from_lost_terminal()
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             if signum == signal.SIGINT:
-                _say("\nstopping at the next check (SIGINT): writing a checkpoint; press Ctrl-C again to "
-                     "abort without one")
+                _say(f"\n{self.stopping}")
 
     @property
     def raised(self) -> bool:

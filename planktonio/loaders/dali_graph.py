@@ -14,23 +14,33 @@ import numpy as np
 import torch
 
 
+# The largest side the hints size the decoder for: one large photograph among plankton ROIs must not size
+# every thread's buffers (and a hardware decoder's, batch x width x height); a larger image reallocates.
+HINT_SIDE = 1024
+
+
 def decoder_hints(widths: np.ndarray, heights: np.ndarray) -> dict:
-    """Preallocation for the mixed decoder, sized for the largest image it will see.
+    """Preallocation for the mixed decoder, sized for the largest image it will see, up to HINT_SIDE a side.
 
     Without it nvJPEG's buffers grow batch by batch to a high-water mark. DALI's
     ResNet-50 example reserves 211 MB of device and 2 x 140 MB of pinned host
     memory per thread for ImageNet's largest images; a 255 x 255 plankton image
     is 195 KB decoded. The paddings are per thread, so this keeps a 16-thread
     process at a few MB instead of about 3.4 GB of GPU memory. Twice the
-    largest image leaves room for nvJPEG's row pitch and alignment.
+    largest image leaves room for nvJPEG's row pitch and alignment. An image
+    beyond HINT_SIDE grows the buffers of the thread that decodes it, when it
+    comes, not of every thread from the start.
     """
-    largest = int((widths * heights).max()) * 3 if len(widths) else 0
+    width = min(int(widths.max()), HINT_SIDE) if len(widths) else 0
+    height = min(int(heights.max()), HINT_SIDE) if len(heights) else 0
+    largest = int(np.minimum(widths.astype(np.int64) * heights, HINT_SIDE * HINT_SIDE).max()) * 3 if len(widths) \
+        else 0
     padding = max(2 * largest, 1 << 20)
     return {
         "device_memory_padding": padding,
         "host_memory_padding": padding,
-        "preallocate_width_hint": int(widths.max()) if len(widths) else 0,
-        "preallocate_height_hint": int(heights.max()) if len(heights) else 0,
+        "preallocate_width_hint": width,
+        "preallocate_height_hint": height,
     }
 
 

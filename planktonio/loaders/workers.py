@@ -13,8 +13,9 @@ batch once it is on the device. Everything else is here:
 - on a GPU, batch k+1 is copied and finished on a side stream while the
   model works on batch k (timm's PrefetchLoader);
 - the workers ignore the signals that the training process handles
-  (`ignore_stop_signals`), and are ended when the loader is closed or
-  dropped, or at exit.
+  (`ignore_stop_signals`), are ended when the loader is closed or
+  dropped, or at exit, and end with their parent however it ends
+  (`die_with_parent`: SIGKILL included, quietly).
 
 Randomness: none. The sampler hands each worker an image's position with its
 plan, so a batch does not depend on the number of workers, their
@@ -24,7 +25,10 @@ persistence, or on whether the run was resumed mid-way.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
+import multiprocessing
+import os
 import signal
 import weakref
 from typing import Callable, Iterator
@@ -42,6 +46,13 @@ PREFETCH_FACTOR = 2  # batches in flight per worker (DataLoader's default)
 # foreground process group; the training process stops cleanly on each
 # (train/signals.py) and its shutdown ends the workers.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def start_worker(worker_id: int) -> None:
+    """Each DataLoader worker's start: the stop signals left to the main process, and its end tied to it."""
+    ignore_stop_signals(worker_id)
+    die_with_parent()
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -55,6 +66,28 @@ def ignore_stop_signals(worker_id: int) -> None:
     """
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def die_with_parent() -> None:
+    """In a worker: the kernel kills it (SIGKILL) as soon as the process that started it ends, however that
+    ends (SIGKILL, the OOM killer).
+
+    Without it, a worker whose parent was killed lives on until the
+    DataLoader's watchdog notices (every 5 s, and only between samples) and
+    prints a ConnectionResetError traceback into the job's log on its way
+    out. Linux only (prctl); elsewhere the watchdog remains. The "parent" is
+    the thread that started the worker: the loaders are iterated on the
+    main thread.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it ended before the request was in place
+        os._exit(0)
 
 
 def collate_skipping_bad(samples):
@@ -98,7 +131,7 @@ class WorkerPoolLoader(Loader):
             pin_memory=spec.device.type == "cuda",  # page-locked buffers make the copy asynchronous
             persistent_workers=spec.workers > 0,
             prefetch_factor=PREFETCH_FACTOR if spec.workers > 0 else None,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=start_worker,
             # Its own generator: the DataLoader must not draw its workers' base
             # seed from the global RNG, which dropout uses and a resumed run restores.
             generator=torch.Generator(),

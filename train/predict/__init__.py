@@ -1,7 +1,8 @@
 """`python -m train predict`: classify new images with a trained run, at the speed of its loader.
 
 The package: options.py (what it is asked), settings.py (the run it uses, the provenance its files
-carry), program.py (which units this task does), predictor.py (model and loader), writer.py (the writer
+carry), folder.py (whose OUT is: predictions.json and the writers' lock), program.py (which units this
+task does), headers.py (the header scan), predictor.py (model and loader), writer.py (the writer
 thread), formats.py (Parquet/CSV), merge.py (samples.csv, rejected.csv). Users: docs/predict.md.
 
     python -m train predict --run RUN --images SRC --out OUT [--checkpoint best|last] [--calibrated]
@@ -29,14 +30,19 @@ What it writes, in OUT:
   same images and settings; --overwrite redoes them), so a stop loses at most
   the unit under way, and no image is ever written twice.
 - once every unit of SRC is done (by this task or the others of a job array,
-  --shard I/N): samples.csv (per sample, the count of each class, top-1 and
-  with thresholds: the abundance table), rejected.csv and provenance.json.
+  --shard I/N): samples.csv (per sample, its images, predicted or rejected,
+  each once; the count of each class, top-1 and with thresholds: the
+  abundance table), rejected.csv and provenance.json.
+- predictions.json: whose predictions OUT holds (checkpoint and settings);
+  a task of other settings is refused before it writes (folder.py).
 
 A file no loader can read (empty, text, 16-bit, not an image: found from its
 header, before any decoding) or that breaks in decoding (truncated: the
 torchvision and PIL loaders skip it, DALI stops on it and the batch is run
-again without it) is listed in the unit's rejects and rejected.csv with its
-reason; every other image is predicted exactly once.
+again without it), or that is listed twice, is listed in the unit's rejects
+and rejected.csv with its reason; every other image is predicted exactly
+once. Images a decoder fails on but PIL reads (a GPU decoder is pickier) are
+decoded again with the reference backend, one at a time.
 
 The loader runs ahead of the model as in training, and nothing waits for the
 GPU per batch: results are copied to pinned host memory without blocking,
@@ -45,11 +51,11 @@ and a writer thread (a bounded queue) waits for them and writes the files.
 
 from .formats import provenance_of, read_predictions
 from .merge import merge
-from .options import FORMATS, UNITS, PredictOptions, parse_shard
+from .options import FORMATS, UNITS, PredictOptions, parse_shard, predict_options
 from .predictor import Predictor, Timing
 from .program import predict
-from .settings import streaming_backends
+from .settings import owner_record, streaming_backends
 from .writer import Writer
 
-__all__ = ["FORMATS", "UNITS", "PredictOptions", "Predictor", "Timing", "Writer", "merge", "parse_shard",
-           "predict", "provenance_of", "read_predictions", "streaming_backends"]
+__all__ = ["FORMATS", "UNITS", "PredictOptions", "Predictor", "Timing", "Writer", "merge", "owner_record",
+           "parse_shard", "predict", "predict_options", "provenance_of", "read_predictions", "streaming_backends"]

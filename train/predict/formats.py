@@ -62,7 +62,7 @@ def read_predictions(out: Path) -> pandas.DataFrame:  # noqa: F821 (pandas is im
     import pandas as pd
     frames = []
     for path in sorted((Path(out) / UNITS).glob("*.parquet")) or sorted((Path(out) / UNITS).glob("*.csv")):
-        frames.append(pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, comment="#"))
+        frames.append(pd.read_parquet(path) if path.suffix == ".parquet" else _read_csv(path))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -73,3 +73,14 @@ def provenance_of(path: Path) -> dict:
         return json.loads(pq.read_schema(path).metadata[b"planktonio"])
     with open(path) as f:
         return json.loads(f.readline().removeprefix("# "))
+
+
+def _read_csv(path: Path):
+    """A unit's CSV: its first line is the provenance; every other cell as written (a `#` in a file name is
+    no comment, and a file named NA is no missing value)."""
+    import pandas as pd
+    table = pd.read_csv(path, skiprows=1, na_filter=False, dtype=str)
+    for column in table.columns:
+        if column.startswith("p_") or column.endswith("_prob"):
+            table[column] = table[column].astype(float)
+    return table

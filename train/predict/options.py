@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from planktonio.errors import PlanktonioError
@@ -13,8 +14,6 @@ FORMATS = ("parquet", "csv")
 
 
 @dataclass
-
-
 class PredictOptions:
     run: Path
     images: Path
@@ -43,3 +42,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not (count >= 1 and 0 <= index < count):
         raise PlanktonioError(f"--shard {text}: I must be in [0, N)")
     return index, count
+
+
+def predict_options(args: argparse.Namespace, command: list[str]) -> PredictOptions:
+    """The options from `train predict`'s parsed command line: each field from the argument of its name."""
+    given = {f.name: getattr(args, f.name) for f in fields(PredictOptions) if hasattr(args, f.name)}
+    return PredictOptions(**{**given, "shard": parse_shard(args.shard), "command": command})

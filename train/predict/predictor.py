@@ -17,26 +17,31 @@ from planktonio.files import check_folder_writable
 from planktonio.loaders import (
     BACKENDS,
     LoaderSpec,
+    reference_backend,
     resolve_backend,
     resolve_device,
     usable_count,
 )
 from planktonio.loaders.dali_loader import BrokenFile
-from planktonio.unlabelled import Unit, discover, read_headers
+from planktonio.unlabelled import Catalog, Unit, discover
 
 from .. import calibration, checkpoint, distributed
 from ..executor import Executor
 from ..model import head_name
 from ..signals import EXIT_INTERRUPTED, EXIT_OK, StopFlag
 from ..step import autocast
+from .headers import read_headers
 from .options import FORMATS, UNITS, PredictOptions
 from .settings import provenance, run_config
 from .writer import Writer
 
+# What Ctrl-C says: predict has no checkpoint, its finished units are what a stop keeps.
+STOPPING = ("stopping after the batch under way (SIGINT): the units written are kept and the same command goes "
+            "on from there; press Ctrl-C again to stop at once")
+ABORTED = "stopped at once by a second Ctrl-C: the units written are kept, the one under way is done again"
+
 
 @dataclass
-
-
 class Timing:
     """Where a classify call's time went (printed, and read by `profiling predict`)."""
 
@@ -67,8 +72,9 @@ class Predictor:
         self.state = checkpoint.load(weights)
         self.classes = list(self.state["classes"])
         self.calibrated = calibration.read(self.run, self.classes, weights) if o.calibrated else None
-        check_folder_writable(self.out / UNITS, "--out")
-        self.catalog = discover(o.images)
+        self.catalog = discover(o.images)  # nothing is created in OUT before the images are known
+        if not len(self.catalog):
+            raise PlanktonioError(f"--images {o.images}: holds no images; check the path")
         self.provenance = provenance(self.run, weights, self.classes, self.config, self.calibrated, o)
         self.executor: Executor | None = None
         self.timing = Timing()
@@ -77,7 +83,7 @@ class Predictor:
         t = self.config.training
         self._stack = contextlib.ExitStack()
         with self._stack as stack:
-            self.stop_flag = stack.enter_context(StopFlag())
+            self.stop_flag = stack.enter_context(StopFlag(STOPPING, ABORTED))
             ctx = stack.enter_context(distributed.Session(resolve_device(t.device), t.collective_timeout_s))
             dataset = PreparedDataset(self.out, self.catalog.root, tuple(self.classes))
             self.executor = stack.enter_context(Executor(self.config, dataset, ctx))
@@ -102,15 +108,17 @@ class Predictor:
                                                                                         "header workers"))
         return {int(p): (int(w), int(h)) for p, w, h in zip(positions, widths, heights)}, rejected
 
-    def loader(self, positions: list[int], sizes: dict):
+    def loader(self, positions: list[int], sizes: dict, backend: str | None = None, batch_size: int | None = None):
         """A loader over these images: the evaluation transform, every image once, in order; each image's
-        label is its catalog position, so the batches say which images they hold."""
+        label is its catalog position, so the batches say which images they hold. The run's backend and
+        batch size unless given."""
         executor, catalog = self.executor, self.catalog
-        backend = BACKENDS[resolve_backend(executor.config.loader.backend, executor.device)]
+        backend = BACKENDS[resolve_backend(backend or executor.config.loader.backend, executor.device)]
         c = executor.config
         workers = usable_count(c.loader.workers, "loader workers")
         spec = LoaderSpec(
-            dataset=executor.dataset, split="predict", batch_size=c.loader.eval_batch_size or c.loader.batch_size,
+            dataset=executor.dataset, split="predict",
+            batch_size=batch_size or c.loader.eval_batch_size or c.loader.batch_size,
             transform=c.transform("eval"), output=executor.output, device=executor.device, train=False,
             shard_index=0, shard_count=1, workers=workers,
             threads=max(1, workers) if c.loader.threads is None else usable_count(c.loader.threads, "DALI threads"),
@@ -130,10 +138,13 @@ class Predictor:
         """Predict and write these units; EXIT_INTERRUPTED where a signal stopped it (the units written are
         kept, the rest are done by the same command again)."""
         started = time.perf_counter()
+        check_folder_writable(self.out / UNITS, "--out")
         positions = np.concatenate([np.arange(u.start, u.stop) for u in todo])
         sizes, rejected = self.headers(positions)
+        rejected.update(duplicates(self.catalog, positions))
         self.timing.header_seconds = time.perf_counter() - started
-        writer = Writer(self.catalog, todo, rejected, self.out, self.provenance, self.calibrated, self.options)
+        writer = Writer(self.catalog, todo, rejected, self.out, self.provenance, self.calibrated, self.options,
+                        self.executor.device)
         try:
             remaining = [int(p) for p in positions if int(p) not in rejected]
             while remaining and not self.stop_flag.raised:
@@ -153,22 +164,36 @@ class Predictor:
         return EXIT_OK
 
     def _pass(self, remaining: list[int], sizes: dict, writer: Writer, rejected: dict) -> list[int]:
-        """One loader over the remaining images; what is left to do after it (nothing, unless DALI stopped on a
-        broken file: then the images after the batches handed over, without that file)."""
+        """One loader over the remaining images; what is left to do after it: nothing, unless the decoder
+        stopped (then the images after the batches handed over, which hold every image once, in order)."""
         loader = self.loader(remaining, sizes)
-        handed, bad = self._run_batches(loader, writer)
-        if bad is None:
+        handed, stop = self._run_batches(loader, writer)
+        done = handed * loader.spec.batch_size
+        if stop is None:
             return []
-        position = remaining[bad.position]
-        rejected[position] = (bad.reason, bad.detail)
-        print(f"predict: {bad.path}: {bad.reason} ({bad.detail}): rejected; going on without it", flush=True)
-        # the batches handed over hold every image once, in order: go on after them
-        return [p for p in remaining[handed * loader.spec.batch_size:] if p != position]
+        if isinstance(stop, BrokenFile):  # DALI stopped on a file that no decoder reads
+            position = remaining[stop.position]
+            rejected[position] = (stop.reason, stop.detail)
+            print(f"predict: {stop.path}: {stop.reason} ({stop.detail}): rejected; going on without it", flush=True)
+            return [p for p in remaining[done:] if p != position]
+        # The decoder stopped on a file that PIL reads (a GPU decoder is pickier than PIL): the batches it had
+        # in flight again with the reference backend, image by image, then on with the run's backend.
+        suspects = remaining[done:done + (getattr(loader, "prefetch_depth", 0) + 1) * loader.spec.batch_size]
+        fallback = reference_backend(self.executor.device)
+        if fallback is None or fallback == resolve_backend(self.config.loader.backend, self.executor.device):
+            raise stop.__cause__ or stop
+        print(f"predict: the {self.config.loader.backend} decoder stopped on one of {len(suspects)} images from "
+              f"{self.catalog.paths[suspects[0]]} ({stop}); decoding them with {fallback}, image by image",
+              flush=True)
+        _, again = self._run_batches(self.loader(suspects, sizes, backend=fallback, batch_size=1), writer)
+        if again is not None:
+            raise again.__cause__ or again
+        return remaining[done + len(suspects):]
 
     @torch.no_grad()
-    def _run_batches(self, loader, writer: Writer) -> tuple[int, BrokenFile | None]:
+    def _run_batches(self, loader, writer: Writer) -> tuple[int, BrokenFile | DecoderStopped | None]:
         """Every batch of the loader through the model; the results to the writer, without waiting for the
-        device. Returns how many batches were handed over and, where DALI stopped on a broken file, that file."""
+        device. Returns how many batches were handed over and, where the decoder stopped, why."""
         executor = self.executor
         captured = {}
         hook = None
@@ -178,26 +203,37 @@ class Predictor:
         pin = executor.device.type == "cuda"
         handed = 0
         try:
-            for images, positions in loader:
+            for images, positions in _batches_of(loader):
                 parts = [self.forward(images), positions]
                 if self.options.embeddings:
                     parts.append(captured["x"].flatten(1).half())
                 host = [_to_host(p, pin) for p in parts]
-                ready = None
-                if pin:  # the copies are queued: the writer waits for this event, the loop goes on
-                    ready = torch.cuda.Event()
-                    ready.record(torch.cuda.current_stream(executor.device))
-                writer.put(ready, host)
+                # the copies are queued: the writer waits for this event, the loop goes on
+                writer.put(copies_done(executor.device) if pin else None, host)
                 handed += 1
                 if self.stop_flag.raised:
                     break
-        except BrokenFile as bad:  # DALI stopped on it
-            return handed, bad
+        except (BrokenFile, DecoderStopped) as stop:
+            return handed, stop
         finally:
             if hook is not None:
                 hook.remove()
             loader.close()
         return handed, None
+
+
+def duplicates(catalog: Catalog, positions: np.ndarray) -> dict[int, tuple[str, str]]:
+    """Loose files listed more than once (a list file may): each is predicted at its first listing, and every
+    other listing of it rejected, so that the tables count it once. (Tar members named alike are different
+    images.)"""
+    if catalog.shards is not None or len(set(catalog.paths)) == len(catalog.paths):
+        return {}
+    first: dict[str, int] = {}
+    for position, path in enumerate(catalog.paths):
+        first.setdefault(path, position)
+    again = [p for p in positions.tolist() if first[catalog.paths[p]] != p]
+    return {p: ("duplicate path", f"listed again: predicted once, as image {first[catalog.paths[p]]} of the list")
+            for p in again}
 
 
 class _Subset:
@@ -211,6 +247,33 @@ class _Subset:
 
     def describe(self, position: int) -> str:
         return self.shards.describe(self.positions[position])
+
+
+class DecoderStopped(Exception):
+    """The loader's decoder failed on an image that PIL decodes (DALI then names no file)."""
+
+
+def _batches_of(loader):
+    """The loader's batches; an error of the loader itself (not of the model) as DecoderStopped."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except BrokenFile:
+            raise
+        except RuntimeError as error:
+            raise DecoderStopped(str(error).splitlines()[0] if str(error) else type(error).__name__) from error
+        yield batch
+
+
+def copies_done(device: torch.device) -> torch.cuda.Event:
+    """An event after the work queued so far on the device's current stream. Blocking: the writer thread
+    that waits for it sleeps in synchronize(), where a default event would spin one of the node's cores."""
+    event = torch.cuda.Event(blocking=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _to_host(tensor: torch.Tensor, pin: bool) -> torch.Tensor:

@@ -9,28 +9,30 @@ from planktonio.errors import PlanktonioError
 from planktonio.unlabelled import Catalog, Unit
 
 from ..signals import EXIT_OK
+from .folder import PredictionsFolder
 from .merge import merge
 from .options import UNITS, PredictOptions
 from .predictor import Predictor
-from .settings import settings_key
+from .settings import owner_record, settings_key
 
 
 def predict(options: PredictOptions) -> int:
     o = options
     predictor = Predictor(o)
     catalog = predictor.catalog
-    mine = [u for number, u in enumerate(catalog.units) if number % o.shard[1] == o.shard[0]]
-    todo = [u for u in mine if o.overwrite or not _done(o.out, u, catalog, predictor.provenance)]
-    print(f"predict: {len(catalog)} images in {len(catalog.units)} units under {o.images}; this task's "
-          f"{len(mine)} units, {len(todo)} to do", flush=True)
-    code = EXIT_OK
-    if todo:
-        with predictor:
-            code = predictor.classify(todo)
-    if code == EXIT_OK and all((Path(o.out) / UNITS / f"{u.name}.json").is_file() for u in catalog.units):
-        merge(catalog, Path(o.out), predictor.classes, predictor.provenance)
-        print(f"predict: all {len(catalog.units)} units done: {Path(o.out) / 'samples.csv'}, "
-              f"{Path(o.out) / 'rejected.csv'}")
+    with PredictionsFolder(o.out, owner_record(predictor.provenance), o.overwrite):
+        mine = [u for number, u in enumerate(catalog.units) if number % o.shard[1] == o.shard[0]]
+        todo = [u for u in mine if o.overwrite or not _done(o.out, u, catalog, predictor.provenance)]
+        print(f"predict: {len(catalog)} images in {len(catalog.units)} units under {o.images}; this task's "
+              f"{len(mine)} units, {len(todo)} to do", flush=True)
+        code = EXIT_OK
+        if todo:
+            with predictor:
+                code = predictor.classify(todo)
+        if code == EXIT_OK and all((Path(o.out) / UNITS / f"{u.name}.json").is_file() for u in catalog.units):
+            merge(catalog, Path(o.out), predictor.classes, predictor.provenance)
+            print(f"predict: all {len(catalog.units)} units done: {Path(o.out) / 'samples.csv'}, "
+                  f"{Path(o.out) / 'rejected.csv'}")
     return code
 
 

@@ -29,6 +29,9 @@ def run_config(run: Path, o: PredictOptions):
                                                       ("loader.workers", o.workers)) if value is not None]
     config = config_module.load(run / "config.yaml", overrides)
     config.training.compile = False  # one pass: compiling would cost more than it saves
+    # The checkpoint holds every weight: the backbone's file the run started from is not needed (nor present
+    # on another machine)
+    config.model.weights = None
     chosen = backend_of(config.loader.backend)
     if not (chosen.trains and chosen.streams):
         if o.backend is not None:
@@ -72,3 +75,9 @@ def settings_key(provenance: dict) -> str:
     same = {k: provenance[k] for k in ("checkpoint_sha256", "classes", "transform", "calibration", "top_k",
                                        "float16", "format", "embeddings")}
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
+
+
+def owner_record(provenance: dict) -> dict:
+    """What OUT/predictions.json and each unit's record say of the predictions' owner (folder.py)."""
+    return {"settings": settings_key(provenance),
+            **{k: provenance[k] for k in ("run", "checkpoint", "checkpoint_sha256", "classes")}}

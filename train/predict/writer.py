@@ -15,7 +15,7 @@ from planktonio.unlabelled import Catalog, Unit
 
 from .formats import table_of, write_csv, write_parquet
 from .options import UNITS, PredictOptions
-from .settings import settings_key
+from .settings import owner_record
 
 QUEUE_BATCHES = 8  # results waiting for the writer: the loader and the model never wait on the files
 
@@ -25,7 +25,7 @@ class Writer:
     accounted for: predicted, or rejected with the reason."""
 
     def __init__(self, catalog: Catalog, todo: list[Unit], rejected: dict, out: Path, provenance: dict,
-                 calibrated: dict | None, o: PredictOptions):
+                 calibrated: dict | None, o: PredictOptions, device: torch.device | None = None):
         self.catalog, self.todo, self.rejected, self.out = catalog, todo, rejected, out
         self.provenance, self.o = provenance, o
         self.thresholds = None if calibrated is None else calibrated["threshold_list"]
@@ -35,6 +35,7 @@ class Writer:
         self.last_position = -1
         self.units_written = 0
         self.error: BaseException | None = None
+        self.device = device  # the thread's current device: the events it waits on are this device's
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
         self._thread = threading.Thread(target=self._work, name="predict-writer", daemon=True)
         self._thread.start()
@@ -45,6 +46,12 @@ class Writer:
         self._queue.put((ready, host))
 
     def _work(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            try:  # a new thread starts on cuda:0, whatever device the main thread chose
+                torch.cuda.set_device(self.device)
+            except BaseException as error:  # noqa: BLE001 (kept, and raised in the main thread)
+                self.error = error
+                return
         while True:
             item = self._queue.get()
             if item is None:
@@ -106,7 +113,7 @@ class Writer:
                         np.zeros((0, 0), dtype=np.float16))
         counts, thresholded = _counts(table, catalog, predicted, classes)
         write_atomic(units / f"{unit.name}.json", json.dumps({
-            "unit": unit.name, "digest": catalog.digest(unit), "settings": settings_key(self.provenance),
+            "unit": unit.name, "digest": catalog.digest(unit), **owner_record(self.provenance),
             "images": unit.stop - unit.start, "predicted": len(predicted), "counts": counts,
             "counts_thresholded": thresholded,
             "rejected": [{"path": catalog.paths[p], "sample": catalog.samples[p], "reason": self.rejected[p][0],
