@@ -19,25 +19,9 @@ import numpy as np
 
 from .errors import PlanktonioError
 from .index import STAT_THREADS, Entries, SplitIndex, index_file, stat_files
+from .path_rules import path_problem
 
 SPLITS = ("train", "valid", "test")
-
-
-def unsafe_name_reason(relpath: str) -> str | None:
-    """Why a path cannot go into a manifest line, or None.
-
-    A manifest is one "path label" per line, read by DALI's file_list and by
-    str.splitlines (which also splits at form feeds, U+2028 and other
-    separators); control characters and line breaks would split or corrupt
-    a line, so such names are refused, never mangled.
-    """
-    if len(relpath.splitlines()) != 1 or any(ord(c) < 32 or ord(c) == 127 for c in relpath):
-        return "name has a line break or control character (rename the file)"
-    if relpath != relpath.strip():
-        return "name starts or ends with whitespace (rename the file)"
-    if "\\" in relpath:
-        return "name has a backslash (rename the file)"
-    return None
 
 
 # ------------------------------------------------------- reading it back
@@ -47,20 +31,15 @@ def manifest_line_problem(line: str, num_classes: int) -> str | None:
     """What is wrong with one "relative/path label" line, or None.
 
     The label is the last field (file names may contain spaces): ASCII digits
-    only, as DALI's file_list reads it. The path stays inside the data root:
-    no absolute paths, no "..", no control characters.
+    only, as DALI's file_list reads it. The path as planktonio/path_rules.py allows.
     """
     path, _, label = line.rpartition(" ")
     if not path or not (label.isascii() and label.isdigit()):
         return "expected 'relative/path label' with a label of digits 0-9"
     if int(label) >= num_classes:
         return f"label {label} is not a class (there are {num_classes})"
-    if unsafe_name_reason(path):
-        return "the path has a line break, a control character or surrounding whitespace"
-    parts = Path(path).parts
-    if Path(path).is_absolute() or path.startswith(("/", "\\")) or ".." in parts or "\\" in path:
-        return "the path leaves the data root (absolute, '..' or a backslash)"
-    return None
+    problem = path_problem(path)
+    return None if problem is None else f"the path {problem}"
 
 
 def read_manifest(manifest: Path, num_classes: int) -> list[tuple[str, int]]:
@@ -86,9 +65,36 @@ def read_manifest(manifest: Path, num_classes: int) -> list[tuple[str, int]]:
     return entries
 
 
-# Indexes read and checked, by file and state: a run asks for a split's several times (its loaders, the
-# feature cache, the test at the end), and checking a million images' columns once is enough.
-_checked: dict[tuple, SplitIndex] = {}
+class CheckedIndexes:
+    """Split indexes read and checked, by file and state, one data set's at a time.
+
+    A run asks for a split's index several times (its loaders, the feature
+    cache, the test at the end), and checking a million images' columns once
+    is enough. Kept: the latest state of each split of the last data set
+    asked for (train, valid and test stay together; memory stays flat).
+    """
+
+    def __init__(self):
+        self._kept: dict[tuple, SplitIndex] = {}
+
+    def get(self, key: tuple | None) -> SplitIndex | None:
+        return None if key is None else self._kept.get(key)
+
+    def put(self, key: tuple | None, index: SplitIndex) -> None:
+        """Keep `index` under `key` = (resolved index path, ...); `None`: not kept (no state to key it by)."""
+        if key is None:
+            return
+        folder = os.path.dirname(key[0])
+        stale = [k for k in self._kept if k[0] == key[0] or os.path.dirname(k[0]) != folder]
+        for k in stale:  # an older state of this split, or another data set's split
+            del self._kept[k]
+        self._kept[key] = index
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+CHECKED = CheckedIndexes()
 
 
 @dataclass(frozen=True)
@@ -134,8 +140,9 @@ class PreparedDataset:
             key = (str(path.resolve()), self.num_classes, *_state(path), *_state(manifest))
         except FileNotFoundError:
             key = None
-        if key in _checked:
-            return _checked[key]
+        known = CHECKED.get(key)
+        if known is not None:
+            return known
         index = SplitIndex.read(path)
         text = manifest.read_bytes()
         if hashlib.sha256(text).digest() != index.manifest_sha256:
@@ -143,12 +150,7 @@ class PreparedDataset:
             raise PlanktonioError(f"{manifest}: differs from what prepare wrote (edited since?), and a run reads "
                                   f"{path}; rerun prepare")
         index.check(path, self.num_classes)
-        if key is not None:
-            # One data set's splits at a time (the common case: memory stays flat), each split's latest state.
-            folder = os.path.dirname(key[0])
-            for kept in [k for k in _checked if k[0] == key[0] or os.path.dirname(k[0]) != folder]:
-                del _checked[kept]
-            _checked[key] = index
+        CHECKED.put(key, index)
         return index
 
     def entries(self, split: str) -> Entries:

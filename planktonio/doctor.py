@@ -259,12 +259,10 @@ SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURMD_NODENAME", "SLURM_NT
 
 
 def cpu_facts() -> dict:
-    # The affinity is read here, not through planktonio.loaders.available_cpus: importing the loaders
-    # imports every backend (torchvision, DALI), and the doctor must report a broken one, not die of it.
-    try:
-        usable = len(os.sched_getaffinity(0))  # under Slurm: this task's share of the node
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
+    # From planktonio.cores, not the loaders: importing the loaders imports every backend (torchvision,
+    # DALI), and the doctor must report a broken one, not die of it.
+    from .cores import available_cpus
+    usable = available_cpus()  # under Slurm: this task's share of the node
     slurm = {key: os.environ[key] for key in SLURM_KEYS if key in os.environ}
     return {"usable": usable, "node": os.cpu_count(), "slurm": slurm or None}
 

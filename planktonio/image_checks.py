@@ -19,8 +19,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .shard_reading import ShardReader
+
 # The extensions taken as images (by prepare's scan and by predict's folders).
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+# Images of formats no backend reads: found as images (and rejected as such by predict), never read.
+OTHER_IMAGE_EXTENSIONS = {".gif", ".webp", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jpx", ".jxl", ".jfif",
+                          ".jpe", ".apng", ".pbm", ".pgm", ".ppm", ".pnm", ".tga", ".psd", ".ico", ".svg",
+                          ".exr", ".raw", ".dng", ".cr2", ".nef", ".qoi"}
 # Those the torchvision backend decodes with torchvision.io (libjpeg-turbo, libpng) rather than PIL.
 TORCHVISION_DECODES = {".jpg", ".jpeg", ".png"}
 
@@ -58,30 +64,75 @@ def inspect_image(path: str | os.PathLike) -> ImageCheck:
     return replace(check, sha256=hashlib.sha256(data).hexdigest())
 
 
+def problem_at(path: str | os.PathLike, shards: ShardReader | None = None,
+               position: int = 0) -> tuple[str, str] | None:
+    """What is wrong with one image of a loader, or None: the loose file at `path`, or where `shards` are
+    given, the member at `position` (`path` then its name, whose extension picks the decoders)."""
+    if shards is None:
+        return inspect_image(path).problem
+    return decode_check(path, shards.read(position).tobytes()).problem
+
+
+EMPTY = ("empty", "file has 0 bytes")
+
+
+def _mode_problem(image: Image.Image) -> tuple[str, str] | None:
+    if image.mode in WIDE_MODES:
+        # The backends would read these differently (DALI scales 16 bits down to 8,
+        # torchvision keeps uint16 or clips), so none of them gets one.
+        return ("unsupported bit depth", f"{WIDE_MODES[image.mode]} (PIL mode {image.mode}); "
+                                         f"convert to 8 bits, e.g. with `python -m planktonio square`")
+    width, height = image.size
+    if width < 1 or height < 1:
+        return ("not an image", f"size {width}x{height}")
+    return None
+
+
+def _error_problem(error: Exception) -> tuple[str, str]:
+    """The reason for what PIL raised opening or decoding an image."""
+    if isinstance(error, UnidentifiedImageError):
+        return ("not an image", "no known image format")
+    detail = str(error) or type(error).__name__
+    if "truncat" in detail.lower():  # PIL: "image file is truncated", "Truncated File Read"
+        return ("truncated", detail)
+    return ("unreadable", detail)
+
+
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # UnidentifiedImageError: an OSError
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    return (height, width) if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS else (width, height)
+
+
+def header_check(source) -> tuple[int, int, tuple[str, str] | None]:
+    """(width, height, problem) from an image's header, without decoding it (a path or a file object): its
+    size with the EXIF orientation applied, or why no loader can read it. Truncation shows only in decoding."""
+    try:
+        with Image.open(source) as image:
+            problem = _mode_problem(image)
+            if problem:
+                return 0, 0, problem
+            width, height = _upright_size(image)
+    except PIL_ERRORS as error:
+        return 0, 0, _error_problem(error)
+    return width, height, None
+
+
 def decode_check(path: str | os.PathLike, data: bytes) -> ImageCheck:
     """Decode `data` (the bytes of the file or member named `path`, whose extension picks the decoders)."""
     if not data:
-        return ImageCheck(("empty", "file has 0 bytes"))
+        return ImageCheck(EMPTY)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # a full decode: header checks alone miss truncation
-            width, height = image.size
-            if width < 1 or height < 1:
-                return ImageCheck(("not an image", f"size {width}x{height}"))
-            if image.mode in WIDE_MODES:
-                # The backends would read these differently (DALI scales 16 bits down to 8,
-                # torchvision keeps uint16 or clips), so none of them gets one.
-                return ImageCheck(("unsupported bit depth", f"{WIDE_MODES[image.mode]} (PIL mode {image.mode}); "
-                                   f"convert to 8 bits, e.g. with `python -m planktonio square`"))
-            if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
-                width, height = height, width
-    except UnidentifiedImageError:
-        return ImageCheck(("not an image", "no known image format"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        detail = str(error) or type(error).__name__
-        if "truncat" in detail.lower():  # PIL: "image file is truncated", "Truncated File Read"
-            return ImageCheck(("truncated", detail))
-        return ImageCheck(("unreadable", detail))
+            problem = _mode_problem(image)
+            if problem:
+                return ImageCheck(problem)
+            width, height = _upright_size(image)
+    except PIL_ERRORS as error:
+        return ImageCheck(_error_problem(error))
     # libjpeg-turbo, through torchvision, refuses some corrupt JPEGs that PIL
     # decodes with a warning; the torchvision loader would then drop them.
     if Path(path).suffix.lower() in TORCHVISION_DECODES:

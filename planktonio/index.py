@@ -39,11 +39,15 @@ import numpy as np
 
 from .errors import PlanktonioError
 from .files import write_arrays
+from .path_rules import SEPARATOR, first_path_problem
 
 INDEX_DIR = "index"
 FORMAT = 1
 COLUMNS = ("path_bytes", "path_end", "label", "width", "height", "bytes", "mtime_ns", "sha256")
-SEPARATOR = ord("\n")
+# Each column's type and dimensions, as prepare writes them (a forged index may hold others).
+COLUMN_TYPES = {"path_bytes": (np.uint8, 1), "path_end": (np.int64, 1), "label": (np.int32, 1),
+                "width": (np.int32, 1), "height": (np.int32, 1), "bytes": (np.int64, 1), "mtime_ns": (np.int64, 1),
+                "sha256": (np.uint8, 2)}
 RERUN = "rerun `python -m planktonio prepare`"
 # Threads that stat a split's loose files at once (stat_files): each stat waits on the file system (a
 # metadata server on Lustre), not on a core, so more of them than cores pay.
@@ -139,6 +143,11 @@ class SplitIndex:
     def check(self, path: Path, num_classes: int) -> None:
         """Every column as a reader needs it, with vectorised checks; a one-line error naming the first
         image at fault otherwise."""
+        for name, (dtype, ndim) in COLUMN_TYPES.items():
+            column = getattr(self, name)
+            if column.dtype != np.dtype(dtype) or column.ndim != ndim:
+                raise PlanktonioError(f"{path}: column {name} holds {column.dtype} in {column.ndim} dimension(s), "
+                                      f"not {np.dtype(dtype)} in {ndim}; {RERUN}")
         n = len(self.label)
         columns = (self.path_end, self.width, self.height, self.bytes, self.mtime_ns)
         if any(c.ndim != 1 or len(c) != n for c in columns) or self.sha256.shape != (n, 32) or \
@@ -162,35 +171,10 @@ class SplitIndex:
             raise self._at(path, bad[0], f"size {int(self.width[bad[0]])} x {int(self.height[bad[0]])} px")
 
     def _check_paths(self, path: Path) -> None:
-        """Paths that stay inside the data root, found on the whole blob at once."""
-        blob, n = self.path_bytes, len(self)
-        if not n:
-            return
-        try:
-            blob.tobytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise self._at(path, self._position_of(error.start), "the path is not UTF-8") from None
-        control = np.flatnonzero(((blob < 32) & (blob != SEPARATOR)) | (blob == 127))
-        if len(control):
-            raise self._at(path, self._position_of(control[0]), "the path has a control character")
-        backslash = np.flatnonzero(blob == ord("\\"))
-        if len(backslash):
-            raise self._at(path, self._position_of(backslash[0]), "the path leaves the data root (a backslash)")
-        starts = self.path_start
-        spaces = np.flatnonzero(np.isin(blob[starts], (32,)) | np.isin(blob[self.path_end - 1], (32,)))
-        if len(spaces):
-            raise self._at(path, spaces[0], "the path starts or ends with a space")
-        absolute = np.flatnonzero(blob[starts] == ord("/"))
-        if len(absolute):
-            raise self._at(path, absolute[0], "the path leaves the data root (absolute)")
-        text = b"\n" + blob.tobytes()
-        for pattern in (b"\n../", b"/../", b"/..\n", b"\n..\n"):
-            at = text.find(pattern)
-            if at >= 0:
-                raise self._at(path, self._position_of(max(0, at)), "the path leaves the data root ('..')")
-
-    def _position_of(self, byte: int) -> int:
-        return int(np.searchsorted(self.path_end, byte))
+        """Paths as planktonio/path_rules.py allows them, found on the whole blob at once."""
+        found = first_path_problem(self.path_bytes, self.path_end)
+        if found is not None:
+            raise self._at(path, found[0], f"the path {found[1]}")
 
     def _at(self, path: Path, position: int, problem: str) -> PlanktonioError:
         shown = self.path_bytes[self.path_start[position]:self.path_end[position]].tobytes()

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import remove_stale, write_arrays, write_atomic
+from .processes import end_with_parent
 
 JOURNAL = ".prepare-journal"
 JOURNAL_FORMAT = 1
@@ -200,7 +201,7 @@ def inspect_files(source: Path, paths: list[str], skip: np.ndarray, workers: int
                 names = todo(a, b)
                 finished(a, b, spread(a, b, _inspect_chunk(root, names)) if names else None)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
                 pending, queue = {}, iter(chunks)
                 while True:
                     while len(pending) < workers * IN_FLIGHT_PER_WORKER:

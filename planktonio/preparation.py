@@ -42,12 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import SPLITS, unsafe_name_reason
+from .cores import available_cpus
+from .dataset import SPLITS
 from .errors import PlanktonioError
 from .files import write_atomic
 from .image_checks import IMAGE_EXTENSIONS
 from .index import SplitIndex, index_file
 from .inspection import Inspection, inspect_files
+from .path_rules import path_problem, shown
 
 FORMAT = 3  # of the prepared layout, recorded in classes.json
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -140,7 +142,8 @@ class Candidates:
 
     def unsafe_names(self) -> dict[int, tuple[str, str]]:
         """position -> ("unsafe name", why) for each path no manifest line can hold."""
-        return {p: ("unsafe name", reason) for p, path in enumerate(self.paths) if (reason := unsafe_name_reason(path))}
+        return {p: ("unsafe name", f"the name {problem} (rename the file)") for p, path in enumerate(self.paths)
+                if (problem := path_problem(path))}
 
 
 # --------------------------------------------------------------- splitting
@@ -222,8 +225,8 @@ def find_copies(paths: list[str], class_of: np.ndarray, classes: list[str], sha2
 def _in_other_classes(group: CopyGroup, name: str, path: str) -> str:
     """rejected.csv's detail for one copy of an image filed under several classes."""
     others = [p for _, p in group.files if p != path]
-    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-    return (f"also in {', '.join(c for c in group.classes if c != name)}: the same bytes as {shown} "
+    listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f"also in {', '.join(c for c in group.classes if c != name)}: the same bytes as {listed} "
             f"(sha256 {group.sha256[:16]}...); put the image in its one right class folder")
 
 
@@ -299,7 +302,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     skip = np.zeros(len(candidates.paths), dtype=bool)
     skip[list(unsafe)] = True
     out.mkdir(parents=True, exist_ok=True)
-    checks, journal = inspect_files(source, candidates.paths, skip, workers or os.cpu_count() or 1, out, progress)
+    checks, journal = inspect_files(source, candidates.paths, skip, workers or available_cpus(), out, progress)
     verdicts = _judge(candidates, {**unsafe, **checks.problems}, checks)
     selection = _select_classes(source, candidates, verdicts, min_images, plan)
     splits, positions = _draw_splits(candidates, selection, plan, seed, splitter)
@@ -374,7 +377,7 @@ def _select_classes(source: Path, candidates: Candidates, verdicts: Verdicts, mi
         largest = max(distinct.items(), key=lambda item: len(item[1]))
         raise PlanktonioError(
             f"source {source}: no class has at least {min_images} usable images "
-            f"(largest: {largest[0]} with {len(largest[1])})")
+            f"(largest: {shown(largest[0])} with {len(largest[1])}){_why_rejected(candidates, verdicts)}")
     for name in kept:
         wanted = plan.counts(len(distinct[name]))
         if sum(wanted) > len(distinct[name]):
@@ -383,6 +386,19 @@ def _select_classes(source: Path, candidates: Candidates, verdicts: Verdicts, mi
                 f"{' (not counting copies)' if len(distinct[name]) < usable_count[name] else ''} but the split "
                 f"asks for {sum(wanted)} ({'+'.join(map(str, wanted))}); lower --per-class or raise --min-images")
     return Selection(kept, dropped, usable_count, {name: distinct[name] for name in kept}, copies)
+
+
+def _why_rejected(candidates: Candidates, verdicts: Verdicts) -> str:
+    """"; N of M files rejected: how many for each reason, e.g. the first": for an error that no class is left."""
+    if not verdicts.rejected:
+        return ""
+    reasons: dict[str, int] = {}
+    for reason, _ in verdicts.rejected.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    first = min(verdicts.rejected)
+    return (f"; {len(verdicts.rejected)} of {len(candidates.paths)} files rejected: "
+            f"{', '.join(f'{n} {reason}' for reason, n in sorted(reasons.items()))} (e.g. "
+            f"{shown(candidates.paths[first])}: {verdicts.rejected[first][1]})")
 
 
 def _draw_splits(candidates: Candidates, selection: Selection, plan: SplitPlan, seed: int,
@@ -450,7 +466,7 @@ def _skipped_csv(source: Path, skipped: dict[str, str]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "reason"])
     for path, reason in sorted(skipped.items()):
-        writer.writerow([str(source / path), reason])
+        writer.writerow([shown(str(source / path)), reason])
     return buffer.getvalue()
 
 
@@ -463,7 +479,7 @@ def _duplicates_csv(source: Path, groups: list[CopyGroup], splits: dict[str, lis
     writer.writerow(["group", "sha256", "class", "path", "split"])
     for number, group in enumerate(groups, start=1):
         for name, path in group.files:
-            writer.writerow([number, group.sha256, name, str(source / path), where.get(path, "")])
+            writer.writerow([number, group.sha256, name, shown(str(source / path)), where.get(path, "")])
     return buffer.getvalue()
 
 
@@ -472,7 +488,7 @@ def _rejected_csv(source: Path, rejected: dict[str, tuple[str, str]]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "reason", "detail"])
     for path, (reason, detail) in sorted(rejected.items()):
-        writer.writerow([str(source / path), reason, detail])
+        writer.writerow([shown(str(source / path)), reason, detail])
     return buffer.getvalue()
 
 

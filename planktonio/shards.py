@@ -49,6 +49,7 @@ import numpy as np
 from .dataset import SPLITS, PreparedDataset
 from .errors import PlanktonioError
 from .files import atomic_file, write_arrays, write_atomic
+from .shard_reading import MemberMaps
 
 SHARDS_DIR = "shards"
 FORMAT = 2  # 2: the split's index in numpy columns (.npz), not JSON
@@ -277,15 +278,12 @@ def _write_stamp(stamp_file: Path, stamp: dict) -> None:
         pass
 
 
-class ShardSet:
+class ShardSet(MemberMaps):
     """One split's shards: the image bytes of manifest position p, read from a memory map of its shard."""
 
     def __init__(self, dataset: PreparedDataset, split: str, index: ShardIndex):
-        self.dataset, self.split = dataset, split
-        self.directory = dataset.path / SHARDS_DIR
-        self.names = index.names
-        self.shard, self.offset, self.size, self.sha256 = index.shard, index.offset, index.size, index.sha256
-        self._maps: dict[int, np.memmap] = {}
+        super().__init__(dataset.path / SHARDS_DIR, index.names, index.shard, index.offset, index.size)
+        self.dataset, self.split, self.sha256 = dataset, split, index.sha256
 
     @classmethod
     def open(cls, dataset: PreparedDataset, split: str, everything: bool = False) -> "ShardSet | None":
@@ -352,17 +350,3 @@ class ShardSet:
         """Where a sample lives, for messages: shard file and key."""
         return (f"{self.directory / self.names[self.shard[position]]}:{key_of(position)} "
                 f"({self.dataset.index(self.split).path(position)})")
-
-    def read(self, position: int) -> np.ndarray:
-        """The encoded image of manifest position p: uint8 bytes, a view of the shard's memory map."""
-        number = int(self.shard[position])
-        if number not in self._maps:
-            self._maps[number] = np.memmap(self.directory / self.names[number], dtype=np.uint8, mode="r")
-        start = int(self.offset[position])
-        return np.asarray(self._maps[number][start:start + int(self.size[position])])
-
-    def __getstate__(self):
-        # Worker processes open their own maps rather than receive (a copy of) the parent's.
-        state = dict(self.__dict__)
-        state["_maps"] = {}
-        return state

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .preparation import scan_classes
+from .cores import available_cpus
 from .errors import PlanktonioError
+from .preparation import scan_classes
+from .processes import end_with_parent
 
 # Full scale of each wide PIL mode: the value that becomes 255.
 FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
@@ -79,6 +81,7 @@ def square_tree(source: Path, out: Path, size: int = 255, quality: int = 90,
     relpaths = [rel for files in scan_classes(source).classes.values() for rel in files]
     jobs = [(str(Path(source) / rel), str(Path(out) / target), size, quality)
             for rel, target in target_names(relpaths).items()]
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+    with ProcessPoolExecutor(max_workers=workers or available_cpus(), initializer=end_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         failures = [f for f in pool.map(_square_one, jobs, chunksize=64) if f]
     return len(jobs) - len(failures), failures

@@ -1,14 +1,23 @@
 """Images without labels, as `train predict` reads them: a folder, a list of paths, or tar shards.
 
-- a folder: every image under it (nested folders allowed; the extensions
-  `prepare` takes; hidden files left out); each folder that holds images
-  directly is one *sample* (an instrument's bin, a station's cast);
+- a folder: every image under it (nested folders and linked folders
+  allowed; the extensions `prepare` takes; hidden files left out); each
+  folder that holds images directly is one *sample* (an instrument's bin, a
+  station's cast);
 - a text file (any other file): one image path per line, absolute or
   relative to the file's folder; samples are the images' folders;
 - tar shards: a folder of `.tar` files in the webdataset layout (members
   `KEY.jpg`, ...), as `planktonio pack` writes them (its `shards/` folder);
   a member's name is its path, or the path pack's index recorded for it,
   and its sample that path's folder.
+
+Every image found is accounted for: read, or rejected with the reason. Some
+are rejected as they are found (`Catalog.problems`): images of a format no
+loader reads ("unsupported format": .gif, .webp, ...), names that are not
+UTF-8 ("unsafe name", shown with \\xNN escapes), a path listed again
+("duplicate path"), members lost in a damaged stretch of a shard ("damaged
+shard": planktonio/shard_reading.py). They take their place in their sample
+and unit like any image, so a sample's counts include them.
 
 The work is cut into *units*, each written on its own by `train predict`:
 a sample's images (at most UNIT_IMAGES of them; a larger sample is cut into
@@ -31,15 +40,18 @@ import json
 import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from .image_checks import EXIF_ORIENTATION, IMAGE_EXTENSIONS, QUARTER_TURNS, WIDE_MODES
 from .errors import PlanktonioError
+from .image_checks import EMPTY, IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, header_check
+from .path_rules import NOT_UTF8, path_problem, shown
+from .processes import end_with_parent
+from .shard_reading import Damage, MemberMaps, scan_members
 
 UNIT_IMAGES = 10_000  # the most images of one unit: a stop loses at most this much work
 
@@ -51,27 +63,16 @@ class Unit:
     stop: int
 
 
-class TarShards:
+class TarShards(MemberMaps):
     """The image members of tar files, read by offset from memory maps (what the loaders call `shards`)."""
 
     def __init__(self, folder: Path, names: list[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray,
                  members: list[str]):
-        self.directory, self.names, self.members = folder, names, members
-        self.shard, self.offset, self.size = shard, offset, size
-        self._maps: dict[int, np.memmap] = {}
-
-    def read(self, position: int) -> np.ndarray:
-        number = int(self.shard[position])
-        if number not in self._maps:
-            self._maps[number] = np.memmap(self.directory / self.names[number], dtype=np.uint8, mode="r")
-        start = int(self.offset[position])
-        return np.asarray(self._maps[number][start:start + int(self.size[position])])
+        super().__init__(folder, names, shard, offset, size)
+        self.members = members
 
     def describe(self, position: int) -> str:
         return f"{self.directory / self.names[int(self.shard[position])]}:{self.members[position]}"
-
-    def __getstate__(self):  # worker processes open their own maps
-        return {**self.__dict__, "_maps": {}}
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Catalog:
     samples: list[str]
     units: list[Unit]
     shards: TarShards | None = None
+    # position -> (reason, detail) of the images rejected as they were found (read_headers reports them)
+    problems: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -93,8 +96,37 @@ class Catalog:
         return hashlib.sha256("\n".join(self.paths[unit.start:unit.stop]).encode()).hexdigest()
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+@dataclass(frozen=True)
+class Found:
+    """One image as found, before the catalog's order is set."""
+
+    sample: str
+    path: str                                 # printable: a name that is not UTF-8 shown escaped
+    problem: tuple[str, str] | None = None
+
+
+def _ordered(found: list[Found]) -> tuple[list[str], list[str], dict[int, tuple[str, str]]]:
+    """Paths, samples and problems by position, a sample's images together (sorted by sample, then path)."""
+    found = sorted(found, key=lambda f: (f.sample, f.path))
+    return [f.path for f in found], [f.sample for f in found], \
+        {p: f.problem for p, f in enumerate(found) if f.problem is not None}
+
+
+def _name_problem(path: str, ext: str) -> tuple[str, str] | None:
+    """Why an image found under this name is rejected before it is read, or None."""
+    if path_problem(path) == NOT_UTF8:
+        return ("unsafe name", "the name is not valid UTF-8 (shown with \\xNN escapes for the bytes that are "
+                               "not); rename the file")
+    if ext in OTHER_IMAGE_EXTENSIONS:
+        return ("unsupported format", f"{ext} images are not read (only {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                      f"convert it, e.g. to PNG")
+    return None
+
+
+def _taken(name: str) -> bool:
+    """A name found as an image: read, or rejected as an image of a format no loader reads."""
+    ext = os.path.splitext(name)[1].lower()
+    return not name.startswith(".") and (ext in IMAGE_EXTENSIONS or ext in OTHER_IMAGE_EXTENSIONS)
 
 
 def _sample_units(samples: list[str]) -> list[Unit]:
@@ -123,20 +155,33 @@ def discover(source: str | os.PathLike) -> Catalog:
     if source.is_file():
         return _from_list(source)
     if not source.is_dir():
-        raise PlanktonioError(f"--images {source}: no such file or folder")
+        raise PlanktonioError(f"--images {source}: no such file or folder; give a file of paths (one image a "
+                              f"line) or a folder of images or of tar shards")
     tars = sorted(p for p in source.iterdir() if p.suffix == ".tar" and p.is_file())
     if tars:
         return _from_shards(source, tars)
-    paths = []
-    for folder, subfolders, names in os.walk(source, onerror=_unreadable):
+    return _from_folder(source)
+
+
+def _from_folder(source: Path) -> Catalog:
+    """Every image under `source`, linked folders entered (each real folder once: a link back to a folder
+    already walked is not followed again)."""
+    found, walked = [], set()
+    for folder, subfolders, names in os.walk(source, onerror=_unreadable, followlinks=True):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in walked:
+            subfolders[:] = []
+            continue
+        walked.add((status.st_dev, status.st_ino))
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        paths += [Path(folder, name).relative_to(source).as_posix() for name in sorted(names) if _is_image(name)]
-    if not paths:
+        prefix = Path(folder).relative_to(source).as_posix()
+        for name in sorted(n for n in names if _taken(n)):
+            path = name if prefix == "." else f"{prefix}/{name}"
+            found.append(Found(shown(prefix), shown(path), _name_problem(path, os.path.splitext(name)[1].lower())))
+    if not found:
         raise PlanktonioError(f"--images {source}: no images under it ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    samples = [os.path.dirname(p) or "." for p in paths]
-    order = sorted(range(len(paths)), key=lambda i: (samples[i], paths[i]))  # a sample's images together
-    paths, samples = [paths[i] for i in order], [samples[i] for i in order]
-    return Catalog(source, source, paths, samples, _sample_units(samples))
+    paths, samples, problems = _ordered(found)
+    return Catalog(source, source, paths, samples, _sample_units(samples), problems=problems)
 
 
 def _unreadable(error: OSError):
@@ -144,78 +189,120 @@ def _unreadable(error: OSError):
 
 
 def _from_list(listing: Path) -> Catalog:
+    """The images a file lists: each path once (a path listed again is rejected as a duplicate)."""
+    refused = f"--images {listing}: {{}}; give a file of paths (one image path a line) or a folder"
+    if _taken(listing.name):
+        raise PlanktonioError(refused.format("an image, not a list of images"))
     try:
-        lines = listing.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise PlanktonioError(f"--images {listing}: cannot be read as a list of image paths ({error})") from None
-    paths = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not paths:
+        data = listing.read_bytes()
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "a NUL byte")
+        lines = data.decode("utf-8").splitlines()
+    except OSError as error:
+        raise PlanktonioError(refused.format(f"cannot be read ({error.strerror})")) from None
+    except UnicodeDecodeError:
+        raise PlanktonioError(refused.format("not a text file of paths (not UTF-8 text)")) from None
+    listed = [(number, line.strip()) for number, line in enumerate(lines, start=1)
+              if line.strip() and not line.lstrip().startswith("#")]
+    if not listed:
         raise PlanktonioError(f"--images {listing}: lists no images (one path per line)")
     # Absolute paths stay so; relative ones are relative to the list's folder. The root is the filesystem's.
-    absolute = [p if os.path.isabs(p) else str((listing.parent / p).resolve()) for p in paths]
-    samples = [os.path.dirname(p) for p in absolute]
-    order = sorted(range(len(paths)), key=lambda i: (samples[i], absolute[i]))
-    absolute, samples = [absolute[i] for i in order], [samples[i] for i in order]
-    return Catalog(listing, Path("/"), absolute, samples, _chunk_units(quote(listing.stem, safe=""), len(absolute)))
+    first_line: dict[str, int] = {}
+    found = []
+    for number, path in listed:
+        absolute = path if os.path.isabs(path) else str((listing.parent / path).resolve())
+        first = first_line.setdefault(os.path.normpath(absolute), number)
+        problem = None if first == number else \
+            ("duplicate path", f"listed again at line {number} of {listing.name} (first at line {first}): "
+                               f"predicted once")
+        found.append((os.path.dirname(absolute), absolute, number, problem))
+    found.sort(key=lambda f: f[:3])
+    paths, samples = [f[1] for f in found], [f[0] for f in found]
+    problems = {p: f[3] for p, f in enumerate(found) if f[3] is not None}
+    return Catalog(listing, Path("/"), paths, samples, _chunk_units(quote(listing.stem, safe=""), len(paths)),
+                   problems=problems)
 
 
-def _from_shards(folder: Path, tars: list[Path]) -> Catalog:
-    """Every image member of the tars, shard after shard; names from pack's index where there is one."""
+def _recorded_paths(folder: Path) -> dict[str, list[str]]:
+    """shard name -> the paths its images came from, where an index of pack's lists them."""
     recorded = {}
-    for index_file in folder.glob("*.json"):  # pack's per-split index: the path each sample came from
+    for index_file in folder.glob("*.json"):
         try:
             index = json.loads(index_file.read_text())
             for number, shard in enumerate(index["shards"]):
                 recorded[shard["name"]] = [p for p, s in zip(index["path"], index["shard"]) if s == number]
         except (ValueError, KeyError, TypeError, OSError):
             continue
-    names, shard, offset, size, members, paths, units = [], [], [], [], [], [], []
+    return recorded
+
+
+def _from_shards(folder: Path, tars: list[Path]) -> Catalog:
+    """Every image member of the tars, shard after shard, and every image lost in a damaged stretch of one;
+    names from pack's index where there is one."""
+    recorded = _recorded_paths(folder)
+    names, shard, offset, size, members, paths, units, problems = [], [], [], [], [], [], [], {}
     for number, tar in enumerate(tars):
         try:
-            with tarfile.open(tar) as archive:
-                images = [m for m in archive.getmembers() if m.isfile() and _is_image(os.path.basename(m.name))]
+            found, damage = scan_members(tar)
         except (tarfile.TarError, OSError) as error:
-            raise PlanktonioError(f"--images {tar}: not a readable tar file ({error})") from None
+            raise PlanktonioError(f"--images {tar}: not a readable tar file ({error}); remove it or write it "
+                                  f"again") from None
+        images = [m for m in found if m.isfile() and _taken(os.path.basename(m.name))]
+        named = recorded.get(tar.name) if not damage else None
+        entries = [(m.offset_data, m.size, shown(m.name),
+                    named[i] if named and len(named) == len(images) else shown(m.name),
+                    _name_problem(m.name, os.path.splitext(m.name)[1].lower())) for i, m in enumerate(images)]
+        entries += [(at, 0, name, name, ("damaged shard", detail))
+                    for at, name, detail in _lost_images(tar, found, images, damage)]
         start = len(paths)
-        named = recorded.get(tar.name)
-        for i, member in enumerate(images):
+        for at, length, member, path, problem in sorted(entries, key=lambda e: e[0]):
+            if problem is not None:
+                problems[len(paths)] = problem
             shard.append(number)
-            offset.append(member.offset_data)
-            size.append(member.size)
-            members.append(member.name)
-            paths.append(named[i] if named and len(named) == len(images) else member.name)
+            offset.append(at)
+            size.append(length)
+            members.append(member)
+            paths.append(path)
         names.append(tar.name)
         units.append(Unit(tar.stem, start, len(paths)))
     if not paths:
         raise PlanktonioError(f"--images {folder}: its tar files hold no images")
     samples = [os.path.dirname(p) or "." for p in paths]
-    shards = TarShards(folder, names, np.asarray(shard), np.asarray(offset), np.asarray(size), members)
-    return Catalog(folder, folder, paths, samples, [u for u in units if u.stop > u.start], shards)
+    shards = TarShards(folder, names, np.asarray(shard), np.asarray(offset, dtype=np.int64),
+                       np.asarray(size, dtype=np.int64), members)
+    return Catalog(folder, folder, paths, samples, [u for u in units if u.stop > u.start], shards, problems)
+
+
+def _key(name: str | None) -> str:
+    """A member's webdataset key: its base name up to the first dot."""
+    return os.path.basename(name).split(".", 1)[0] if name else ""
+
+
+def _lost_images(tar: Path, found: list[tarfile.TarInfo], images: list[tarfile.TarInfo],
+                 damage: list[Damage]) -> list[tuple[int, str, str]]:
+    """(offset, name, detail) of what the damaged stretches of a tar lost: by key where the members have
+    numbered keys (webdataset keys, as pack writes them: each key without its image is lost), and each
+    stretch at the start or the end (what it held cannot be counted); else each stretch."""
+    if not damage:
+        return []
+    where = ", ".join(f"{d.start}-{d.stop}" for d in damage)
+    said = f"bytes {where} of {tar.name} hold no valid tar header (the shard is damaged): {{}}; the members " \
+           f"after them were read"
+    keys = [_key(m.name) for m in found]
+    if not all(k.isascii() and k.isdigit() and len(k) == len(keys[0]) for k in keys):
+        return [(d.start, f"{tar.name}:{d.start}-{d.stop}", said.format("the images stored there are lost"))
+                for d in damage]
+    numbers, with_image = [int(k) for k in keys], {int(_key(m.name)) for m in images}
+    lost = [k for k in range(min(numbers), max(numbers) + 1) if k not in with_image]
+    after = [(int(_key(d.after)) if d.after else max(numbers) + 1, d.start) for d in damage]
+    lost_keys = [(min((start for key, start in after if key >= k), default=damage[-1].start), f"{k:0{len(keys[0])}d}",
+                  said.format(f"the image of key {k:0{len(keys[0])}d} is lost")) for k in lost]
+    ends = [(d.start, f"{tar.name}:{d.start}-{d.stop}", said.format("what was stored there before the first "
+             "member read or after the last is lost")) for d in damage if d.before is None or d.after is None]
+    return lost_keys + ends
 
 
 # ---------------------------------------------------------------- headers: sizes and the files that are not images
-
-
-def peek(source) -> tuple[int, int, tuple[str, str] | None]:
-    """(width, height, problem) from an image's header, without decoding it: its size with the EXIF
-    orientation applied, or why no loader can read it (reason, detail) as `prepare` names them."""
-    try:
-        with Image.open(source) as image:
-            width, height = image.size
-            if image.mode in WIDE_MODES:
-                why = (f"{WIDE_MODES[image.mode]} (PIL mode {image.mode}); convert to 8 bits, e.g. with "
-                       f"`python -m planktonio square`")
-                return 0, 0, ("unsupported bit depth", why)
-            if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:
-                width, height = height, width
-    except UnidentifiedImageError:
-        return 0, 0, ("not an image", "no known image format")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        detail = str(error) or type(error).__name__
-        return 0, 0, ("truncated" if "truncat" in detail.lower() else "unreadable", detail)
-    if width < 1 or height < 1:
-        return 0, 0, ("not an image", f"size {width}x{height}")
-    return width, height, None
 
 
 def _peek_files(paths: list[str]) -> list[tuple[int, int, tuple[str, str] | None]]:
@@ -226,35 +313,58 @@ def _peek_files(paths: list[str]) -> list[tuple[int, int, tuple[str, str] | None
         except OSError as error:
             out.append((0, 0, ("unreadable", error.strerror or type(error).__name__)))
             continue
-        out.append((0, 0, ("empty", "file has 0 bytes")) if empty else peek(path))
+        out.append((0, 0, EMPTY) if empty else header_check(path))
     return out
 
 
 def _peek_members(shards: TarShards, positions: list[int]):
     return [(0, 0, ("empty", "member has 0 bytes")) if not shards.size[p]
-            else peek(io.BytesIO(shards.read(p).tobytes())) for p in positions]
+            else header_check(io.BytesIO(shards.read(p).tobytes())) for p in positions]
 
 
-def read_headers(catalog: Catalog, positions: np.ndarray, workers: int = 1):
+# A job that carried the shards would pickle their whole member table each time (it grows with the catalog:
+# 53 MiB a job at a million members), so each scan worker gets them once, when it starts, and a job carries
+# its positions only.
+_worker_shards: TarShards | None = None
+
+
+def _start_scan_worker(parent: int, shards: TarShards | None) -> None:
+    end_with_parent(parent)
+    keep_shards(shards)
+
+
+def keep_shards(shards: TarShards | None) -> None:
+    """The shards this scan worker reads (handed over once, when it starts)."""
+    global _worker_shards
+    _worker_shards = shards
+
+
+def _scan_members(positions: list[int]):
+    return _peek_members(_worker_shards, positions)
+
+
+def read_headers(catalog: Catalog, positions: np.ndarray, workers: int = 1, pool=ProcessPoolExecutor):
     """Widths, heights (arrays over `positions`) and {position: (reason, detail)} of those no loader can
-    read, from the images' headers, `workers` processes at a time."""
+    read: the images rejected as they were found, and those found so from their headers, `workers`
+    processes at a time (`pool`: the executor class, for tests)."""
     positions = [int(p) for p in positions]
-    size = max(1, min(512, len(positions) // max(workers * 8, 1) or 1))
-    chunks = [positions[i:i + size] for i in range(0, len(positions), size)]
+    problems = {p: catalog.problems[p] for p in positions if p in catalog.problems}
+    todo = [p for p in positions if p not in problems]
+    size = max(1, min(512, len(todo) // max(workers * 8, 1) or 1))
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
     if catalog.shards is not None:
-        jobs = [(_peek_members, catalog.shards, chunk) for chunk in chunks]
+        jobs, scan, here = chunks, _scan_members, partial(_peek_members, catalog.shards)
     else:
-        jobs = [(_peek_files, [str(catalog.root / catalog.paths[p]) for p in chunk]) for chunk in chunks]
+        jobs = [[str(catalog.root / catalog.paths[p]) for p in chunk] for chunk in chunks]
+        scan = here = _peek_files
     if workers <= 1 or len(jobs) <= 1:
-        results = [r for job in jobs for r in job[0](*job[1:])]
+        results = [r for job in jobs for r in here(job)]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = [r for done in pool.map(_call, jobs) for r in done]
-    widths = np.asarray([r[0] for r in results], dtype=np.int64)
-    heights = np.asarray([r[1] for r in results], dtype=np.int64)
-    problems = {p: r[2] for p, r in zip(positions, results) if r[2] is not None}
-    return widths, heights, problems
-
-
-def _call(job):
-    return job[0](*job[1:])
+        with pool(max_workers=workers, initializer=_start_scan_worker,
+                  initargs=(os.getpid(), catalog.shards)) as scanners:
+            results = [r for done in scanners.map(scan, jobs) for r in done]
+    found = dict(zip(todo, results))
+    widths = np.asarray([found[p][0] if p in found else 0 for p in positions], dtype=np.int64)
+    heights = np.asarray([found[p][1] if p in found else 0 for p in positions], dtype=np.int64)
+    problems.update({p: r[2] for p, r in found.items() if r[2] is not None})
+    return widths, heights, {p: problems[p] for p in positions if p in problems}

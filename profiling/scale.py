@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 import subprocess
@@ -154,9 +153,11 @@ def per_image(sizes: list[int], peaks: list[int]) -> float | None:
 
 def run(bench: ScaleBenchmark, json_path: Path | None, environment: dict) -> dict:
     import torch
+
+    from planktonio.cores import available_cpus
     from planktonio.loaders import BACKENDS, resolve_backend
     out = Path(bench.out)
-    workers = bench.workers or len(os.sched_getaffinity(0))
+    workers = bench.workers or available_cpus()
     cpu = torch.device("cpu")
     # (a name checked before any set is made; start-up costs, not decoding, are what is measured)
     backend = resolve_backend(bench.backend, cpu) if bench.backend else \

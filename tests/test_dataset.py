@@ -131,8 +131,8 @@ def test_a_manifest_edited_after_prepare_is_refused(coloured, tmp_path):
     ("..", "leaves the data root ('..')"),
     ("/etc/passwd", "leaves the data root (absolute)"),
     ("a\\b.jpg", "leaves the data root (a backslash)"),
-    ("a\tb.jpg", "has a control character"),
-    (" a.jpg", "starts or ends with a space"),
+    ("a\tb.jpg", "has a line break or control character"),
+    (" a.jpg", "starts or ends with whitespace"),
 ])
 def test_an_index_whose_path_leaves_the_data_root_is_refused(tmp_path, path, problem):
     """The vectorised checks of the index refuse what the line checks refuse, naming the image (an index
@@ -146,6 +146,28 @@ def test_an_index_whose_path_leaves_the_data_root_is_refused(tmp_path, path, pro
     index_of(["a/ok.jpg", "b c/ok 2.jpg"], [0, 1]).check(tmp_path / "x.npz", num_classes=2)  # inner spaces: fine
     with pytest.raises(PlanktonioError, match="image 1 .*label 2 is not a class"):
         index_of(["a.jpg", "b.jpg"], [0, 2]).check(tmp_path / "x.npz", num_classes=2)
+
+
+# Paths as a file system gives them: any characters, a few chosen to break rules, bytes that are not UTF-8.
+PATH_PARTS = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n"), max_size=6),
+    st.sampled_from(["..", ".", "", " ", "\u3000", "\x85", "\u2028", "\\", "\t", "\x7f", "\udcff", "\udcc3",
+                     "a\udc80b", "\xa0"]))
+RELATIVE_PATHS = st.lists(PATH_PARTS, min_size=1, max_size=4).map(
+    lambda parts: os.fsdecode(os.fsencode("/".join(parts)))).filter(bool)  # the bytes' one spelling
+
+
+@settings(max_examples=400, deadline=None)
+@given(paths=st.lists(RELATIVE_PATHS, min_size=1, max_size=5))
+def test_the_per_path_and_vectorised_path_rules_agree(paths):
+    """Property: path_problem (prepare, the manifest reader) and first_path_problem (the index, on all
+    paths at once) find the same first path at fault and name the same problem."""
+    from planktonio.path_rules import first_path_problem, path_problem
+    encoded = [os.fsencode(p) for p in paths]
+    blob = np.frombuffer(b"".join(p + b"\n" for p in encoded), dtype=np.uint8)
+    ends = np.cumsum([len(p) + 1 for p in encoded]) - 1
+    per_path = next(((at, problem) for at, p in enumerate(paths) if (problem := path_problem(p))), None)
+    assert first_path_problem(blob, ends) == per_path
 
 
 def test_every_changed_file_is_found_by_the_parallel_check(coloured, tmp_path):
@@ -177,3 +199,59 @@ def test_a_byte_order_mark_in_a_manifest_is_named(coloured, tmp_path):
     manifest.write_text("\ufeff" + manifest.read_text(encoding="utf-8"), encoding="utf-8")
     with pytest.raises(PlanktonioError, match="valid.txt: starts with a byte-order mark \\(U\\+FEFF"):
         PreparedDataset.load(tmp_path / "p").entries("valid")
+
+
+def test_checked_indexes_keep_one_data_set_s_splits_each_at_its_latest_state():
+    """The cache of checked indexes: train, valid and test of one data set stay together; a split's newer
+    state replaces its older one; asking for another data set's split lets the first data set's go."""
+    from planktonio.dataset import CheckedIndexes
+    checked, index = CheckedIndexes(), object()
+    a = {split: (f"/a/index/{split}.npz", 2, 1, 1, 1) for split in ("train", "valid", "test")}
+    for key in a.values():
+        checked.put(key, index)
+    assert len(checked) == 3 and all(checked.get(key) is index for key in a.values())
+    newer = ("/a/index/train.npz", 2, 9, 9, 9)
+    checked.put(newer, index)
+    assert checked.get(a["train"]) is None and checked.get(newer) is index and len(checked) == 3
+    checked.put(("/b/index/train.npz", 2, 1, 1, 1), index)
+    assert len(checked) == 1 and checked.get(a["valid"]) is None
+    checked.put(None, index)  # no state to key it by: not kept
+    assert len(checked) == 1 and checked.get(None) is None
+
+
+def test_a_split_s_index_is_read_and_checked_once_while_unchanged(coloured, tmp_path, monkeypatch):
+    prepared, _ = coloured
+    shutil.copytree(prepared, tmp_path / "p")
+    reads = []
+    real_read = SplitIndex.read.__func__
+    monkeypatch.setattr(SplitIndex, "read", classmethod(lambda cls, path: reads.append(path) or real_read(cls, path)))
+    dataset = PreparedDataset.load(tmp_path / "p")
+    for _ in range(2):
+        for split in ("train", "valid", "test"):
+            dataset.index(split)
+    assert len(reads) == 3
+    os.utime(index_file(tmp_path / "p", "valid"), ns=(1, 1))  # a new state: read again
+    dataset.index("valid")
+    assert len(reads) == 4
+
+
+@pytest.mark.parametrize("column, forged", [
+    ("label", lambda column: np.asarray(column[0])),       # 0-d: was a TypeError
+    ("width", lambda column: column.astype(np.float64)),   # floats: every image skipped, then an empty torch.cat
+    ("height", lambda column: column.astype(np.float32)),
+    ("sha256", lambda column: column.reshape(-1)),
+])
+def test_an_index_whose_columns_have_other_types_is_one_line(coloured, tmp_path, capsys, column, forged):
+    """Issue 34 #7: a forged index with a recomputed checksum (no security boundary) is refused by the types and
+    dimensions of its columns, not only their lengths: one line saying to rerun prepare, exit 2."""
+    import dataclasses
+
+    from .helpers import one_line_error, run_planktonio
+    prepared, _ = coloured
+    shutil.copytree(prepared, tmp_path / "p")
+    path = index_file(tmp_path / "p", "train")
+    index = SplitIndex.read(path)
+    dataclasses.replace(index, **{column: forged(getattr(index, column))}).write(path)
+    code, _, err = run_planktonio(["pack", "--data", tmp_path / "p"], capsys)
+    line = one_line_error(code, err)
+    assert f"train.npz: column {column} " in line and "rerun `python -m planktonio prepare`" in line

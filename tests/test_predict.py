@@ -427,15 +427,15 @@ def test_the_shard_header_scan_sends_each_job_its_positions_only():
     import pickle
     from concurrent.futures import ThreadPoolExecutor
 
-    from train.predict import headers
-
     class CountingPool(ThreadPoolExecutor):
+        """Threads of this process stand in for the scan workers: they keep the shards as a worker does, but
+        do not tie this process's life to its parent's."""
         sent: list[int] = []
         started: list[int] = []
 
         def __init__(self, max_workers, initializer, initargs):
             CountingPool.started.append(len(pickle.dumps(initargs)))
-            super().__init__(max_workers, initializer=initializer, initargs=initargs)
+            super().__init__(max_workers, initializer=unlabelled.keep_shards, initargs=initargs[1:])
 
         def map(self, fn, chunks):
             chunks = list(chunks)
@@ -450,7 +450,7 @@ def test_the_shard_header_scan_sends_each_job_its_positions_only():
         catalog = unlabelled.Catalog(Path("/nowhere"), Path("/nowhere"), names, ["s"] * members,
                                      [unlabelled.Unit("s", 0, members)], shards)
         CountingPool.sent, CountingPool.started = [], []
-        widths, _, problems = headers.read_headers(catalog, np.arange(1000), workers=2, pool=CountingPool)
+        widths, _, problems = unlabelled.read_headers(catalog, np.arange(1000), workers=2, pool=CountingPool)
         assert len(widths) == 1000 and set(problems) == set(range(1000))  # every member empty here
         per_job[members] = max(CountingPool.sent)
         assert CountingPool.started[0] > 10 * per_job[members]  # the shards, once

@@ -25,7 +25,15 @@ from planktonio.preparation import SplitPlan
 from planktonio.square import square_tree
 
 from .conftest import jpeg_bytes, write_coloured_set
-from .helpers import REPO, one_line_error, process_env, python, run_planktonio
+from .helpers import (
+    REPO,
+    descendants,
+    one_line_error,
+    process_env,
+    python,
+    run_planktonio,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -408,3 +416,71 @@ def test_a_prepare_stopped_mid_way_goes_on_to_the_same_folder(source, tmp_path, 
     assert "2 of " in again.stderr and "parts were decoded by an earlier run" in again.stderr
     assert prepared_files(tmp_path / "stopped") == prepared_files(tmp_path / "whole")
     assert not (tmp_path / "stopped" / JOURNAL).exists()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead child that no one reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_prepare_s_decoding_workers_end_with_it(source, tmp_path, sig):
+    """Issue 34 #4: prepare stopped by SIGTERM or SIGKILL (the parent alone, as the OOM killer or a kill of
+    its pid does) left its pool workers alive under init for ever; they now end with it."""
+    hold = tmp_path / "held"
+    args = ["-m", "tests.prepare_with_hooks", "prepare", "--source", str(source), "--per-class", "4,2,2",
+            "--workers", "2", "--out", str(tmp_path / "out")]
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               env=process_env(HOLD_AFTER_PARTS="2", HOLD_FILE=str(hold)))
+    try:
+        wait_for(hold, process=process)
+        workers = descendants(process.pid)
+        assert len(workers) == 2
+        os.kill(process.pid, sig)
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)]
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_name_that_is_not_utf8_is_rejected_with_its_reason_shown_escaped(tmp_path):
+    """Issue 34 #6: a file name that is not UTF-8 (os gives bytes, Python surrogates) was a traceback that left
+    a half-written folder; it is now rejected as an unsafe name, listed in rejected.csv with \\xNN escapes."""
+    source = tmp_path / "source"
+    write_coloured_set(source, classes=2, per_class=3, size=16)
+    for name in (b"caf\xe9.jpg", b"notes\xff.txt"):
+        with open(os.fsencode(source / "class0") + b"/" + name, "wb") as f:
+            f.write((source / "class0" / "img000.jpg").read_bytes())
+    result = prepare(source, tmp_path / "prepared", workers=1)
+    assert result.usable == {"class0": 3, "class1": 3}
+    reasons = rejected_reasons(tmp_path / "prepared")
+    assert reasons == {"caf\\xe9.jpg": "unsafe name"}
+    with open(tmp_path / "prepared" / "rejected.csv", encoding="utf-8") as f:
+        assert "the name is not valid UTF-8" in f.read()
+    assert "class0/notes\\xff.txt" in (tmp_path / "prepared" / "skipped.csv").read_text(encoding="utf-8")
+
+
+def test_classes_that_hold_the_same_files_are_refused_saying_why(tmp_path):
+    """The smaller case of issue 34: every class holding the same pictures was refused as "largest: t0 with 0",
+    without the reason (each copy is dropped as filed under several classes)."""
+    source = tmp_path / "source"
+    for name in ("t0", "t1"):
+        (source / name).mkdir(parents=True)
+        for i in range(3):
+            (source / name / f"{i}.jpg").write_bytes(jpeg_bytes(16, seed=i))
+    with pytest.raises(PlanktonioError) as error:
+        prepare(source, tmp_path / "prepared", workers=1)
+    message = str(error.value)
+    assert "largest: t0 with 0" in message and "6 of 6 files rejected: 6 duplicate in another class" in message
+    assert "also in t1" in message and "\n" not in message

@@ -280,3 +280,23 @@ def test_a_shard_name_that_leaves_the_shards_folder_is_refused(packed, tmp_path,
     message = str(error.value)
     assert message.startswith(f"{index_file}: shard {name!r} is not a file name in {folder / SHARDS_DIR}")
     assert message.endswith("rerun `python -m planktonio pack`") and "\n" not in message
+
+
+def test_prepared_shards_and_predict_s_tars_are_read_through_one_reader(packed):
+    """ShardSet (a prepared split) and TarShards (predict's input) are ShardReaders reading through the same
+    memory maps: the same member bytes at the same offsets, from worker processes too (maps not pickled)."""
+    import pickle
+
+    from planktonio.shard_reading import MemberMaps, ShardReader
+    from planktonio.unlabelled import discover
+    _, folder, _, _ = packed
+    dataset = PreparedDataset.load(folder)
+    shards = ShardSet.open(dataset, "train")
+    catalog = discover(folder / SHARDS_DIR)
+    assert isinstance(shards, ShardReader) and isinstance(catalog.shards, ShardReader)
+    assert isinstance(shards, MemberMaps) and isinstance(catalog.shards, MemberMaps)
+    member = next(p for p in range(len(catalog)) if catalog.shards.describe(p).endswith("train-00000.tar:00000000.jpg"))
+    assert catalog.shards.read(member).tobytes() == shards.read(0).tobytes() == \
+        (dataset.root / dataset.index("train").path(0)).read_bytes()
+    copy = pickle.loads(pickle.dumps(shards))
+    assert copy._maps == {} and copy.read(0).tobytes() == shards.read(0).tobytes()

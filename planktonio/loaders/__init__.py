@@ -21,13 +21,12 @@ never each other. docs/loaders.md.
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..cores import available_cpus, usable_count
 from ..dataset import PreparedDataset
 from ..errors import PlanktonioError
 from ..shards import ShardSet
@@ -90,14 +89,6 @@ def backend_of(name: str) -> Backend:
     if name not in BACKENDS:
         raise PlanktonioError(f"unknown loader backend {name!r}; choose from {', '.join(backend_choices())}")
     return BACKENDS[name]
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on: under Slurm, the task's share of the node, not all of it."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -237,28 +228,6 @@ def loader_spec(
         heights=info.height,
         shards=shards,
     )
-
-
-_capped_already: set[tuple[str, int]] = set()
-
-
-def usable_count(asked: int | None, what: str) -> int:
-    """Workers or threads: the CPUs this process may use by default, and never more than those.
-
-    A typo (`workers: 1000` on 2 cores) would start a thousand processes that
-    make no progress, and that outlive a SIGTERM; more than the usable CPUs
-    only makes them queue for the same cores. Said once per process and value.
-    """
-    usable = available_cpus()
-    if asked is None:
-        return usable
-    if asked > usable:
-        if (what, asked) not in _capped_already:
-            _capped_already.add((what, asked))
-            logging.getLogger("planktonio").warning(f"{what}: {asked} asked for, capped at the {usable} CPU(s) "
-                                                    f"this process may use")
-        return usable
-    return asked
 
 
 __all__ = ["ALIASES", "BACKENDS", "BACKEND_MODULES", "Backend", "Goal", "Loader", "LoaderSpec", "ROLES",

@@ -12,7 +12,7 @@ import torch
 
 from ..dataset import PreparedDataset
 from ..plans import Plan, make_plan
-from ..shards import ShardSet
+from ..shard_reading import ShardReader
 from ..transforms import Output, Transform
 from . import sharding
 
@@ -36,7 +36,7 @@ class LoaderSpec:
     entries: Sequence[tuple[str, int]]  # the split's (relative path, label) pairs: index.Entries, or a list
     widths: np.ndarray   # each entry's image size, as prepare recorded it (EXIF orientation applied)
     heights: np.ndarray
-    shards: ShardSet | None = None  # the split's packed shards where prepared has them, else loose files
+    shards: ShardReader | None = None  # the split's packed shards where prepared has them, else loose files
 
 
 def entry_labels(entries: Sequence[tuple[str, int]]) -> np.ndarray:

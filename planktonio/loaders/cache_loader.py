@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as TF
 
 from .. import memory
-from ..image_checks import inspect_image
 from ..declared import Bytes, setting
 from ..errors import PlanktonioError
+from ..image_checks import inspect_image
 from . import sharding
 from .backend import Backend, Goal
 from .base import BatchPlan, Loader, LoaderSpec, entry_labels

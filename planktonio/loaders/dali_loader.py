@@ -43,6 +43,7 @@ from ..errors import PlanktonioError
 from .backend import Backend, Goal
 from .base import BatchStream, Loader, LoaderSpec, entry_labels
 from .dali_graph import PipelineOutputs, decode, device_id
+
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the consumer
 
 
@@ -170,16 +171,13 @@ class DaliLoader(Loader):
             self.close()  # a DALI pipeline that failed cannot go on
             # DALI cannot skip a bad file and says only "Failed to decode sample #k": decode the images of
             # every batch in flight again, on the CPU, to find the culprit (a batch or three, once).
-            from ..image_checks import decode_check, inspect_image
+            from ..image_checks import problem_at
             suspects = [p for epoch, index in in_flight for p in self.batch_plan(epoch, index).positions.tolist()]
+            shards = self.spec.shards
             for position in suspects:
-                if self.spec.shards is None:
-                    path = self.spec.dataset.root / self.spec.entries[position][0]
-                    problem = inspect_image(path).problem
-                else:
-                    path = self.spec.shards.describe(position)
-                    problem = decode_check(self.spec.entries[position][0],
-                                            self.spec.shards.read(position).tobytes()).problem
+                name = self.spec.entries[position][0]
+                path = self.spec.dataset.root / name if shards is None else shards.describe(position)
+                problem = problem_at(self.spec.dataset.root / name if shards is None else name, shards, position)
                 if problem:
                     raise BrokenFile(position, str(path), *problem) from None
             raise

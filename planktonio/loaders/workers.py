@@ -25,10 +25,8 @@ persistence, or on whether the run was resumed mid-way.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import multiprocessing
-import os
 import signal
 import weakref
 from typing import Callable, Iterator
@@ -37,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import PlanktonioError
+from ..processes import end_with_parent
 from .base import BatchStream, Loader, LoaderSpec
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ PREFETCH_FACTOR = 2  # batches in flight per worker (DataLoader's default)
 # foreground process group; the training process stops cleanly on each
 # (train/signals.py) and its shutdown ends the workers.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def start_worker(worker_id: int) -> None:
@@ -69,25 +67,17 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def die_with_parent() -> None:
-    """In a worker: the kernel kills it (SIGKILL) as soon as the process that started it ends, however that
-    ends (SIGKILL, the OOM killer).
+    """In a DataLoader worker: the kernel kills it as soon as the main process ends, however that ends.
 
     Without it, a worker whose parent was killed lives on until the
     DataLoader's watchdog notices (every 5 s, and only between samples) and
     prints a ConnectionResetError traceback into the job's log on its way
-    out. Linux only (prctl); elsewhere the watchdog remains. The "parent" is
-    the thread that started the worker: the loaders are iterated on the
-    main thread.
+    out. The "parent" is the thread that started the worker: the loaders are
+    iterated on the main thread.
     """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        return
     parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it ended before the request was in place
-        os._exit(0)
+    if parent is not None:
+        end_with_parent(parent.pid)
 
 
 def collate_skipping_bad(samples):

@@ -2,7 +2,7 @@
 
 The package: options.py (what it is asked), settings.py (the run it uses, the provenance its files
 carry), folder.py (whose OUT is: predictions.json and the writers' lock), program.py (which units this
-task does), headers.py (the header scan), predictor.py (model and loader), writer.py (the writer
+task does), predictor.py (model and loader), writer.py (the writer
 thread), formats.py (Parquet/CSV), merge.py (samples.csv, rejected.csv). Users: docs/predict.md.
 
     python -m train predict --run RUN --images SRC --out OUT [--checkpoint best|last] [--calibrated]

@@ -23,14 +23,13 @@ from planktonio.loaders import (
     usable_count,
 )
 from planktonio.loaders.dali_loader import BrokenFile
-from planktonio.unlabelled import Catalog, Unit, discover
+from planktonio.unlabelled import Unit, discover, read_headers
 
 from .. import calibration, checkpoint, distributed
 from ..executor import Executor
 from ..model import head_name
 from ..signals import EXIT_INTERRUPTED, EXIT_OK, StopFlag
 from ..step import autocast
-from .headers import read_headers
 from .options import FORMATS, UNITS, PredictOptions
 from .settings import provenance, run_config
 from .writer import Writer
@@ -141,7 +140,6 @@ class Predictor:
         check_folder_writable(self.out / UNITS, "--out")
         positions = np.concatenate([np.arange(u.start, u.stop) for u in todo])
         sizes, rejected = self.headers(positions)
-        rejected.update(duplicates(self.catalog, positions))
         self.timing.header_seconds = time.perf_counter() - started
         writer = Writer(self.catalog, todo, rejected, self.out, self.provenance, self.calibrated, self.options,
                         self.executor.device)
@@ -220,20 +218,6 @@ class Predictor:
                 hook.remove()
             loader.close()
         return handed, None
-
-
-def duplicates(catalog: Catalog, positions: np.ndarray) -> dict[int, tuple[str, str]]:
-    """Loose files listed more than once (a list file may): each is predicted at its first listing, and every
-    other listing of it rejected, so that the tables count it once. (Tar members named alike are different
-    images.)"""
-    if catalog.shards is not None or len(set(catalog.paths)) == len(catalog.paths):
-        return {}
-    first: dict[str, int] = {}
-    for position, path in enumerate(catalog.paths):
-        first.setdefault(path, position)
-    again = [p for p in positions.tolist() if first[catalog.paths[p]] != p]
-    return {p: ("duplicate path", f"listed again: predicted once, as image {first[catalog.paths[p]]} of the list")
-            for p in again}
 
 
 class _Subset:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from planktonio.files import atomic_file, write_atomic
+from planktonio.image_checks import problem_at
 from planktonio.unlabelled import Catalog, Unit
 
 from .formats import table_of, write_csv, write_parquet
@@ -124,12 +125,8 @@ class Writer:
 
 
 def _why_undecodable(catalog: Catalog, position: int) -> tuple[str, str]:
-    from planktonio.image_checks import decode_check as _decode_check, inspect_image
-    if catalog.shards is None:
-        problem = inspect_image(catalog.root / catalog.paths[position]).problem
-    else:
-        problem = _decode_check(catalog.paths[position], catalog.shards.read(position).tobytes()).problem
-    return problem or ("unreadable", "the loader could not decode it")
+    path = catalog.paths[position] if catalog.shards is not None else catalog.root / catalog.paths[position]
+    return problem_at(path, catalog.shards, position) or ("unreadable", "the loader could not decode it")
 
 
 def _counts(table: dict, catalog: Catalog, predicted: list[int], classes: list[str]) -> tuple[dict, dict]:
