@@ -327,3 +327,18 @@ def test_calibrated_unclassified_objects_are_left_without_category(round_trip, t
     written = tsv_rows(zips)
     assert sum(r["object_annotation_category"] == "" for r in written) == labels.count("unclassified") > 0
     assert all((r["object_annotation_category"] == "") == (r["object_annotation_status"] == "") for r in written)
+
+
+def test_an_unpacked_export_is_prepared_through_links_to_its_images(tmp_path, rows, capsys):
+    from planktonio import PreparedDataset
+
+    from .helpers import run_planktonio
+    folder = write_export(tmp_path / "export", rows, types=True, zipped=False)
+    code, out, err = run_planktonio(["prepare", "--source", folder, "--out", tmp_path / "prepared", "--workers", "1",
+                                     "--ecotaxa-level", "Copepoda"], capsys)
+    assert code == 0, err
+    assert f"{len(_ids(rows, 'validated'))} objects kept in 3 classes" in out
+    dataset = PreparedDataset.load(tmp_path / "prepared")
+    path, _ = dataset.entries("train")[0]
+    image = dataset.root / path
+    assert image.is_symlink() and image.resolve().is_relative_to(folder.resolve())
