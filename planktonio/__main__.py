@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
 
     prep = commands.add_parser("prepare", help="validate images, split, write manifests")
-    prep.add_argument("--source", type=Path, required=True, help="folder with one sub-folder per class")
+    prep.add_argument("--source", type=Path, required=True,
+                      help="folder with one sub-folder per class, or an EcoTaxa export (.zip or its folder)")
     prep.add_argument("--out", type=Path, required=True)
     prep.add_argument("--min-images", type=_positive_int, default=1,
                       help="keep classes with at least this many usable images (the study: 1000)")
@@ -66,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=_positive_int, default=None, help="decode-check processes (default: all cores)")
     prep.add_argument("--exclude-classes-of", type=Path, metavar="PREPARED",
                       help="leave out the classes of another prepared set (e.g. pretrain on the others)")
+    eco = prep.add_argument_group("EcoTaxa export (docs/ecotaxa.md)")
+    eco.add_argument("--ecotaxa-level", metavar="LEVEL",
+                     help="classes from: category (default), a depth of object_annotation_hierarchy (1 = living), "
+                          "or names of it, e.g. Copepoda (every copepod genus becomes Copepoda)")
+    eco.add_argument("--ecotaxa-status", metavar="S,S",
+                     help="statuses that train (default: validated; also predicted, dubious)")
+    eco.add_argument("--group-by", choices=["sample_id"],
+                     help="whole samples per split (new images come from new samples); with --fractions")
 
     square = commands.add_parser("square", help="pad every image to a square and resize (e.g. 255 x 255)")
     square.add_argument("--source", type=Path, required=True)
@@ -100,8 +109,19 @@ def run(args: argparse.Namespace) -> int | None:
         from .preparation import DEFAULT_FRACTIONS, SplitPlan, prepare
         plan = SplitPlan(per_class=args.per_class, fractions=args.fractions or DEFAULT_FRACTIONS)
         exclude = PreparedDataset.load(args.exclude_classes_of).classes if args.exclude_classes_of else ()
-        result = prepare(args.source, args.out, min_images=args.min_images, plan=plan,
-                         seed=args.seed, workers=args.workers, exclude=exclude)
+        options = {"min_images": args.min_images, "seed": args.seed, "workers": args.workers, "exclude": exclude}
+        from .ecotaxa.export import is_export
+        if is_export(args.source):
+            from .ecotaxa.commands import prepare_export
+            result, selection = prepare_export(args.source, args.out, level=args.ecotaxa_level,
+                                               statuses=args.ecotaxa_status, group_by=args.group_by, plan=plan,
+                                               **options)
+            print(selection.summary())
+        elif args.ecotaxa_level or args.ecotaxa_status or args.group_by:
+            raise PlanktonioError(f"--source {args.source}: --ecotaxa-level, --ecotaxa-status and --group-by "
+                                  f"need an EcoTaxa export (a .zip, or a folder with its ecotaxa_*.tsv)")
+        else:
+            result = prepare(args.source, args.out, plan=plan, **options)
         print(result.summary())
         print(f"manifests in {args.out}")
     elif args.command == "pack":

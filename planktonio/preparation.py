@@ -282,12 +282,14 @@ class PrepareResult:
 
 def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | None = None,
             seed: int = 0, workers: int | None = None, exclude: tuple[str, ...] = (),
-            progress: bool | None = None) -> PrepareResult:
+            progress: bool | None = None, splitter=None) -> PrepareResult:
     """Scan, validate, filter and split `source`; write manifests and the binary index into `out`.
 
     exclude: class names to leave out, e.g. another prepared set's classes
     (pretraining on the classes a later fine-tuning does not use).
     progress: a progress bar of the decoding (default: when stderr is a terminal).
+    splitter: how a class's distinct images are cut into splits (split_class's signature; default split_class),
+    e.g. whole samples per split for an EcoTaxa export (planktonio/ecotaxa/view.py).
     The decoding is journaled in OUT (planktonio/inspection.py): the same call
     after a stop goes on where it was, to the same result.
     """
@@ -303,7 +305,7 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     checks, journal = inspect_files(source, candidates.paths, skip, workers or available_cpus(), out, progress)
     verdicts = _judge(candidates, {**unsafe, **checks.problems}, checks)
     selection = _select_classes(source, candidates, verdicts, min_images, plan)
-    splits, positions = _draw_splits(candidates, selection, plan, seed)
+    splits, positions = _draw_splits(candidates, selection, plan, seed, splitter)
     _write_indexes(out, splits, positions, checks)
     result = PrepareResult(out, selection.kept, splits,
                            {candidates.paths[p]: problem for p, problem in verdicts.rejected.items()},
@@ -399,14 +401,14 @@ def _why_rejected(candidates: Candidates, verdicts: Verdicts) -> str:
             f"{shown(candidates.paths[first])}: {verdicts.rejected[first][1]})")
 
 
-def _draw_splits(candidates: Candidates, selection: Selection, plan: SplitPlan,
-                 seed: int) -> tuple[dict[str, list[tuple[str, int]]], dict[str, np.ndarray]]:
+def _draw_splits(candidates: Candidates, selection: Selection, plan: SplitPlan, seed: int,
+                 splitter=None) -> tuple[dict[str, list[tuple[str, int]]], dict[str, np.ndarray]]:
     """Each split's (path, label) pairs, class after class, and the candidates' positions in the same order."""
     splits: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
     positions: dict[str, list[int]] = {s: [] for s in SPLITS}
     for label, name in enumerate(selection.kept):
         images = selection.distinct[name]
-        parts = split_class(images, plan.counts(len(images)), seed, name, selection.copies)
+        parts = (splitter or split_class)(images, plan.counts(len(images)), seed, name, selection.copies)
         for split in SPLITS:
             splits[split].extend((path, label) for path in parts[split])
             positions[split].extend(candidates.position(name, path) for path in parts[split])

@@ -69,12 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the run's)")
     pr.add_argument("--precision", help="fp32 | amp-fp16 | amp-bf16 | amp (default: the run's)")
     pr.add_argument("--workers", type=int, help="DataLoader processes / DALI threads (default: the run's)")
-    pr.add_argument("--format", default="parquet", choices=["parquet", "csv"])
+    pr.add_argument("--format", default="parquet", choices=["parquet", "csv", "ecotaxa"],
+                    help="ecotaxa: also the EcoTaxa import zip(s) in OUT (docs/ecotaxa.md); --images may be an "
+                         "EcoTaxa export: its objects that are not validated are predicted")
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--float16", action="store_true", help="the probability columns in float16")
     pr.add_argument("--embeddings", action="store_true", help="also the head's input, float16, per unit (.npy)")
     pr.add_argument("--shard", default="0/1", help="I/N: this task's share of the units (a job array's index)")
     pr.add_argument("--overwrite", action="store_true", help="predict the units already done again")
+    _ecotaxa_options(pr.add_argument_group("--format ecotaxa (docs/ecotaxa.md)"))
     return parser
 
 
@@ -95,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "predict":
             from planktonio.cores import let_idle_threads_sleep
             let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
-            from .predict import predict, predict_options
-            return predict(predict_options(args, ["python", "-m", "train", *(argv or sys.argv[1:])]))
+            return _predict(args, argv)
         if args.command == "calibrate":
             from .evaluate import calibrate_run
             fitted = calibrate_run(args.run, args.checkpoint, args.target, args.backend)
@@ -138,6 +140,34 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted before training started: nothing to save (a feature cache file is written only "
               "once complete)", file=sys.stderr)
         return EXIT_ABORTED
+
+
+def _ecotaxa_options(eco) -> None:
+    eco.add_argument("--ecotaxa-categories", type=Path, metavar="FILE",
+                     help="JSON {class: EcoTaxa category} where names differ (default: the categories of the "
+                          "export the run's data was prepared from, else the class names)")
+    eco.add_argument("--ecotaxa-zip-size", default="500MB", help="the most bytes per zip (default 500MB)")
+    eco.add_argument("--ecotaxa-include-validated", action="store_true",
+                     help="also predict an export's validated objects (scores only: their annotation is kept)")
+    eco.add_argument("--ecotaxa-no-images", action="store_true",
+                     help="the TSV names the images, the zip leaves them out (updating objects already there)")
+
+
+def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """predict's tables; with --format ecotaxa, Parquet tables and then the EcoTaxa import (planktonio/ecotaxa)."""
+    from dataclasses import replace
+
+    from .predict import predict, predict_options
+    options = predict_options(args, ["python", "-m", "train", *(argv or sys.argv[1:])])
+    if args.format != "ecotaxa":
+        return predict(options)
+    from planktonio.declared import parse_size
+    from planktonio.ecotaxa.commands import predict_ecotaxa
+    return predict_ecotaxa(lambda images: predict(replace(options, images=images, format="parquet")),
+                           run=args.run, images=args.images, out=args.out, categories_file=args.ecotaxa_categories,
+                           top_k=args.top_k, zip_bytes=parse_size(args.ecotaxa_zip_size, "--ecotaxa-zip-size"),
+                           include_validated=args.ecotaxa_include_validated,
+                           with_images=not args.ecotaxa_no_images)
 
 
 def _share(value: float | None) -> str:
