@@ -424,9 +424,9 @@ def prepare(source: Path, out: Path, *, min_images: int = 1, plan: SplitPlan | N
     del distinct
 
     for split in SPLITS:
-        manifest = "".join(f"{p} {l}\n" for p, l in splits[split]).encode("utf-8")
+        manifest = "".join(f"{p} {label}\n" for p, label in splits[split]).encode("utf-8")
         at = np.asarray(positions[split], dtype=np.int64)
-        index = SplitIndex.build([p for p, _ in splits[split]], [l for _, l in splits[split]], checks.width[at],
+        index = SplitIndex.build([p for p, _ in splits[split]], [label for _, label in splits[split]], checks.width[at],
                                  checks.height[at], checks.bytes[at], checks.mtime_ns[at], checks.sha256[at],
                                  manifest)
         index.write(index_file(out, split))  # the index first: a manifest without its index is never read

@@ -1,11 +1,4 @@
-"""Command line: `python -m train fit | evaluate | calibrate | predict ...`.
-
-Exit codes (train/signals.py): 0 done; 2 bad input (config, data, weights,
-a run folder another process is writing); 3 the loss or the weights became
-NaN/inf (no checkpoint holds them); 75 stopped by SIGTERM, SIGUSR1, SIGINT or
-SIGHUP, last.pt written (continue with --resume); 76 another rank left or
-hung (restart from last.pt; the Slurm job scripts do); 130 a second Ctrl-C.
-"""
+"""Command line: `python -m train fit | evaluate | calibrate | predict ...` (exit codes: train/signals.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +8,13 @@ from pathlib import Path
 
 from planktonio.errors import PlanktonioError
 
-from .signals import EXIT_ABORTED
+from .signals import EXIT_ABORTED, EXIT_CODES
 
 
 def build_parser() -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                     epilog=f"exit codes:\n{codes}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 

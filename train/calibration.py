@@ -21,8 +21,8 @@
 from __future__ import annotations
 
 import datetime
-import itertools
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path

@@ -261,7 +261,7 @@ _YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Yam
 
 def parse_yaml(text: str):
     """A YAML document as Python values (YAML 1.2 floats, duplicate keys refused)."""
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass: no Python objects)
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: it builds no Python objects
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:

@@ -118,12 +118,11 @@ def find_cut(model: nn.Module, frozen_eval: bool = False) -> Cut | str:
     steps = forward_steps(model)
     if steps is None:
         return f"{type(model).__name__}'s forward is not a sequence of modules this cache knows how to cut"
-    for index, (name, module) in enumerate(steps):
-        reason = why_not_prefix(module, frozen_eval)
-        if reason:
-            break
-    else:
+    index = next((i for i, (_, module) in enumerate(steps) if why_not_prefix(module, frozen_eval)), None)
+    if index is None:
         return "every module is frozen: nothing would train"
+    name, module = steps[index]
+    reason = why_not_prefix(module, frozen_eval)
     if index == 0:
         return f"its first module, {name}, {reason}: nothing before it to compute once (model.freeze none?)"
     return Cut(nn.Sequential(*(m for _, m in steps[:index])), nn.Sequential(*(m for _, m in steps[index:])),

@@ -76,7 +76,7 @@ class PeerWatch:
         try:
             self.store.add(KEY.format(self.ctx.rank), 1)
             counts = {rank: self.store.add(KEY.format(rank), 0) for rank in self.seen}
-        except Exception as error:  # noqa: BLE001 (the store's own exceptions differ by transport)
+        except Exception as error:  # the store's own exceptions differ by transport
             host = next((h for r, h, _ in self.ctx.peers if r == 0), "its host")
             return self._line(f"rank 0 on {host}", "left", f"the rendezvous store there does not answer: "
                                                             f"{(str(error).splitlines() or [type(error).__name__])[0]}")

@@ -53,6 +53,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -61,17 +62,26 @@ import torch.nn.functional as F
 from planktonio import PreparedDataset
 from planktonio.errors import PlanktonioError
 from planktonio.files import atomic_file, check_folder_writable, write_atomic
-from planktonio.loaders import (BACKENDS, LoaderSpec, backend_of, default_backend, resolve_backend, resolve_device,
-                                usable_count)
+from planktonio.loaders import (
+    BACKENDS,
+    LoaderSpec,
+    backend_of,
+    default_backend,
+    resolve_backend,
+    resolve_device,
+    usable_count,
+)
 from planktonio.loaders.dali_loader import BrokenFile
 from planktonio.unlabelled import Catalog, Unit, discover, read_headers
 
-from . import calibration, checkpoint, distributed
-from . import config as config_module
+from . import calibration, checkpoint, config as config_module, distributed
 from .executor import Executor
 from .model import head_name
 from .signals import EXIT_INTERRUPTED, EXIT_OK, StopFlag
 from .step import autocast
+
+if TYPE_CHECKING:  # (imported where it is used: only reading predictions back needs it)
+    import pandas
 
 UNITS = "units"
 FORMATS = ("parquet", "csv")
@@ -430,7 +440,7 @@ class Writer:
                     self.rows[position] = (probabilities[i], None if embeddings is None else embeddings[i])
                 self.last_position = max(self.last_position, int(positions[-1]))
                 self._write_complete(self.last_position)
-            except BaseException as error:  # noqa: BLE001 (kept, and raised in the main thread)
+            except BaseException as error:  # kept, and raised in the main thread
                 self.error = error
                 return
 
@@ -583,7 +593,7 @@ def merge(catalog: Catalog, out: Path, classes: list[str], provenance: dict) -> 
     write_atomic(out / "provenance.json", json.dumps(provenance, indent=2) + "\n")
 
 
-def read_predictions(out: Path) -> pandas.DataFrame:  # noqa: F821 (pandas is imported here only)
+def read_predictions(out: Path) -> pandas.DataFrame:
     """Every unit's predictions of OUT as one table, in catalog order (for people and tests)."""
     import pandas as pd
     frames = []

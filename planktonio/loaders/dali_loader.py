@@ -43,6 +43,7 @@ from ..errors import PlanktonioError
 from .backend import Backend, Goal
 from .base import BatchStream, Loader, LoaderSpec, entry_labels
 from .dali_graph import PipelineOutputs, decode, device_id
+
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the consumer
 
 
