@@ -20,12 +20,7 @@ from planktonio.loaders import BACKENDS, runnable_backends
 from planktonio.loaders.cache_loader import CacheLoader, CacheOptions
 
 from .conftest import NDSB, batch_indices, colour_of
-
-
-def loader(backend, prepared, split, **kwargs):
-    kwargs.setdefault("workers", 0)
-    kwargs.setdefault("threads", 2)
-    return make_loader(backend, prepared, split, device="cpu", **kwargs)
+from .helpers import loader
 
 
 def grey_levels(a, b, transform) -> torch.Tensor:

@@ -17,8 +17,7 @@ from train.loop import fit
 from train.model import build_model
 from train.signals import EXIT_NON_FINITE
 
-from .helpers import count_training_steps, one_line_error, small_config, run_train, write_config
-
+from .helpers import count_training_steps, one_line_error, read_checkpoint, run_train, small_config, write_config
 
 # ------------------------------------------------------------------ a checkpoint runs no code
 
@@ -91,7 +90,7 @@ def test_a_weights_file_that_is_text_or_a_pickle_is_a_one_line_error(tmp_path, p
 
 def test_best_checkpoint_serves_as_weights_of_a_new_run(finished_run):
     model = build_model("tiny-cnn", 7, str(finished_run / "best.pt"), "all-but-head")
-    best = torch.load(finished_run / "best.pt")["model"]
+    best = read_checkpoint(finished_run / "best.pt")["model"]
     assert torch.equal(model.features[0].weight, best["features.0.weight"])
     assert model.classifier[1].out_features == 7
 
@@ -130,7 +129,7 @@ def test_checkpoints_follow_the_time_budget(plankton, tmp_path, monkeypatch):
     assert all(saved[i + 1][0] == "last.pt" for i, (name, _) in enumerate(saved) if name == "best.pt")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [epoch for name, epoch in saved if name == "best.pt"][-1] == summary["best_epoch"]
-    assert torch.load(tmp_path / "run" / "best.pt")["epoch"] == summary["best_epoch"]
+    assert read_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == summary["best_epoch"]
 
 
 def test_early_stopping_keeps_the_best_checkpoint(plankton, tmp_path):
@@ -140,7 +139,7 @@ def test_early_stopping_keeps_the_best_checkpoint(plankton, tmp_path):
     assert fit(config, plankton, tmp_path / "run") == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stop_reason"] == "early_stopping" and summary["epochs_run"] == 3
-    assert torch.load(tmp_path / "run" / "best.pt")["epoch"] == summary["best_epoch"] == 0
+    assert read_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == summary["best_epoch"] == 0
 
 
 # ------------------------------------------------------------------ never a non-finite value
@@ -163,7 +162,7 @@ def test_non_finite_loss_stops_within_n_steps_and_keeps_the_last_good_checkpoint
     assert fit(config, plankton, tmp_path / "run") == EXIT_NON_FINITE
     assert poisoned_step <= taken["steps"] <= poisoned_step + check_every - 1
     assert taken["steps"] == stopped_after
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
     assert (state["epoch"], state["batches_done"]) == (1, 0)  # the end of epoch 0: the last good state
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -21,8 +21,7 @@ from PIL import Image
 from planktonio import PlanktonioError, files, prepare
 from planktonio.dataset import PreparedDataset, SplitPlan
 from planktonio.index import SplitIndex, index_file
-from train import checkpoint, feature_cache
-from train import config as config_module
+from train import checkpoint, config as config_module, feature_cache
 from train.executor import Executor
 from train.feature_cache import find_cut
 from train.loop import fit
@@ -30,7 +29,7 @@ from train.model import build_model
 from train.signals import EXIT_INTERRUPTED
 
 from .conftest import write_coloured_set
-from .helpers import python, run_train, sigterm_after_step, torchrun, write_config
+from .helpers import python, read_checkpoint, run_train, sigterm_after_step, torchrun, write_config
 
 TIMING = ("images_per_s", "data_wait_fraction", "epoch_seconds")
 CENTRE = {"crop": "center", "size": 64, "resize": 72}
@@ -50,7 +49,7 @@ def metrics(run):
 
 
 def weights(run):
-    return torch.load(run / "last.pt", weights_only=True)["model"]
+    return read_checkpoint(run / "last.pt")["model"]
 
 
 def assert_same_run(a, b):
@@ -115,6 +114,7 @@ def test_a_store_on_disk_reads_ahead_in_the_epoch_s_order():
     """FeatureBatches over a store in a file and over the same rows in memory: the same batches, in order,
     entered mid-epoch too (a resume), with fewer batches than the reader runs ahead and with more."""
     import tempfile
+
     from planktonio import memory
     values = torch.arange(37 * 5, dtype=torch.float32).reshape(37, 5)
     with tempfile.TemporaryDirectory() as folder:
@@ -154,7 +154,7 @@ def test_a_cached_run_stopped_mid_epoch_resumes_to_the_same_end(synthetic, tmp_p
     with monkeypatch.context() as patch:
         sigterm_after_step(patch, 11)  # epoch 1's third step: obeyed at the step's end
         assert fit(config, synthetic, tmp_path / "cached") == 75
-    assert torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["batches_done"] == 3
+    assert read_checkpoint(tmp_path / "cached" / "last.pt")["batches_done"] == 3
     assert fit(config, synthetic, tmp_path / "cached", resume=True) == 0
     assert summary(tmp_path / "cached")["feature_cache"]["source"].startswith("read from")  # not computed again
     assert_same_run(tmp_path / "cached", uncached_three_epochs)
