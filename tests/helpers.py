@@ -77,7 +77,7 @@ def weights(run: Path, name: str = "last.pt") -> dict:
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint's content, read as the programs read it (tensors and plain values only, checksum checked)."""
-    from train.checkpoint import load
+    from train.checkpoint_file import load
     return load(path)
 
 

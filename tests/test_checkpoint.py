@@ -1,8 +1,9 @@
-"""Checkpoints (train/checkpoint.py, train/checkpointer.py): data never code, a checksum checked on load,
+"""Checkpoints (train/checkpoint_file.py, train/checkpointer.py): data never code, a checksum checked on load,
 written on a time budget, best.pt kept with last.pt, never a non-finite value."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from planktonio import PlanktonioError
-from train import checkpoint, checkpointer
+from train import checkpoint_file, checkpointer
 from train.loop import fit
 from train.model import build_model
 from train.signals import EXIT_NON_FINITE
@@ -65,15 +66,15 @@ def test_a_checkpoint_with_changed_bytes_is_refused(run_copy, plankton, capsys):
 
 def test_the_checksum_covers_every_value(tmp_path):
     state = {"model": {"w": torch.arange(6.0)}, "epoch": 3, "rng": [1, 2], "name": "x"}
-    checkpoint.save_atomic(state, tmp_path / "c.pt")
-    assert checkpoint.load(tmp_path / "c.pt")["epoch"] == 3
+    checkpoint_file.save_atomic(state, tmp_path / "c.pt")
+    assert checkpoint_file.load(tmp_path / "c.pt")["epoch"] == 3
     for change in (lambda s: s["model"]["w"].__setitem__(2, 2.5), lambda s: s.update(epoch=4),
                    lambda s: s["rng"].append(3), lambda s: s.update(name="y")):
         raw = torch.load(tmp_path / "c.pt", weights_only=True)
         change(raw)
         torch.save(raw, tmp_path / "d.pt")
         with pytest.raises(PlanktonioError, match="does not match its checksum"):
-            checkpoint.load(tmp_path / "d.pt")
+            checkpoint_file.load(tmp_path / "d.pt")
 
 
 def test_a_weights_file_that_is_text_or_a_pickle_is_a_one_line_error(tmp_path, plankton, capsys):
@@ -98,17 +99,34 @@ def test_best_checkpoint_serves_as_weights_of_a_new_run(finished_run):
 # ------------------------------------------------------------------ when they are written
 
 
+def test_last_pt_keeps_the_keys_of_every_run_written_so_far(finished_run):
+    """The Checkpointer's parts (each Stateful) write under the keys last.pt always had: runs written before
+    resume, and resumed runs read by older tools, keep working."""
+    state = read_checkpoint(finished_run / "last.pt")
+    assert set(state) == {"model", "optimizer", "scaler", "epoch", "batches_done", "early_stopping", "ranks",
+                          "config", "classes", "world_size", "finished"}
+    assert set(state["early_stopping"]) == {"best_loss", "best_epoch", "bad_epochs"}
+    assert set(state["ranks"][0]) == {"rng", "partial"}
+
+
+def test_the_settings_a_resume_may_change_are_those_marked_resumable():
+    from train.config import TrainingConfig, resumable_keys
+    marked = {f"training.{f.name}" for f in dataclasses.fields(TrainingConfig) if f.metadata["resumable"]}
+    assert resumable_keys() == marked and {"training.epochs", "training.patience"} <= marked
+    assert not {"training.seed", "training.precision", "optimizer.lr"} & resumable_keys()
+
+
 def test_the_checkpoint_policy_follows_its_clock(monkeypatch):
     now = {"s": 100.0}
-    monkeypatch.setattr(checkpoint, "clock", lambda: now["s"])
-    policy = checkpoint.CheckpointPolicy(every_s=60)
+    monkeypatch.setattr(checkpointer, "clock", lambda: now["s"])
+    policy = checkpointer.CheckpointPolicy(every_s=60)
     now["s"] = 159.0
     assert not policy.due()
     now["s"] = 160.0
     assert policy.due()
     policy.written()
     assert not policy.due()
-    assert checkpoint.CheckpointPolicy(every_s=0).due()  # 0: every epoch
+    assert checkpointer.CheckpointPolicy(every_s=0).due()  # 0: every epoch
 
 
 def test_checkpoints_follow_the_time_budget(plankton, tmp_path, monkeypatch):
@@ -116,9 +134,9 @@ def test_checkpoints_follow_the_time_budget(plankton, tmp_path, monkeypatch):
     epochs 2 and 5 (300 s after the previous checkpoint) and at the end; best.pt, kept in memory,
     written just before a last.pt whenever it changed."""
     now = {"s": 0.0}
-    monkeypatch.setattr(checkpoint, "clock", lambda: now["s"])
+    monkeypatch.setattr(checkpointer, "clock", lambda: now["s"])
     count_training_steps(monkeypatch, lambda n: now.update(s=10.0 * n))
-    saved, save_atomic = [], checkpoint.save_atomic
+    saved, save_atomic = [], checkpoint_file.save_atomic
 
     def recording(state, path):
         saved.append((path.name, state["epoch"]))  # last.pt: epochs done; best.pt: the best epoch
@@ -180,7 +198,7 @@ def test_a_diverging_run_never_writes_non_finite_values(plankton, tmp_path, caps
     for name in ("last.pt", "best.pt"):
         path = tmp_path / "run" / name
         if path.exists():
-            state = checkpoint.load(path)["model"]
+            state = checkpoint_file.load(path)["model"]
             assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
     last = tmp_path / "run" / "last.pt"
     assert (f"{last} keeps the last good checkpoint" in out) == last.exists()

@@ -21,7 +21,7 @@ from PIL import Image
 from planktonio import PlanktonioError, files, prepare
 from planktonio.dataset import PreparedDataset, SplitPlan
 from planktonio.index import SplitIndex, index_file
-from train import checkpoint, config as config_module, feature_cache
+from train import checkpoint_file, config as config_module, feature_cache
 from train.executor import Executor
 from train.feature_cache import find_cut
 from train.loop import fit
@@ -350,9 +350,9 @@ def test_a_file_with_the_right_fingerprint_but_other_rows_is_computed_again(own_
     shared = tmp_path / "shared"
     assert fit(small_cached(feature_cache_dir=str(shared)), data, tmp_path / "first") == 0
     path, = shared.glob("features-*.pt")
-    state = checkpoint.load(path)
+    state = checkpoint_file.load(path)
     state["splits"]["train"]["rows"] = [torch.cat(state["splits"]["train"]["rows"])[:-1]]
-    checkpoint.save_atomic(state, path)
+    checkpoint_file.save_atomic(state, path)
     assert fit(small_cached(feature_cache_dir=str(shared)), data, tmp_path / "second") == 0
     assert "holds other images of the train split (15 rows of 16 images" in capsys.readouterr().out
     assert summary(tmp_path / "second")["feature_cache"]["source"] == "computed"
@@ -376,7 +376,7 @@ def test_a_cache_folder_that_cannot_be_written_costs_one_line_and_the_run_goes_o
 def test_a_full_disk_while_the_file_is_written_costs_one_line(own_data, tmp_path, capsys, monkeypatch):
     """The disk fills up while the file is written: one line, the activations used from memory, no file."""
     data, _ = own_data
-    save = checkpoint.save_atomic
+    save = checkpoint_file.save_atomic
 
     def on_a_full_disk(state, path):
         if not path.name.startswith("features-"):

@@ -13,7 +13,7 @@ import torch
 
 from planktonio import files
 from planktonio.errors import EXIT_DISK, DiskError
-from train import checkpoint, checkpointer
+from train import checkpoint_file, checkpointer
 from train.executor import Executor
 
 from .helpers import run_profiling, run_train, same_weights, weights
@@ -74,17 +74,17 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_exit_74_and_the_run_resumes
             f.write(b"the first bytes of last.pt")
             raise OSError(errno.ENOSPC, "No space left on device")
         return save(state, f, *args, **kwargs)
-    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint_file.torch, "save", full_disk)
     code, _, err = run_train(["fit", "--out", run_copy, "--data", plankton, "--resume", "--set",
                               "training.epochs=3"], capsys)
     assert code == EXIT_DISK, err
     line = err.strip()
     assert "\n" not in line and f"{run_copy / 'last.pt'}: cannot be written (No space left on device)" in line
     assert same_weights(weights(run_copy), weights(finished_run))  # last.pt as it was
-    monkeypatch.setattr(checkpoint.torch, "save", save)
+    monkeypatch.setattr(checkpoint_file.torch, "save", save)
     assert run_train(["fit", "--out", run_copy, "--data", plankton, "--resume", "--set", "training.epochs=3"],
                      capsys)[0] == 0
-    assert checkpointer.checkpoint.load(run_copy / "last.pt")["epoch"] == 3
+    assert checkpoint_file.load(run_copy / "last.pt")["epoch"] == 3
 
 
 def test_evaluate_on_a_run_folder_it_cannot_write_says_so_before_computing(run_copy, capsys, monkeypatch):

@@ -72,7 +72,7 @@ def test_early_stopping_counts_epochs_without_a_better_loss():
     early.update(6, float("nan"))  # a NaN is never better
     assert early.should_stop and early.best_loss == 0.7
     again = EarlyStopping(patience=2)
-    again.restore(early.state())
+    again.load_state_dict(early.state_dict())
     assert again == early
 
 

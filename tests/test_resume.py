@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from planktonio import PlanktonioError
-from train import checkpoint
+from train import checkpoint_file
 from train.loop import fit
 from train.signals import EXIT_INTERRUPTED
 
@@ -104,9 +104,9 @@ def test_resume_with_a_mistyped_out_and_no_config_is_refused(tmp_path, plankton,
 
 def test_a_resume_on_another_number_of_processes_is_refused(run_copy, plankton):
     """last.pt holds each rank's random state and share of the epoch: it continues with as many ranks only."""
-    state = checkpoint.load(run_copy / "last.pt")
+    state = checkpoint_file.load(run_copy / "last.pt")
     assert state["world_size"] == 1
     state["world_size"] = 2
-    checkpoint.save_atomic(state, run_copy / "last.pt")
+    checkpoint_file.save_atomic(state, run_copy / "last.pt")
     with pytest.raises(PlanktonioError, match="trained by 2 process\\(es\\), this run has 1"):
         fit(small_config(training={"epochs": 3}), plankton, run_copy, resume=True)

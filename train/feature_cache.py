@@ -82,7 +82,7 @@ from planktonio.files import check_folder_writable
 from planktonio.loaders import LoaderSpec, sharding
 from planktonio.loaders.base import entry_labels
 
-from . import checkpoint, distributed
+from . import checkpoint_file, distributed
 from .model import forward_steps, set_train_mode
 from .signals import StopFlag
 from .step import autocast
@@ -328,7 +328,7 @@ class FeatureCache:
         """What the kept activations depend on, and nothing else (so a sweep's runs share them)."""
         train = self.config.transform("train")
         parts = {
-            "prefix_weights": checkpoint.content_checksum(self.cut.prefix.state_dict()),
+            "prefix_weights": checkpoint_file.content_checksum(self.cut.prefix.state_dict()),
             "prefix_modules": repr(self.cut.prefix),
             "transforms": {"train": train.to_dict(), "eval": self.config.transform("eval").to_dict()},
             "data": self.ex.dataset.fingerprint(),
@@ -482,7 +482,7 @@ class FeatureCache:
                                     "identity": identities[split], "rows": self.stores[split].host_chunks()}
                             for split in self.stores}}
         try:
-            checkpoint.save_atomic(state, path)
+            checkpoint_file.save_atomic(state, path)
         except DiskError as error:
             self.log(f"feature cache: not kept on disk ({error}); the activations are used from memory in this "
                      f"run only")
@@ -492,7 +492,7 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            state = checkpoint.load(path, mmap=True)
+            state = checkpoint_file.load(path, mmap=True)
         except PlanktonioError as error:  # cut short or changed: recompute, never use it
             self.log(f"feature cache: {path} is unusable ({error}); computing it again")
             return None

@@ -74,7 +74,7 @@ from planktonio.loaders import (
 from planktonio.loaders.dali_loader import BrokenFile
 from planktonio.unlabelled import Catalog, Unit, discover, read_headers
 
-from . import calibration, checkpoint, config as config_module, distributed
+from . import calibration, checkpoint_file, config as config_module, distributed
 from .executor import Executor
 from .model import head_name
 from .signals import EXIT_INTERRUPTED, EXIT_OK, StopFlag
@@ -243,7 +243,7 @@ class Predictor:
         if o.top_k < 1:
             raise PlanktonioError(f"--top-k {o.top_k}: at least 1")
         weights = self.run / f"{o.checkpoint}.pt"
-        self.state = checkpoint.load(weights)
+        self.state = checkpoint_file.load(weights)
         self.classes = list(self.state["classes"])
         self.calibrated = calibration.read(self.run, self.classes, weights) if o.calibrated else None
         check_folder_writable(self.out / UNITS, "--out")
