@@ -22,6 +22,7 @@ CPU queues the next step while the GPU runs this one.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -74,7 +75,7 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
     try:
         with StopFlag() as stop_flag, distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
                 Executor(config, data, ctx) as executor, lock_run(out, ctx):
-            log = lambda line: say(ctx.is_main, line)  # noqa: E731
+            log = functools.partial(say, ctx.is_main)
             state = load_for_resume(config, out, resume)
             if state is not None:
                 run_record.check_same_data(out, data, "--resume")
@@ -148,7 +149,7 @@ class Trainer:
                  f"loader, {ex.ctx.world_size} process(es) on {ex.device}, {len(self.inputs.train)} steps of "
                  f"{config.loader.batch_size} per epoch")
         try:
-            with StepProfiler(config.profile, out, ex.ctx.rank, ex.device) as self.profiler:
+            with StepProfiler(config.profile, out, ex.ctx.rank, ex.device, self.say) as self.profiler:
                 # A run with no work left gets here only when it stopped before writing summary.json
                 # (killed while testing the best weights): it finishes now.
                 stop_reason = None if state is None or has_work_left(state, config) else \
