@@ -144,10 +144,6 @@ def load_for_resume(config: Config, out: Path, resume: bool) -> dict | None:
     state = checkpoint_file.load(last)
     resumable = resumable_keys()
     differing = [key for key in _differing_keys(state["config"], config.to_dict()) if key not in resumable]
-    if config.optimizer.schedule == "cosine" and state["config"]["training"]["epochs"] != config.training.epochs:
-        raise PlanktonioError("--resume: training.epochs sets the length of the cosine learning-rate schedule, "
-                              "so changing it would change every later epoch's learning rate; start a new run "
-                              f"from this one's weights instead (--set model.weights={out / 'best.pt'})")
     if differing:
         raise PlanktonioError(f"--resume: the config differs from the run's in {', '.join(differing)}; "
                               f"resume with the run's config ({out / 'config.yaml'}; only "

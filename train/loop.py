@@ -42,8 +42,8 @@ from .early_stopping import EarlyStopping
 from .executor import Executor
 from .inputs import Inputs, build_inputs
 from .metrics import EpochStats, RunningSums
-from .peer_watch import claim_the_line
 from .model import set_train_mode
+from .peer_watch import claim_the_line
 from .profiler import StepProfiler
 from .run_folder import lock_run, make_run_folder
 from .signals import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, EXIT_PEER_LOST, Interrupted, StopFlag
@@ -143,6 +143,11 @@ class Trainer:
             self.checkpointer.restore(state)
             continuing = f" (it had finished: {state['finished']})" if state["finished"] else ""
             self.say(f"resuming {out} at epoch {progress.epoch}, batch {progress.batches_done}{continuing}")
+            planned = state["config"]["training"]["epochs"]
+            if config.optimizer.schedule == "cosine" and planned != config.training.epochs:
+                self.say(f"the cosine schedule is planned again over {config.training.epochs} epochs (was "
+                         f"{planned}): from epoch {progress.epoch} on the learning rate is that of a "
+                         f"{config.training.epochs}-epoch run, {self.lr_at(progress.epoch):.3g} now")
         writers = MetricsWriters(out, f"{out.name}: {config.model.name}", progress.epoch,
                                  config.training.tensorboard) if ex.ctx.is_main else None
         self.say(f"{config.model.name} ({config.model.freeze} frozen), {ex.precision}, {self.inputs.loader_name} "
