@@ -12,8 +12,9 @@
     python -m profiling accuracy --config FILE --data PREPARED --out DIR [--arm NAME KEY=VALUE ...] --seeds K
     python -m profiling scale --out DIR [--sizes 10000,100000,1000000]   how the costs grow with the images
 
-The options of smoke, loaders, amp, predict, trace, suite and scale, and their defaults, are
-their settings dataclasses' fields (profiling/cli.py).
+The options of smoke, loaders, amp, predict, trace, suite and scale, and their defaults, are the
+fields of their settings dataclasses in profiling/settings.py; `python -m profiling COMMAND --help`
+lists them.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         let_idle_threads_sleep()
     if args.command in ("smoke", "loaders", "amp", "predict", "scale"):
         from .environment import describe_environment
-        environment = describe_environment()
+        environment = describe_environment(argv=args.argv)
     if args.command == "smoke":
         from .settings import Smoke
         from .smoke import run as run_smoke
@@ -126,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         return 0 if all(c["ok"] for c in result["checks"]) else 1
     if args.command == "loaders":
         from .loader_bench import run as run_loaders
-        from .settings import LoaderBenchmark
         from .render.loaders import text_table
+        from .settings import LoaderBenchmark
         bench = settings_from(LoaderBenchmark, args)
         result = run_loaders(bench, args.json, environment)
         c = result["config"]
@@ -138,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
         _wrote(args.json)
     elif args.command == "amp":
         from .amp_bench import run as run_amp
-        from .settings import AmpBenchmark
         from .render.amp import text_table
+        from .settings import AmpBenchmark
         print(text_table(run_amp(settings_from(AmpBenchmark, args), args.json, environment)))
         _wrote(args.json)
     elif args.command == "predict":
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         from .environment import describe_environment
         sweep = Sweep(args.config, args.data, args.out, arms_for(args.arms), seeds=args.seeds,
                       reference=args.reference, margin=args.margin, overrides=tuple(args.overrides))
-        print(f"wrote {run_accuracy(sweep, describe_environment())}")
+        print(f"wrote {run_accuracy(sweep, describe_environment(argv=args.argv))}")
     elif args.command == "suite":
         from .settings import Suite
         from .suite import run as run_suite
@@ -185,7 +186,7 @@ def _inspect(args: argparse.Namespace) -> int:
         raise PlanktonioError(f"inspect: {len(args.traces)} paths given; give one trace or folder, or two to compare")
     if args.top < 1:
         raise PlanktonioError(f"inspect --top {args.top}: must be at least 1")
-    environment = describe_environment(devices=False)
+    environment = describe_environment(devices=False, argv=args.argv)
     if len(args.traces) == 2:
         result = compare(*args.traces, args.top)
         print(format_comparison(result))
@@ -207,6 +208,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # what results record as their command
     try:
         return run(args)
     except PlanktonioError as error:  # one line; exit 2, or 74 for a disk that cannot take a file
