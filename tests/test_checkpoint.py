@@ -141,7 +141,7 @@ def test_checkpoints_follow_the_time_budget(plankton, tmp_path, monkeypatch):
     def recording(state, path):
         saved.append((path.name, state["epoch"]))  # last.pt: epochs done; best.pt: the best epoch
         save_atomic(state, path)
-    monkeypatch.setattr(checkpointer.checkpoint, "save_atomic", recording)
+    monkeypatch.setattr(checkpoint_file, "save_atomic", recording)
     assert fit(small_config(training={"epochs": 7, "checkpoint_every_s": 250}), plankton, tmp_path / "run") == 0
     assert [epoch for name, epoch in saved if name == "last.pt"] == [3, 6, 7]
     assert all(saved[i + 1][0] == "last.pt" for i, (name, _) in enumerate(saved) if name == "best.pt")

@@ -384,7 +384,7 @@ def test_a_full_disk_while_the_file_is_written_costs_one_line(own_data, tmp_path
         with files.atomic_file(path, "wb") as f:
             f.write(b"the first bytes")
             raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(feature_cache.checkpoint, "save_atomic", on_a_full_disk)
+    monkeypatch.setattr(feature_cache.checkpoint_file, "save_atomic", on_a_full_disk)
     assert fit(small_cached(), data, tmp_path / "run") == 0
     out = capsys.readouterr().out
     assert "feature cache: not kept on disk" in out and "No space left on device" in out
