@@ -25,6 +25,10 @@ def test_command_line_defaults_are_the_settings_defaults():
         assert defaults == cls(**{k: args[k] for k in cls.__dataclass_fields__ if k in ("data", "out")}), command
     args = parser.parse_args(["loaders", "--data", "D", "--backends", "dali-cpu,cache", "--no-eval-transform"])
     assert args.backends == ("dali-cpu", "cache") and args.eval_transform is False
+    from planktonio.cli import settings_from
+    from train.__main__ import CalibrateOptions, EvaluateOptions, build_parser as train_parser
+    for command, cls in (("evaluate", EvaluateOptions), ("calibrate", CalibrateOptions)):
+        assert settings_from(cls, train_parser().parse_args([command, "--run", "R"])) == cls(run=Path("R")), command
 
 
 def test_help_lists_every_exit_code_and_where_the_options_live(capsys):

@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from planktonio.cli import add_arguments, settings_from
+from planktonio.declared import setting
 from planktonio.errors import PlanktonioError
 
 from .signals import EXIT_ABORTED, EXIT_CODES
+
+
+@dataclass
+class EvaluateOptions:
+    run: Path = setting(help="a run folder of `python -m train fit`")
+    split: str = setting("test", choices=("train", "valid", "test"))
+    checkpoint: str = setting("best", choices=("best", "last"))
+    data: Path | None = setting(None, help="default: the data the run was trained on")
+    backend: str | None = setting(None, help="loader backend (default: the run's)")
+    other_data: bool = setting(False, help="score the run on --data although it is not the data the run was "
+                                           "trained on")
+
+
+@dataclass
+class CalibrateOptions:
+    run: Path = setting(help="a run folder of `python -m train fit`")
+    checkpoint: str = setting("best", choices=("best", "last"))
+    target: float = setting(0.9, help="the validation precision each class's threshold must reach")
+    backend: str | None = setting(None, help="loader backend (default: the run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,21 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from OUT/last.pt if it exists (else start); with --set "
                           "training.epochs=N (or training.patience) a finished run continues too")
 
-    ev = commands.add_parser("evaluate", help="score a run's checkpoint on a split")
-    ev.add_argument("--run", type=Path, required=True)
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ev.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    ev.add_argument("--data", type=Path, help="default: the data the run was trained on")
-    ev.add_argument("--backend", help="loader backend (default: the run's)")
-    ev.add_argument("--other-data", action="store_true",
-                    help="score the run on --data although it is not the data the run was trained on")
-
-    cal = commands.add_parser("calibrate", help="fit a temperature and per-class thresholds on the validation split")
-    cal.add_argument("--run", type=Path, required=True)
-    cal.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    cal.add_argument("--target", type=float, default=0.9,
-                     help="the validation precision each class's threshold must reach (default 0.9)")
-    cal.add_argument("--backend", help="loader backend (default: the run's)")
+    add_arguments(commands.add_parser("evaluate", help="score a run's checkpoint on a split"), EvaluateOptions)
+    add_arguments(commands.add_parser("calibrate", help="fit a temperature and per-class thresholds on the "
+                                                        "validation split"), CalibrateOptions)
 
     pr = commands.add_parser("predict", help="classify new images (a folder, a list of paths, tar shards)")
     pr.add_argument("--run", type=Path, required=True, help="a run folder of `python -m train fit`")
@@ -67,61 +77,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fit(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from . import config as config_module
+    from .loop import fit
+    if args.config is None and args.resume and not (args.out / "config.yaml").is_file():
+        raise PlanktonioError(f"--resume: {args.out} holds no run (no config.yaml) and no --config was "
+                              f"given; check --out, or pass --config to start a run there")
+    if args.resume and (args.out / "config.yaml").exists() and args.config is None:
+        config = config_module.load(args.out / "config.yaml", args.overrides)
+    else:
+        config = config_module.load(args.config, args.overrides)
+    return fit(config, args.data, args.out, resume=args.resume)
+
+
+def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from planktonio.cores import let_idle_threads_sleep
+    let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
+    from .predict import PredictOptions, parse_shard, predict
+    return predict(PredictOptions(
+        run=args.run, images=args.images, out=args.out, checkpoint=args.checkpoint,
+        calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size, device=args.device,
+        precision=args.precision, workers=args.workers, format=args.format, top_k=args.top_k,
+        float16=args.float16, embeddings=args.embeddings, shard=parse_shard(args.shard),
+        overwrite=args.overwrite, command=["python", "-m", "train", *(argv or sys.argv[1:])]))
+
+
+def _calibrate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .evaluate import calibrate_run
+    o = settings_from(CalibrateOptions, args)
+    fitted = calibrate_run(o.run, o.checkpoint, o.target, o.backend)
+    v = fitted["validation"]
+    print(f"calibrated {o.run} on {fitted['fitted_on']['images']} validation images: temperature "
+          f"{fitted['temperature']:.3f}, NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, ECE "
+          f"{v['ece_before']:.4f} -> {v['ece_after']:.4f}; at precision {fitted['target_precision']}: "
+          f"coverage {v['coverage']:.3f}, accuracy of the classified {_share(v['accuracy_of_classified'])}")
+    for name, note in fitted["notes"].items():
+        print(f"  {name}: {note}")
+    print(f"wrote {o.run}/calibration.json")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .evaluate import evaluate_run
+    o = settings_from(EvaluateOptions, args)
+    result = evaluate_run(o.run, o.split, o.data, o.checkpoint, o.backend, o.other_data)
+    print(f"{o.split}: accuracy {result['acc']:.4f}, top-5 {result['top5']:.4f}, "
+          f"loss {result['loss']:.4f} over {result['images']} images")
+    width = max(len(name) for name in result["per_class"])
+    print(f"{'class':<{width}}  precision  recall     f1  support")
+    for name, s in result["per_class"].items():
+        print(f"{name:<{width}}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['f1']:5.3f}  {s['support']:7d}")
+    if "calibration" in result:
+        c = result["calibration"]
+        if "not_used" in c:
+            print(f"calibration not used: {c['not_used']}")
+        else:
+            print(f"calibrated: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; at the thresholds "
+                  f"coverage {c['coverage']:.3f}, accuracy of the classified "
+                  f"{_share(c['accuracy_of_classified'])}")
+    print(f"wrote {o.run}/eval-{o.split}.json, confusion-{o.split}.csv and .png")
+    return 0
+
+
+COMMANDS = {"fit": _fit, "predict": _predict, "calibrate": _calibrate, "evaluate": _evaluate}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "fit":
-            from . import config as config_module
-            from .loop import fit
-            if args.config is None and args.resume and not (args.out / "config.yaml").is_file():
-                raise PlanktonioError(f"--resume: {args.out} holds no run (no config.yaml) and no --config was "
-                                      f"given; check --out, or pass --config to start a run there")
-            if args.resume and (args.out / "config.yaml").exists() and args.config is None:
-                config = config_module.load(args.out / "config.yaml", args.overrides)
-            else:
-                config = config_module.load(args.config, args.overrides)
-            return fit(config, args.data, args.out, resume=args.resume)
-        if args.command == "predict":
-            from planktonio.cores import let_idle_threads_sleep
-            let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
-            from .predict import PredictOptions, parse_shard, predict
-            return predict(PredictOptions(
-                run=args.run, images=args.images, out=args.out, checkpoint=args.checkpoint,
-                calibrated=args.calibrated, backend=args.backend, batch_size=args.batch_size, device=args.device,
-                precision=args.precision, workers=args.workers, format=args.format, top_k=args.top_k,
-                float16=args.float16, embeddings=args.embeddings, shard=parse_shard(args.shard),
-                overwrite=args.overwrite, command=["python", "-m", "train", *(argv or sys.argv[1:])]))
-        if args.command == "calibrate":
-            from .evaluate import calibrate_run
-            fitted = calibrate_run(args.run, args.checkpoint, args.target, args.backend)
-            v = fitted["validation"]
-            print(f"calibrated {args.run} on {fitted['fitted_on']['images']} validation images: temperature "
-                  f"{fitted['temperature']:.3f}, NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, ECE "
-                  f"{v['ece_before']:.4f} -> {v['ece_after']:.4f}; at precision {fitted['target_precision']}: "
-                  f"coverage {v['coverage']:.3f}, accuracy of the classified "
-                  f"{_share(v['accuracy_of_classified'])}")
-            for name, note in fitted["notes"].items():
-                print(f"  {name}: {note}")
-            print(f"wrote {args.run}/calibration.json")
-            return 0
-        from .evaluate import evaluate_run
-        result = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.backend, args.other_data)
-        print(f"{args.split}: accuracy {result['acc']:.4f}, top-5 {result['top5']:.4f}, "
-              f"loss {result['loss']:.4f} over {result['images']} images")
-        width = max(len(name) for name in result["per_class"])
-        print(f"{'class':<{width}}  precision  recall     f1  support")
-        for name, s in result["per_class"].items():
-            print(f"{name:<{width}}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['f1']:5.3f}  {s['support']:7d}")
-        if "calibration" in result:
-            c = result["calibration"]
-            if "not_used" in c:
-                print(f"calibration not used: {c['not_used']}")
-            else:
-                print(f"calibrated: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; at the thresholds "
-                      f"coverage {c['coverage']:.3f}, accuracy of the classified "
-                      f"{_share(c['accuracy_of_classified'])}")
-        print(f"wrote {args.run}/eval-{args.split}.json, confusion-{args.split}.csv and .png")
-        return 0
+        return COMMANDS[args.command](args, argv)
     except PlanktonioError as error:  # DiskError included: 74, the others 2
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
