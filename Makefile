@@ -28,8 +28,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# The job scripts, with Debian's shellcheck (following what they source).
-lint:
+# The Python code with ruff (its rules: pyproject.toml, [tool.ruff]); the job scripts with Debian's
+# shellcheck (following what they source).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 	shellcheck -x slurm/*.sbatch slurm/common.sh slurm/submit slurm/sweep
 
 # The demo: the study's transfer recipe in small (pretrain tiny-cnn on four

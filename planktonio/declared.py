@@ -54,9 +54,10 @@ def parse_size(text: str, what: str = "size") -> int:
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str = "", choices: tuple | None = None,
-            default_factory: Any = dataclasses.MISSING):
-    """A dataclass field with its help text and allowed choices (read by `build` and by command lines)."""
-    metadata = {"help": help, "choices": choices}
+            default_factory: Any = dataclasses.MISSING, resumable: bool = False):
+    """A dataclass field with its help text and allowed choices (read by `build` and by command lines).
+    resumable: a training setting a resumed run may change (train/config.py)."""
+    metadata = {"help": help, "choices": choices, "resumable": resumable}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)

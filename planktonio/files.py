@@ -52,6 +52,19 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, 
                errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
 
 
+def disk_cause(error: BaseException, names: tuple) -> OSError | None:
+    """The disk's OSError behind `error`, about one of `names` (None: no file named): the error itself, or one
+    that a library caught and replaced with its own (torch.save raises RuntimeError "unexpected pos ..." over
+    the ENOSPC of its write; its __context__ keeps the OSError). None if the disk is not the cause."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_ERRNOS and error.filename in names:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def disk_error(path: Path, error: OSError) -> DiskError:
     reason = error.strerror or type(error).__name__
     return DiskError(f"{path}: cannot be written ({reason}); free space, fix the folder's permissions or choose "
@@ -81,11 +94,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", *, durable: bool = Fa
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would make it: mkstemp's 0600 hides shared runs' files
         os.replace(tmp, path)
-    except OSError as error:
+    except Exception as error:
         tmp.unlink(missing_ok=True)
         # (an error reading something else inside the block names that file: it stays what it is)
-        if error.errno in DISK_ERRNOS and error.filename in (None, str(tmp), str(path)):
-            raise disk_error(path, error) from None
+        cause = disk_cause(error, (None, str(tmp), str(path)))
+        if cause is not None:
+            raise disk_error(path, cause) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)

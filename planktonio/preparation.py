@@ -422,9 +422,9 @@ def _write_indexes(out: Path, splits: dict[str, list[tuple[str, int]]], position
                    checks: Inspection) -> None:
     """Each split's binary index, then its text manifest (a manifest without its index is never read)."""
     for split in SPLITS:
-        manifest = "".join(f"{p} {l}\n" for p, l in splits[split]).encode("utf-8")
+        manifest = "".join(f"{p} {label}\n" for p, label in splits[split]).encode("utf-8")
         at = positions[split]
-        index = SplitIndex.build([p for p, _ in splits[split]], [l for _, l in splits[split]], checks.width[at],
+        index = SplitIndex.build([p for p, _ in splits[split]], [label for _, label in splits[split]], checks.width[at],
                                  checks.height[at], checks.bytes[at], checks.mtime_ns[at], checks.sha256[at],
                                  manifest)
         index.write(index_file(out, split))

@@ -12,8 +12,9 @@
     python -m profiling accuracy --config FILE --data PREPARED --out DIR [--arm NAME KEY=VALUE ...] --seeds K
     python -m profiling scale --out DIR [--sizes 10000,100000,1000000]   how the costs grow with the images
 
-The options of smoke, loaders, amp, predict, trace, suite and scale, and their defaults, are
-their settings dataclasses' fields (profiling/settings.py). docs/measuring.md.
+The options of smoke, loaders, amp, predict, trace, suite and scale, and their defaults, are the
+fields of their settings dataclasses in profiling/settings.py; `python -m profiling COMMAND --help`
+lists them. docs/measuring.md.
 """
 
 from __future__ import annotations
@@ -23,42 +24,42 @@ import json
 import sys
 from pathlib import Path
 
+from planktonio.cli import add_arguments, settings_from
 from planktonio.errors import PlanktonioError
 from planktonio.files import check_folder_writable, check_writable, write_atomic
 
-from .cli import add_arguments, settings_from
+# The benchmarks whose options are their settings dataclass's fields (profiling/settings.py): the command,
+# the class's name there, its help, and what its --json holds (None: no --json).
+BENCHMARKS = (
+    ("smoke", "Smoke", "every GPU path tried once (loaders, AMP steps, NCCL): what fails", "write the checks here"),
+    ("loaders", "LoaderBenchmark", "images/s and latency of each loader backend", "write the result here"),
+    ("amp", "AmpBenchmark", "training step time for fp32 / amp-fp16 / amp-bf16", "write the result here"),
+    ("predict", "PredictBenchmark", "train predict's images/s against the same loader alone and the model "
+                                    "alone, on the same images", "write the result here"),
+    ("suite", "Suite", "everything, within a time budget: doctor, smoke, GPU tests, loaders, AMP, end-to-end "
+                       "training, a trace, the report", None),
+    ("scale", "ScaleBenchmark", "synthetic sets of growing size: prepare, pack, the first batch (loose files and "
+                                "shards), peak memory, against the number of images", "default: OUT/scale.json"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import AmpBenchmark, LoaderBenchmark, PredictBenchmark, ScaleBenchmark, Smoke, Suite, TraceOptions
-
+    from . import settings
     parser = argparse.ArgumentParser(prog="python -m profiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    smoke = commands.add_parser("smoke", help="every GPU path tried once (loaders, AMP steps, NCCL): what fails")
-    add_arguments(smoke, Smoke)
-    smoke.add_argument("--json", type=Path, help="write the checks here")
-
-    loaders = commands.add_parser("loaders", help="images/s and latency of each loader backend")
-    add_arguments(loaders, LoaderBenchmark)
-    loaders.add_argument("--json", type=Path, help="write the result here")
-
-    amp = commands.add_parser("amp", help="training step time for fp32 / amp-fp16 / amp-bf16")
-    add_arguments(amp, AmpBenchmark)
-    amp.add_argument("--json", type=Path)
-
-    predict = commands.add_parser("predict", help="train predict's images/s against the same loader alone and "
-                                                  "the model alone, on the same images")
-    add_arguments(predict, PredictBenchmark)
-    predict.add_argument("--json", type=Path)
+    for name, cls, help_text, json_help in BENCHMARKS:
+        command = commands.add_parser(name, help=help_text)
+        add_arguments(command, getattr(settings, cls))
+        if json_help is not None:
+            command.add_argument("--json", type=Path, help=json_help)
 
     trace = commands.add_parser("trace", help="a short training run under torch.profiler")
     trace.add_argument("--config", type=Path, help="a training config (train/configs/*.yaml)")
     trace.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     trace.add_argument("--data", type=Path, required=True)
     trace.add_argument("--out", type=Path, required=True)
-    add_arguments(trace, TraceOptions)
+    add_arguments(trace, settings.TraceOptions)
 
     inspect = commands.add_parser("inspect", help="read traces back: a trace, a run's rank traces, or two runs "
                                                   "compared; time per step, data wait, device idle, verdict")
@@ -66,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a trace-rank<R>.json.gz, a folder of them (every rank), or two of either (A B)")
     inspect.add_argument("--top", type=int, default=10)
     inspect.add_argument("--json", type=Path)
+    _add_accuracy(commands)
 
+    report = commands.add_parser("report", help="markdown report with plots from result JSON files")
+    report.add_argument("results", type=Path, nargs="+")
+    report.add_argument("--out", type=Path, required=True)
+    report.add_argument("--title", default="planktonio measurements")
+    return parser
+
+
+def _add_accuracy(commands) -> None:
     accuracy = commands.add_parser("accuracy", help="test accuracy per arm (config overrides) over seeds, "
                                                     "paired differences to a reference arm")
     accuracy.add_argument("--config", type=Path, help="the training config every arm starts from")
@@ -81,103 +91,110 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--reference", help="the arm the others are compared with (default: the first)")
     accuracy.add_argument("--margin", type=float, default=1.0, help="percentage points (default 1)")
 
-    suite = commands.add_parser("suite", help="everything, within a time budget: doctor, smoke, GPU tests, "
-                                              "loaders, AMP, end-to-end training, a trace, the report")
-    add_arguments(suite, Suite)
-
-    scale = commands.add_parser("scale", help="synthetic sets of growing size: prepare, pack, the first batch "
-                                              "(loose files and shards), peak memory, against the number of images")
-    add_arguments(scale, ScaleBenchmark)
-    scale.add_argument("--json", type=Path, help="default: OUT/scale.json")
-
-    report = commands.add_parser("report", help="markdown report with plots from result JSON files")
-    report.add_argument("results", type=Path, nargs="+")
-    report.add_argument("--out", type=Path, required=True)
-    report.add_argument("--title", default="planktonio measurements")
-    return parser
-
 
 def _wrote(path: Path | None) -> None:
     if path:
         print(f"wrote {path}")
 
 
+def _environment(args: argparse.Namespace) -> dict:
+    from .environment import describe_environment
+    return describe_environment(argv=args.argv)
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    from .settings import Smoke
+    from .smoke import run as run_smoke
+    result = run_smoke(settings_from(Smoke, args), args.json, _environment(args))
+    _wrote(args.json)
+    return 0 if all(c["ok"] for c in result["checks"]) else 1
+
+
+def _loaders(args: argparse.Namespace) -> int:
+    from .loader_bench import run as run_loaders
+    from .render.loaders import text_table
+    from .settings import LoaderBenchmark
+    bench, environment = settings_from(LoaderBenchmark, args), _environment(args)
+    result = run_loaders(bench, args.json, environment)
+    c = result["config"]
+    print(f"{environment['device']}, {environment['cpu_count']} cores, {c['workers']} workers, {c['threads']} "
+          f"DALI threads, batch {bench.batch_size}, {bench.repeats} x {bench.epochs} epoch(s) of "
+          f"{c['batches_per_epoch']} batches, split {bench.split}")
+    print(text_table(result))
+    _wrote(args.json)
+    return 0
+
+
+def _amp(args: argparse.Namespace) -> int:
+    from .amp_bench import run as run_amp
+    from .render.amp import text_table
+    from .settings import AmpBenchmark
+    print(text_table(run_amp(settings_from(AmpBenchmark, args), args.json, _environment(args))))
+    _wrote(args.json)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict_bench import run as run_predict
+    from .render.predict import text_table
+    from .settings import PredictBenchmark
+    print(text_table(run_predict(settings_from(PredictBenchmark, args), args.json, _environment(args))))
+    _wrote(args.json)
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from .render.scale import text_table
+    from .scale import run as run_scale
+    from .settings import ScaleBenchmark
+    print(text_table(run_scale(settings_from(ScaleBenchmark, args), args.json, _environment(args))))
+    _wrote(args.json)
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .settings import TraceOptions
+    from .trace import run_trace
+    return run_trace(args.config, args.overrides, args.data, args.out, settings_from(TraceOptions, args))
+
+
+def _accuracy(args: argparse.Namespace) -> int:
+    from .accuracy import Sweep, arms_for, run as run_accuracy
+    sweep = Sweep(args.config, args.data, args.out, arms_for(args.arms), seeds=args.seeds,
+                  reference=args.reference, margin=args.margin, overrides=tuple(args.overrides))
+    print(f"wrote {run_accuracy(sweep, _environment(args))}")
+    return 0
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from .settings import Suite
+    from .suite import run as run_suite
+    print(f"wrote {run_suite(settings_from(Suite, args))}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    print(f"wrote {write_report(args.results, args.out, args.title)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    json_path = getattr(args, "json", None)
     # Where results go, before the work, not after it: a place that cannot be written costs nothing.
-    if json_path is not None:
-        check_writable(json_path, "--json", make_parent=True)
+    if getattr(args, "json", None) is not None:
+        check_writable(args.json, "--json", make_parent=True)
     if args.command in ("accuracy", "suite", "report"):
         check_folder_writable(Path(args.out), "--out", make=False)
     if args.command == "scale":
         check_folder_writable(Path(args.out), "--out", make=True)
-        json_path = args.json = args.json or Path(args.out) / "scale.json"
+        args.json = args.json or Path(args.out) / "scale.json"
     if args.command == "predict":  # as `train predict` runs: before torch loads (planktonio/cores.py says why)
         from planktonio.cores import let_idle_threads_sleep
         let_idle_threads_sleep()
-    if args.command in ("smoke", "loaders", "amp", "predict", "scale"):
-        from .environment import describe_environment
-        environment = describe_environment()
-    if args.command == "smoke":
-        from .settings import Smoke
-        from .smoke import run as run_smoke
-        result = run_smoke(settings_from(Smoke, args), args.json, environment)
-        _wrote(args.json)
-        return 0 if all(c["ok"] for c in result["checks"]) else 1
-    if args.command == "loaders":
-        from .loader_bench import run as run_loaders
-        from .settings import LoaderBenchmark
-        from .render.loaders import text_table
-        bench = settings_from(LoaderBenchmark, args)
-        result = run_loaders(bench, args.json, environment)
-        c = result["config"]
-        print(f"{environment['device']}, {environment['cpu_count']} cores, {c['workers']} workers, {c['threads']} "
-              f"DALI threads, batch {bench.batch_size}, {bench.repeats} x {bench.epochs} epoch(s) of "
-              f"{c['batches_per_epoch']} batches, split {bench.split}")
-        print(text_table(result))
-        _wrote(args.json)
-    elif args.command == "amp":
-        from .amp_bench import run as run_amp
-        from .settings import AmpBenchmark
-        from .render.amp import text_table
-        print(text_table(run_amp(settings_from(AmpBenchmark, args), args.json, environment)))
-        _wrote(args.json)
-    elif args.command == "predict":
-        from .predict_bench import run as run_predict
-        from .render.predict import text_table
-        from .settings import PredictBenchmark
-        print(text_table(run_predict(settings_from(PredictBenchmark, args), args.json, environment)))
-        _wrote(args.json)
-    elif args.command == "scale":
-        from .render.scale import text_table
-        from .scale import run as run_scale
-        from .settings import ScaleBenchmark
-        print(text_table(run_scale(settings_from(ScaleBenchmark, args), args.json, environment)))
-        _wrote(args.json)
-    elif args.command == "trace":
-        from .settings import TraceOptions
-        from .trace import run_trace
-        return run_trace(args.config, args.overrides, args.data, args.out, settings_from(TraceOptions, args))
-    elif args.command == "inspect":
-        return _inspect(args)
-    elif args.command == "accuracy":
-        from .accuracy import Sweep, arms_for, run as run_accuracy
-        from .environment import describe_environment
-        sweep = Sweep(args.config, args.data, args.out, arms_for(args.arms), seeds=args.seeds,
-                      reference=args.reference, margin=args.margin, overrides=tuple(args.overrides))
-        print(f"wrote {run_accuracy(sweep, describe_environment())}")
-    elif args.command == "suite":
-        from .settings import Suite
-        from .suite import run as run_suite
-        print(f"wrote {run_suite(settings_from(Suite, args))}")
-    elif args.command == "report":
-        from .report import write_report
-        print(f"wrote {write_report(args.results, args.out, args.title)}")
-    return 0
+    return COMMANDS[args.command](args)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .environment import describe_environment
     from .inspect_compare import compare, format_comparison
     from .inspect_ranks import analyse_ranks, format_ranks
     from .inspect_trace import analyse, format_report, load_events
@@ -185,7 +202,8 @@ def _inspect(args: argparse.Namespace) -> int:
         raise PlanktonioError(f"inspect: {len(args.traces)} paths given; give one trace or folder, or two to compare")
     if args.top < 1:
         raise PlanktonioError(f"inspect --top {args.top}: must be at least 1")
-    environment = describe_environment(devices=False)
+    from .environment import describe_environment
+    environment = describe_environment(devices=False, argv=args.argv)
     if len(args.traces) == 2:
         result = compare(*args.traces, args.top)
         print(format_comparison(result))
@@ -205,8 +223,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"smoke": _smoke, "loaders": _loaders, "amp": _amp, "predict": _predict, "scale": _scale, "trace": _trace,
+            "inspect": _inspect, "accuracy": _accuracy, "suite": _suite, "report": _report}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]  # what results record as their command
     try:
         return run(args)
     except PlanktonioError as error:  # one line; exit 2, or 74 for a disk that cannot take a file

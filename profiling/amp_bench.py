@@ -35,8 +35,15 @@ from planktonio.errors import PlanktonioError
 from planktonio.loaders import default_backend, reference_backend, resolve_device
 from planktonio.transforms import TRAIN_AUGMENT
 from train.model import build_model
-from train.step import AMP_DTYPES, loader_output, make_optimizer, make_scaler, precisions_for, resolve_precision, \
-    train_step
+from train.step import (
+    AMP_DTYPES,
+    loader_output,
+    make_optimizer,
+    make_scaler,
+    precisions_for,
+    resolve_precision,
+    train_step,
+)
 from train.timing import TimedBatches
 
 from .measure import ResultFile, endless, peak_memory_mb, reset_peak_memory, synchronize

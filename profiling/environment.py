@@ -17,15 +17,20 @@ def installed(distribution: str) -> str | None:
         return None
 
 
-def describe_environment(devices: bool = True) -> dict:
-    """The date, the command, the machine and the versions a result was measured with. devices=False: the
-    versions as installed, without importing torch or asking for GPUs (reading traces needs neither, and
-    importing torch costs most of a gigabyte of memory)."""
+def command_line(argv: list | None = None) -> str:
+    """`python -m profiling ARGS...` as typed: argv as given to main(argv) (the process's own by default)."""
+    words = sys.argv[1:] if argv is None else argv
+    return " ".join(shlex.quote(str(a)) for a in [os.path.basename(sys.executable), "-m", "profiling", *words])
+
+
+def describe_environment(devices: bool = True, argv: list | None = None) -> dict:
+    """The date, the command (argv: the arguments main() was given), the machine and the versions a result
+    was measured with. devices=False: the versions as installed, without importing torch or asking for GPUs
+    (reading traces needs neither, and importing torch costs most of a gigabyte of memory)."""
     if not devices:
         return {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "profiling",
-                                                         *sys.argv[1:]]),
+            "command": command_line(argv),
             "hostname": platform.node(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": installed("torch"),
             "torchvision": installed("torchvision"), "dali": installed("nvidia-dali-cuda120") or installed(
@@ -33,7 +38,7 @@ def describe_environment(devices: bool = True) -> dict:
     import torch
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "profiling", *sys.argv[1:]]),
+        "command": command_line(argv),
         "hostname": platform.node(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

@@ -32,7 +32,7 @@ import torch
 
 from planktonio.errors import PlanktonioError
 from planktonio.loaders import BACKENDS, resolve_backend
-from train.predict import Predictor, PredictOptions, streaming_backends
+from train.predict import PredictOptions, Predictor, streaming_backends
 
 from .measure import ResultFile, synchronize
 from .settings import PredictBenchmark

@@ -1,7 +1,7 @@
 """The settings of each measuring program, declared once: their fields are the command-line options.
 
 `python -m profiling` builds each command's options from these dataclasses
-(profiling/cli.py): a default is written here and nowhere else. No torch
+(planktonio/cli.py): a default is written here and nowhere else. No torch
 here: parsing a command line, or rendering a report, does not import it.
 """
 

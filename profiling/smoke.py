@@ -67,8 +67,7 @@ def loader_check(bench: Smoke, backend: str, device: torch.device):
 def training_check(bench: Smoke, precision: str, device: torch.device):
     def work() -> str:
         from train.model import build_model
-        from train.step import AMP_DTYPES, loader_output, make_optimizer, make_scaler, resolve_precision, \
-            train_step
+        from train.step import AMP_DTYPES, loader_output, make_optimizer, make_scaler, resolve_precision, train_step
         resolved = resolve_precision(precision, device)
         model = build_model(bench.model, 17).to(device).train()
         optimizer = make_optimizer("sgd", model, device, lr=1e-3)

@@ -45,8 +45,14 @@ import torch
 from planktonio import PreparedDataset
 from planktonio.errors import PlanktonioError
 from planktonio.files import write_atomic
-from planktonio.loaders import (BACKENDS, default_backend, in_comparison_order, resolve_backend, resolve_device,
-                                runnable_backends)
+from planktonio.loaders import (
+    BACKENDS,
+    default_backend,
+    in_comparison_order,
+    resolve_backend,
+    resolve_device,
+    runnable_backends,
+)
 from train import config as config_module
 
 from .environment import describe_environment
@@ -59,6 +65,7 @@ STUDY_EPOCHS = 91        # the study's run: 91 epochs in 6,218 s on one V100 (RE
 STUDY_SECONDS = 6218
 REPORT_RESERVE_S = 20.0  # the report, written by this process at the end
 MIN_STAGE_S = 5.0        # less than this: a stage is skipped, not started
+DOCTOR_S = 30.0          # the doctor's time, whatever the budget
 # The budget each plan is sized for: at it, every stage gets at least its estimate.
 NOMINAL_BUDGET_S = {"cpu": 250.0, "cuda": 420.0}
 RESULTS = ("suite.json", "doctor.json", "smoke.json", "loaders.json", "amp.json", "training.json", "predict.json",
@@ -128,6 +135,7 @@ class Stage:
     result: str | None = None         # the JSON it writes for the report (relative to OUT)
     needs: str | None = None          # a stage that must have succeeded first
     status: str = "not run"           # ok | failed (exit N) | timed out | skipped: why
+    least_s: float = 0.0              # the time it is given however small the budget (the doctor's check)
     seconds: float = 0.0
     budget_s: float = 0.0
     log: str = ""
@@ -181,8 +189,10 @@ def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage],
     sizes = ON_GPU if device.type == "cuda" else ON_CPU
     estimate = sizes.estimates
     backends = chosen_backends(suite, device)
+    # The doctor is a check every result depends on, not a measurement: it gets the time it needs (a
+    # few seconds; DOCTOR_S for a slow machine) however small the budget, and the measurements share the rest.
     stages = [Stage("doctor", [py, "-m", "planktonio", "doctor", "--json", str(out / "doctor.json")],
-                    estimate["doctor"])]
+                    estimate["doctor"], least_s=DOCTOR_S)]
     stages.append(Stage("smoke", [py, "-m", "profiling", "smoke", "--data", data, *sizes.smoke,
                                   "--json", str(out / "smoke.json")], estimate["smoke"], result="smoke.json"))
     if device.type == "cuda":
@@ -272,7 +282,7 @@ def run_stages(stages: list[Stage], deadline: float, runner, clock=time.perf_cou
     by_name = {s.name: s for s in stages}
     for i, stage in enumerate(stages):
         left = deadline - clock()
-        share = left * stage.estimate_s / sum(s.estimate_s for s in stages[i:])
+        share = max(left * stage.estimate_s / sum(s.estimate_s for s in stages[i:]), stage.least_s)
         stage.budget_s = share
         if stage.needs and by_name[stage.needs].status != "ok":
             stage.status = f"skipped: {stage.needs} did not succeed"

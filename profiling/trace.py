@@ -3,7 +3,7 @@
 It is `python -m train fit` with the config's `profile` section enabled
 (train/profiler.py): the run's own loader, step and timed batches, recorded
 for wait + warmup + active steps, one Chrome trace per rank in OUT
-(trace-rank<R>.json.gz; with --memory also memory-rank<R>.html), after which
+(trace-rank<R>.json.gz; with --memory also memory-rank<R>.json.gz and .png), after which
 the run ends (`profile.stop_after`: no validation, no checkpoint). Under
 torchrun every rank writes its own trace. Read them with `python -m
 profiling inspect OUT`.

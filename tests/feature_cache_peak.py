@@ -20,9 +20,7 @@ from torch import nn
 
 from planktonio import memory, prepare
 from planktonio.preparation import SplitPlan
-from train import config as config_module
-from train import feature_cache, writers
-from train import model as model_module
+from train import config as config_module, feature_cache, model as model_module, writers
 from train.loop import fit
 
 from .conftest import jpeg_bytes

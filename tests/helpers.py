@@ -72,7 +72,21 @@ def learned(run: Path) -> list[dict]:
 
 
 def weights(run: Path, name: str = "last.pt") -> dict:
-    return torch.load(run / name, weights_only=False)["model"]
+    return read_checkpoint(run / name)["model"]
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's content, read as the programs read it (tensors and plain values only, checksum checked)."""
+    from train.checkpoint_file import load
+    return load(path)
+
+
+def loader(backend: str, prepared, split: str, **kwargs):
+    """A CPU loader; worker-pool backends decode in this process (workers=0), DALI on 2 threads."""
+    from planktonio import make_loader
+    kwargs.setdefault("workers", 0)
+    kwargs.setdefault("threads", 2)
+    return make_loader(backend, prepared, split, device="cpu", **kwargs)
 
 
 def same_weights(a: dict, b: dict) -> bool:

@@ -36,6 +36,7 @@ def test_paired_interval_and_verdict_on_known_inputs():
 
 def test_default_arms_are_the_backends_and_precisions_this_machine_runs():
     import torch
+
     from planktonio.loaders import BACKENDS, reference_backend, runnable_backends
     cpu = torch.device("cpu")
     arms = accuracy.default_arms(cpu)
@@ -56,6 +57,27 @@ def test_a_bad_arm_fails_before_any_training(synthetic, tmp_path):
     assert not (tmp_path / "sweep" / "ok").exists()
     with pytest.raises(PlanktonioError, match="start with the arm's name"):
         accuracy.parse_arm(["loader.backend=dali-cpu"])
+
+
+def test_the_report_records_the_whole_command(tmp_path, monkeypatch, capsys):
+    """Issue 33: `profiling accuracy` recorded its command without its --arm, --seeds and --set (the
+    process's arguments, not those main() was given). The training and its collection are stubbed: only what
+    the report records is looked at."""
+    from .helpers import run_profiling
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(TINY))
+    monkeypatch.setattr(accuracy, "train_runs", lambda sweep, log: None)
+    monkeypatch.setattr(accuracy, "collect", lambda sweep: {
+        "kind": "accuracy", "reference": "a", "margin_pp": 1.0, "seeds": 2, "config": str(config), "data": "d",
+        "overrides": ["training.epochs=1"], "arms": []})
+    monkeypatch.setattr(accuracy, "plot", lambda result, path: None)
+    code, _, err = run_profiling(["accuracy", "--config", config, "--data", tmp_path, "--out", tmp_path / "out",
+                                  "--arm", "a", "loader.backend=torchvision", "--seeds", "2", "--set",
+                                  "training.epochs=1"], capsys)
+    assert code == 0, err
+    command = json.loads((tmp_path / "out" / "accuracy.json").read_text())["environment"]["command"]
+    assert command.endswith(f"-m profiling accuracy --config {config} --data {tmp_path} --out {tmp_path / 'out'} "
+                            f"--arm a loader.backend=torchvision --seeds 2 --set training.epochs=1")
 
 
 def test_a_sweep_reports_its_runs_and_resumes_without_redoing_them(synthetic, tmp_path, monkeypatch):

@@ -25,6 +25,28 @@ def test_command_line_defaults_are_the_settings_defaults():
         assert defaults == cls(**{k: args[k] for k in cls.__dataclass_fields__ if k in ("data", "out")}), command
     args = parser.parse_args(["loaders", "--data", "D", "--backends", "dali-cpu,cache", "--no-eval-transform"])
     assert args.backends == ("dali-cpu", "cache") and args.eval_transform is False
+    from planktonio.cli import settings_from
+    from train.__main__ import CalibrateOptions, EvaluateOptions, build_parser as train_parser
+    for command, cls in (("evaluate", EvaluateOptions), ("calibrate", CalibrateOptions)):
+        assert settings_from(cls, train_parser().parse_args([command, "--run", "R"])) == cls(run=Path("R")), command
+
+
+def test_help_lists_every_exit_code_and_where_the_options_live(capsys):
+    """Issue 33: `python -m train --help` left out exit code 74 (a file could not be written), and
+    `python -m profiling --help` sent readers to profiling/cli.py for options declared in settings.py."""
+    import pytest
+
+    from planktonio.errors import EXIT_DISK, EXIT_USAGE
+    from profiling.__main__ import main as profiling_main
+    from train.__main__ import main as train_main
+    from train.signals import EXIT_ABORTED, EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_PEER_LOST
+    for main in (train_main, profiling_main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+    train_help, profiling_help = capsys.readouterr().out.split("usage: python -m profiling")
+    listed = {int(code) for code in re.findall(r"^ +(\d+)  ", train_help.split("\nexit codes:\n")[1], re.M)}
+    assert listed == {0, EXIT_USAGE, EXIT_NON_FINITE, EXIT_DISK, EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_ABORTED}
+    assert "profiling/settings.py" in profiling_help and "profiling/cli.py" not in profiling_help
 
 
 def python_files(*folders):

@@ -28,12 +28,7 @@ from planktonio.loaders.cache_loader import CacheLoader, CacheOptions
 from planktonio.preparation import SplitPlan
 
 from .conftest import NDSB, batch_indices, colour_of
-
-
-def loader(backend, prepared, split, **kwargs):
-    kwargs.setdefault("workers", 0)
-    kwargs.setdefault("threads", 2)
-    return make_loader(backend, prepared, split, device="cpu", **kwargs)
+from .helpers import loader
 
 
 def grey_levels(a, b, transform) -> torch.Tensor:

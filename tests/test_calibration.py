@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train import calibration
-from train import predict as predict_module
+from train import calibration, predict as predict_module
 from train.loop import fit
 
 from .helpers import one_line_error, run_train, small_config

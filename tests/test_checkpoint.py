@@ -1,8 +1,9 @@
-"""Checkpoints (train/checkpoint.py, train/checkpointer.py): data never code, a checksum checked on load,
+"""Checkpoints (train/checkpoint_file.py, train/checkpointer.py): data never code, a checksum checked on load,
 written on a time budget, best.pt kept with last.pt, never a non-finite value."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -12,13 +13,12 @@ import pytest
 import torch
 
 from planktonio import PlanktonioError
-from train import checkpoint, checkpointer
+from train import checkpoint_file, checkpointer
 from train.loop import fit
 from train.model import build_model
 from train.signals import EXIT_NON_FINITE
 
-from .helpers import count_training_steps, one_line_error, small_config, run_train, write_config
-
+from .helpers import count_training_steps, one_line_error, read_checkpoint, run_train, small_config, write_config
 
 # ------------------------------------------------------------------ a checkpoint runs no code
 
@@ -66,15 +66,15 @@ def test_a_checkpoint_with_changed_bytes_is_refused(run_copy, plankton, capsys):
 
 def test_the_checksum_covers_every_value(tmp_path):
     state = {"model": {"w": torch.arange(6.0)}, "epoch": 3, "rng": [1, 2], "name": "x"}
-    checkpoint.save_atomic(state, tmp_path / "c.pt")
-    assert checkpoint.load(tmp_path / "c.pt")["epoch"] == 3
+    checkpoint_file.save_atomic(state, tmp_path / "c.pt")
+    assert checkpoint_file.load(tmp_path / "c.pt")["epoch"] == 3
     for change in (lambda s: s["model"]["w"].__setitem__(2, 2.5), lambda s: s.update(epoch=4),
                    lambda s: s["rng"].append(3), lambda s: s.update(name="y")):
         raw = torch.load(tmp_path / "c.pt", weights_only=True)
         change(raw)
         torch.save(raw, tmp_path / "d.pt")
         with pytest.raises(PlanktonioError, match="does not match its checksum"):
-            checkpoint.load(tmp_path / "d.pt")
+            checkpoint_file.load(tmp_path / "d.pt")
 
 
 def test_a_weights_file_that_is_text_or_a_pickle_is_a_one_line_error(tmp_path, plankton, capsys):
@@ -91,7 +91,7 @@ def test_a_weights_file_that_is_text_or_a_pickle_is_a_one_line_error(tmp_path, p
 
 def test_best_checkpoint_serves_as_weights_of_a_new_run(finished_run):
     model = build_model("tiny-cnn", 7, str(finished_run / "best.pt"), "all-but-head")
-    best = torch.load(finished_run / "best.pt")["model"]
+    best = read_checkpoint(finished_run / "best.pt")["model"]
     assert torch.equal(model.features[0].weight, best["features.0.weight"])
     assert model.classifier[1].out_features == 7
 
@@ -99,17 +99,34 @@ def test_best_checkpoint_serves_as_weights_of_a_new_run(finished_run):
 # ------------------------------------------------------------------ when they are written
 
 
+def test_last_pt_keeps_the_keys_of_every_run_written_so_far(finished_run):
+    """The Checkpointer's parts (each Stateful) write under the keys last.pt always had: runs written before
+    resume, and resumed runs read by older tools, keep working."""
+    state = read_checkpoint(finished_run / "last.pt")
+    assert set(state) == {"model", "optimizer", "scaler", "epoch", "batches_done", "early_stopping", "ranks",
+                          "config", "classes", "world_size", "finished"}
+    assert set(state["early_stopping"]) == {"best_loss", "best_epoch", "bad_epochs"}
+    assert set(state["ranks"][0]) == {"rng", "partial"}
+
+
+def test_the_settings_a_resume_may_change_are_those_marked_resumable():
+    from train.config import TrainingConfig, resumable_keys
+    marked = {f"training.{f.name}" for f in dataclasses.fields(TrainingConfig) if f.metadata["resumable"]}
+    assert resumable_keys() == marked and {"training.epochs", "training.patience"} <= marked
+    assert not {"training.seed", "training.precision", "optimizer.lr"} & resumable_keys()
+
+
 def test_the_checkpoint_policy_follows_its_clock(monkeypatch):
     now = {"s": 100.0}
-    monkeypatch.setattr(checkpoint, "clock", lambda: now["s"])
-    policy = checkpoint.CheckpointPolicy(every_s=60)
+    monkeypatch.setattr(checkpointer, "clock", lambda: now["s"])
+    policy = checkpointer.CheckpointPolicy(every_s=60)
     now["s"] = 159.0
     assert not policy.due()
     now["s"] = 160.0
     assert policy.due()
     policy.written()
     assert not policy.due()
-    assert checkpoint.CheckpointPolicy(every_s=0).due()  # 0: every epoch
+    assert checkpointer.CheckpointPolicy(every_s=0).due()  # 0: every epoch
 
 
 def test_checkpoints_follow_the_time_budget(plankton, tmp_path, monkeypatch):
@@ -117,20 +134,20 @@ def test_checkpoints_follow_the_time_budget(plankton, tmp_path, monkeypatch):
     epochs 2 and 5 (300 s after the previous checkpoint) and at the end; best.pt, kept in memory,
     written just before a last.pt whenever it changed."""
     now = {"s": 0.0}
-    monkeypatch.setattr(checkpoint, "clock", lambda: now["s"])
+    monkeypatch.setattr(checkpointer, "clock", lambda: now["s"])
     count_training_steps(monkeypatch, lambda n: now.update(s=10.0 * n))
-    saved, save_atomic = [], checkpoint.save_atomic
+    saved, save_atomic = [], checkpoint_file.save_atomic
 
     def recording(state, path):
         saved.append((path.name, state["epoch"]))  # last.pt: epochs done; best.pt: the best epoch
         save_atomic(state, path)
-    monkeypatch.setattr(checkpointer.checkpoint, "save_atomic", recording)
+    monkeypatch.setattr(checkpoint_file, "save_atomic", recording)
     assert fit(small_config(training={"epochs": 7, "checkpoint_every_s": 250}), plankton, tmp_path / "run") == 0
     assert [epoch for name, epoch in saved if name == "last.pt"] == [3, 6, 7]
     assert all(saved[i + 1][0] == "last.pt" for i, (name, _) in enumerate(saved) if name == "best.pt")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [epoch for name, epoch in saved if name == "best.pt"][-1] == summary["best_epoch"]
-    assert torch.load(tmp_path / "run" / "best.pt")["epoch"] == summary["best_epoch"]
+    assert read_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == summary["best_epoch"]
 
 
 def test_early_stopping_keeps_the_best_checkpoint(plankton, tmp_path):
@@ -140,7 +157,7 @@ def test_early_stopping_keeps_the_best_checkpoint(plankton, tmp_path):
     assert fit(config, plankton, tmp_path / "run") == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stop_reason"] == "early_stopping" and summary["epochs_run"] == 3
-    assert torch.load(tmp_path / "run" / "best.pt")["epoch"] == summary["best_epoch"] == 0
+    assert read_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == summary["best_epoch"] == 0
 
 
 # ------------------------------------------------------------------ never a non-finite value
@@ -163,7 +180,7 @@ def test_non_finite_loss_stops_within_n_steps_and_keeps_the_last_good_checkpoint
     assert fit(config, plankton, tmp_path / "run") == EXIT_NON_FINITE
     assert poisoned_step <= taken["steps"] <= poisoned_step + check_every - 1
     assert taken["steps"] == stopped_after
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
     assert (state["epoch"], state["batches_done"]) == (1, 0)  # the end of epoch 0: the last good state
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -181,7 +198,7 @@ def test_a_diverging_run_never_writes_non_finite_values(plankton, tmp_path, caps
     for name in ("last.pt", "best.pt"):
         path = tmp_path / "run" / name
         if path.exists():
-            state = checkpoint.load(path)["model"]
+            state = checkpoint_file.load(path)["model"]
             assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
     last = tmp_path / "run" / "last.pt"
     assert (f"{last} keeps the last good checkpoint" in out) == last.exists()

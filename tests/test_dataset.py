@@ -11,8 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from planktonio import PlanktonioError, PreparedDataset, make_loader, prepare
 from planktonio.dataset import read_manifest

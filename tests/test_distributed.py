@@ -22,9 +22,18 @@ from train import distributed, executor as executor_module
 from train.loop import fit
 from train.signals import EXIT_INTERRUPTED, EXIT_OK, EXIT_PEER_LOST
 
-from .helpers import REPO, count_training_steps, process_env, read_metrics, run_train, same_run, small_config, \
-    torchrun, write_config
-
+from .helpers import (
+    REPO,
+    count_training_steps,
+    process_env,
+    read_checkpoint,
+    read_metrics,
+    run_train,
+    same_run,
+    small_config,
+    torchrun,
+    write_config,
+)
 
 # ------------------------------------------------------------------ which GPU a rank takes
 
@@ -53,6 +62,7 @@ def test_the_first_rank_alone_stats_the_files_and_every_rank_gets_its_verdict(pl
     """One stat per loose file per run, not per rank: rank 0 checks the files (and finds the one changed),
     rank 1 stats none and stops with rank 0's verdict, in the same words."""
     import shutil
+
     from planktonio import dataset as dataset_module
     from planktonio.dataset import PreparedDataset
     from planktonio.errors import PlanktonioError
@@ -323,7 +333,7 @@ def test_two_process_run_stopped_by_sigterm_resumes_bitwise_and_ranks_draw_their
 
     split = torchrun(*hooked, "--out", tmp_path / "split", env={"SIGTERM_RANK": "1", "SIGTERM_AT_STEP": "3"})
     assert split.returncode != 0 and "stopping on a signal at epoch 0, step 3" in split.stdout, split.stderr
-    state = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "split" / "last.pt")
     assert (state["epoch"], state["batches_done"]) == (0, 3) and len(state["ranks"]) == 2
     assert not torch.equal(state["ranks"][0]["rng"]["torch"], state["ranks"][1]["rng"]["torch"])
     resumed = torchrun("-m", "train", "fit", "--out", tmp_path / "split", "--data", plankton, "--resume")
@@ -341,7 +351,7 @@ def test_under_ddp_slow_steps_are_checked_every_step(two_ranks_played_by_one, pl
     count_training_steps(monkeypatch, lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM))
     config = small_config(training={"epochs": 2, "check_every": 50})
     assert fit(config, plankton, tmp_path / "run") == EXIT_INTERRUPTED
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "run" / "last.pt")
     assert (state["epoch"], state["batches_done"]) == (0, 3)
 
 

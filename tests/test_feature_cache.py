@@ -22,8 +22,7 @@ from planktonio import PlanktonioError, files, prepare
 from planktonio.dataset import PreparedDataset
 from planktonio.index import SplitIndex, index_file
 from planktonio.preparation import SplitPlan
-from train import checkpoint, feature_cache
-from train import config as config_module
+from train import checkpoint_file, config as config_module, feature_cache
 from train.executor import Executor
 from train.feature_cache import find_cut
 from train.loop import fit
@@ -31,7 +30,7 @@ from train.model import build_model
 from train.signals import EXIT_INTERRUPTED
 
 from .conftest import write_coloured_set
-from .helpers import python, run_train, sigterm_after_step, torchrun, write_config
+from .helpers import python, read_checkpoint, run_train, sigterm_after_step, torchrun, write_config
 
 TIMING = ("images_per_s", "data_wait_fraction", "epoch_seconds")
 CENTRE = {"crop": "center", "size": 64, "resize": 72}
@@ -51,7 +50,7 @@ def metrics(run):
 
 
 def weights(run):
-    return torch.load(run / "last.pt", weights_only=True)["model"]
+    return read_checkpoint(run / "last.pt")["model"]
 
 
 def assert_same_run(a, b):
@@ -142,6 +141,7 @@ def test_a_node_s_other_ranks_map_its_store_read_only():
     """One store per node: the file its first rank makes (unlinked) is mapped by the others through that
     rank's descriptor, for reading: the same rows, written after the mapping too; a write is refused."""
     import tempfile
+
     from planktonio import memory
     with tempfile.TemporaryDirectory() as folder:
         mine = memory.Rows.in_file(10, 4, torch.float32, folder, "test")
@@ -158,6 +158,7 @@ def test_a_store_on_disk_is_read_in_file_order_within_each_batch():
     """A shuffled batch's rows are gathered from the file in ascending order (read-ahead along the file, each
     page once), then given in the batch's order."""
     import tempfile
+
     from planktonio import memory
     values = torch.arange(64 * 3, dtype=torch.float32).reshape(64, 3)
     with tempfile.TemporaryDirectory() as folder:
@@ -191,7 +192,7 @@ def test_a_cached_run_stopped_mid_epoch_resumes_to_the_same_end(synthetic, tmp_p
     with monkeypatch.context() as patch:
         sigterm_after_step(patch, 11)  # epoch 1's third step: obeyed at the step's end
         assert fit(config, synthetic, tmp_path / "cached") == 75
-    assert torch.load(tmp_path / "cached" / "last.pt", weights_only=True)["batches_done"] == 3
+    assert read_checkpoint(tmp_path / "cached" / "last.pt")["batches_done"] == 3
     assert fit(config, synthetic, tmp_path / "cached", resume=True) == 0
     assert summary(tmp_path / "cached")["feature_cache"]["source"].startswith("read from")  # not computed again
     assert_same_run(tmp_path / "cached", uncached_three_epochs)
@@ -387,9 +388,9 @@ def test_a_file_with_the_right_fingerprint_but_other_rows_is_computed_again(own_
     shared = tmp_path / "shared"
     assert fit(small_cached(feature_cache_dir=str(shared)), data, tmp_path / "first") == 0
     path, = shared.glob("features-*.pt")
-    state = checkpoint.load(path)
+    state = checkpoint_file.load(path)
     state["splits"]["train"]["rows"] = [torch.cat(state["splits"]["train"]["rows"])[:-1]]
-    checkpoint.save_atomic(state, path)
+    checkpoint_file.save_atomic(state, path)
     assert fit(small_cached(feature_cache_dir=str(shared)), data, tmp_path / "second") == 0
     assert "holds other images of the train split (15 rows of 16 images" in capsys.readouterr().out
     assert summary(tmp_path / "second")["feature_cache"]["source"] == "computed"
@@ -413,7 +414,7 @@ def test_a_cache_folder_that_cannot_be_written_costs_one_line_and_the_run_goes_o
 def test_a_full_disk_while_the_file_is_written_costs_one_line(own_data, tmp_path, capsys, monkeypatch):
     """The disk fills up while the file is written: one line, the activations used from memory, no file."""
     data, _ = own_data
-    save = checkpoint.save_atomic
+    save = checkpoint_file.save_atomic
 
     def on_a_full_disk(state, path):
         if not path.name.startswith("features-"):
@@ -421,7 +422,7 @@ def test_a_full_disk_while_the_file_is_written_costs_one_line(own_data, tmp_path
         with files.atomic_file(path, "wb") as f:
             f.write(b"the first bytes")
             raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(feature_cache.checkpoint, "save_atomic", on_a_full_disk)
+    monkeypatch.setattr(feature_cache.checkpoint_file, "save_atomic", on_a_full_disk)
     assert fit(small_cached(), data, tmp_path / "run") == 0
     out = capsys.readouterr().out
     assert "feature cache: not kept on disk" in out and "No space left on device" in out

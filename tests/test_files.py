@@ -13,7 +13,7 @@ import torch
 
 from planktonio import files
 from planktonio.errors import EXIT_DISK, DiskError
-from train import checkpoint, checkpointer
+from train import checkpoint_file
 from train.executor import Executor
 
 from .helpers import run_profiling, run_train, same_weights, weights
@@ -23,7 +23,7 @@ def _save_many(path: str, writer: int, times: int, failures) -> None:
     for i in range(times):
         try:
             files.write_atomic(path, f"writer {writer}, write {i}\n" * 2000)
-        except Exception as error:  # noqa: BLE001 (counted, and shown by the assertion)
+        except Exception as error:  # counted, and shown by the assertion
             failures.append(f"{type(error).__name__}: {error}")
 
 
@@ -63,28 +63,65 @@ def test_a_write_that_fails_keeps_the_old_file_and_names_the_path(tmp_path, monk
         files.check_writable(tmp_path / "no" / "such.json", "--json")
 
 
+def no_space(f):
+    f.write(b"the first bytes of last.pt")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def no_space_under_torch(f):
+    """What torch.save raises when a write of its stream fails: its own RuntimeError, the OSError kept as its
+    context (measured with torch 2.10: test_torch_save_on_a_disk_that_fills_is_a_disk_error)."""
+    error = RuntimeError("[enforce fail at inline_container.cc:668] . unexpected pos 704 vs 598")
+    try:
+        no_space(f)
+    except OSError as lost:
+        error.__context__ = lost
+    raise error
+
+
+@pytest.mark.parametrize("fail", [no_space, no_space_under_torch])
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_exit_74_and_the_run_resumes(run_copy, plankton, capsys,
-                                                                                  monkeypatch, finished_run):
-    """Finding 5: `--out` on a full disk was a traceback. Now: one line naming last.pt, exit 74, and the
-    checkpoints already there are intact (the run resumes from them)."""
+                                                                                  monkeypatch, finished_run, fail):
+    """Finding 5: `--out` on a full disk was a traceback; issue 34 #9: so was torch.save's RuntimeError over
+    the OSError. Now: one line naming last.pt, exit 74, and the checkpoints already there are intact (the run
+    resumes from them)."""
     save = torch.save
 
     def full_disk(state, f, *args, **kwargs):
         if "batches_done" in state:  # last.pt's content: the disk is full by then
-            f.write(b"the first bytes of last.pt")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            fail(f)
         return save(state, f, *args, **kwargs)
-    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint_file.torch, "save", full_disk)
     code, _, err = run_train(["fit", "--out", run_copy, "--data", plankton, "--resume", "--set",
                               "training.epochs=3"], capsys)
     assert code == EXIT_DISK, err
     line = err.strip()
     assert "\n" not in line and f"{run_copy / 'last.pt'}: cannot be written (No space left on device)" in line
     assert same_weights(weights(run_copy), weights(finished_run))  # last.pt as it was
-    monkeypatch.setattr(checkpoint.torch, "save", save)
+    monkeypatch.setattr(checkpoint_file.torch, "save", save)
     assert run_train(["fit", "--out", run_copy, "--data", plankton, "--resume", "--set", "training.epochs=3"],
                      capsys)[0] == 0
-    assert checkpointer.checkpoint.load(run_copy / "last.pt")["epoch"] == 3
+    assert checkpoint_file.load(run_copy / "last.pt")["epoch"] == 3
+
+
+def test_torch_save_on_a_disk_that_fills_is_a_disk_error(tmp_path):
+    """Issue 34 #9, with a real write failing in the kernel: a file size limit (RLIMIT_FSIZE, EFBIG: what a
+    quota or a full disk does to a write) under a real torch.save. torch raises its own RuntimeError; the
+    checkpoint writer says the disk's reason in one line, and the previous checkpoint is intact."""
+    import resource
+    import signal
+    path = tmp_path / "last.pt"
+    checkpoint_file.save_atomic({"epoch": 1, "w": torch.zeros(4)}, path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, limits[1]))
+    try:
+        with pytest.raises(DiskError, match=f"{path}: cannot be written \\(File too large\\)"):
+            checkpoint_file.save_atomic({"epoch": 2, "w": torch.zeros(2**18)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert checkpoint_file.load(path)["epoch"] == 1 and files.temporaries(path) == []
 
 
 def test_evaluate_on_a_run_folder_it_cannot_write_says_so_before_computing(run_copy, capsys, monkeypatch):

@@ -22,7 +22,16 @@ from train.model import build_model
 from train.step import has_bf16_hardware, make_scaler, precisions_for
 
 from .conftest import write_coloured_set
-from .helpers import one_line_error, read_metrics, same_run, small_config, run_train, weights, write_config
+from .helpers import (
+    one_line_error,
+    read_checkpoint,
+    read_metrics,
+    run_train,
+    same_run,
+    small_config,
+    weights,
+    write_config,
+)
 
 
 def executor_for(config, data) -> Executor:
@@ -63,7 +72,7 @@ def test_early_stopping_counts_epochs_without_a_better_loss():
     early.update(6, float("nan"))  # a NaN is never better
     assert early.should_stop and early.best_loss == 0.7
     again = EarlyStopping(patience=2)
-    again.restore(early.state())
+    again.load_state_dict(early.state_dict())
     assert again == early
 
 
@@ -98,12 +107,15 @@ def count_host_reads_per_epoch(monkeypatch) -> list[int]:
     """How many HOST_READS each training epoch (Trainer.train_epoch) makes, not counting the loader's own
     work (inside TimedBatches.__next__: the torchvision loader reads its seeds with .item())."""
     counting, per_epoch = [False], []
-    for owner, name in HOST_READS:
-        def counted(*args, _original=getattr(owner, name), **kwargs):
+    def counted(original):
+        def wrapper(*args, **kwargs):
             if counting[0]:
                 per_epoch[-1] += 1
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(owner, name, counted)
+            return original(*args, **kwargs)
+        return wrapper
+
+    for owner, name in HOST_READS:
+        monkeypatch.setattr(owner, name, counted(getattr(owner, name)))
 
     def switched(method, on: bool):
         def wrapper(*args, **kwargs):
@@ -204,7 +216,7 @@ def test_frozen_features_stay_bit_identical(plankton, tmp_path):
     torch.manual_seed(1)
     initial = build_model("tiny-cnn", 4, freeze_mode="features").state_dict()
     assert fit(config, plankton, tmp_path / "run") == 0
-    trained = torch.load(tmp_path / "run" / "best.pt")["model"]
+    trained = read_checkpoint(tmp_path / "run" / "best.pt")["model"]
     for key, value in initial.items():
         if key.startswith("features."):  # BatchNorm running statistics included
             assert torch.equal(trained[key], value), key
@@ -232,6 +244,7 @@ def test_an_image_size_whose_batch_would_not_fit_the_machine_is_refused_with_the
     float32). Refused before any work, with the estimate and what the machine has (here said to be 16 GiB,
     so that the test does not depend on the machine it runs on)."""
     from types import SimpleNamespace
+
     from train import executor
     monkeypatch.setattr(executor.psutil, "virtual_memory", lambda: SimpleNamespace(available=16 * 2**30))
     big, small = {"crop": "center", "size": 10000, "resize": 10000}, {"crop": "center", "size": 64, "resize": 72}

@@ -25,8 +25,7 @@ from profiling.inspect_compare import compare, format_comparison
 from profiling.inspect_ranks import analyse_ranks
 from profiling.inspect_trace import BREAKDOWN, analyse, format_report, load_events, shares_of_step
 
-from .helpers import process_env, python, run_process
-from .helpers import run_profiling
+from .helpers import process_env, python, run_process, run_profiling
 
 DELAY = 0.2  # seconds a delayed loader sleeps before each batch: 30-40 times a step here
 STEPS = 3    # recorded ("active") steps of every traced run

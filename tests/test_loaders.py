@@ -31,7 +31,7 @@ from planktonio.loaders import BACKENDS, runnable_backends, sharding
 from planktonio.preparation import SplitPlan
 
 from .conftest import batch_indices
-from .helpers import python
+from .helpers import loader, python
 
 CPU = torch.device("cpu")
 # Every backend this machine runs, and those that read every image as planned (not the upper bound).
@@ -44,13 +44,6 @@ REFERENCE = "torchvision"
 # Normalised values of 0 and 255 under ImageNet mean/std: the possible range.
 LOWEST = min((0 - m) / s for m, s in zip(EVAL_TRANSFORM.mean, EVAL_TRANSFORM.std))
 HIGHEST = max((1 - m) / s for m, s in zip(EVAL_TRANSFORM.mean, EVAL_TRANSFORM.std))
-
-
-def loader(backend, prepared, split, **kwargs):
-    """A CPU loader; worker-pool backends decode in this process (workers=0), DALI on 2 threads."""
-    kwargs.setdefault("workers", 0)
-    kwargs.setdefault("threads", 2)
-    return make_loader(backend, prepared, split, device="cpu", **kwargs)
 
 
 def test_the_registry_declares_what_every_consumer_asks():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, make_loader, prepare
-from planktonio.preparation import SplitPlan
 from planktonio.loaders import runnable_backends
+from planktonio.preparation import SplitPlan
 
 # Every backend that reads the images as planned, and the reference implementation they are compared with.
 READERS = runnable_backends(torch.device("cpu"), roles=("reference", "baseline", "candidate"))

@@ -20,13 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from planktonio import PreparedDataset, unlabelled
-from train import config as config_module
-from train import distributed
-from train import predict as predict_module
+from train import config as config_module, distributed, predict as predict_module
 from train.executor import Executor
 from train.signals import EXIT_INTERRUPTED
 
-from .helpers import REPO, one_line_error, process_env, run_train
+from .helpers import REPO, one_line_error, process_env, read_checkpoint, run_train
 
 
 def predicted(out) -> pd.DataFrame:
@@ -67,7 +65,7 @@ def test_predict_gives_evaluate_s_probabilities(finished_run, plankton, test_spl
     assert code == 0, err
     table = predicted(tmp_path / "pred")
     config = config_module.load(finished_run / "config.yaml")
-    state = torch.load(finished_run / "best.pt", weights_only=True)
+    state = read_checkpoint(finished_run / "best.pt")
     with distributed.Session(torch.device("cpu"), 60) as ctx, Executor(config, plankton, ctx) as executor:
         executor.model.load_state_dict(state["model"])
         with executor.eval_loader("test") as loader:

@@ -186,7 +186,7 @@ def test_a_set_without_copies_is_split_as_before(source, tmp_path, plan):
             files = sorted(p for p in (source / name).iterdir())
             before = reference_split([f"{name}/{p.name}" for p in files], plan.counts(len(files)), seed, name)
             for split in ("train", "valid", "test"):
-                assert [p for p, l in result.splits[split] if l == label] == before[split], (seed, name, split)
+                assert [p for p, lab in result.splits[split] if lab == label] == before[split], (seed, name, split)
         assert read_duplicates(tmp_path / f"out{seed}") == []  # checked, and none found
 
 
@@ -209,7 +209,7 @@ def test_copies_within_a_class_are_listed_and_stay_in_one_split(source, tmp_path
             # The counts are of distinct images: the extra copies come with the image they copy.
             extra_copies = {p for g in groups for p in sorted(g)[1:]}
             for label in range(3):
-                distinct = {s: sum(1 for p, l in e if l == label and p not in extra_copies)
+                distinct = {s: sum(1 for p, lab in e if lab == label and p not in extra_copies)
                             for s, e in result.splits.items()}
                 assert tuple(distinct.values()) == plan.counts(30), (seed, label, distinct)  # 30 distinct each
             rows = read_duplicates(tmp_path / name)

@@ -10,15 +10,13 @@ import torch
 
 from profiling import inspect_trace, report, stats
 from profiling.amp_bench import run as run_amp
-from profiling.loader_bench import MIN_CPU_WINDOW
-from profiling.loader_bench import run as run_loaders
-from profiling.render.common import goal
+from profiling.loader_bench import MIN_CPU_WINDOW, run as run_loaders
 from profiling.predict_bench import run as run_predict
+from profiling.render.common import goal
 from profiling.settings import AmpBenchmark, LoaderBenchmark, PredictBenchmark, TraceOptions
 from profiling.trace import run_trace
 
-from .helpers import one_line_error, run_profiling, python, write_config
-
+from .helpers import one_line_error, python, run_profiling, write_config
 
 # ------------------------------------------------------------------ statistics
 
@@ -175,6 +173,20 @@ def trace_file(synthetic, tmp_path_factory):
     config = write_config(out / "tiny.yaml", loader={"backend": "dali-cpu", "batch_size": 8, "workers": 2})
     assert run_trace(config, [], synthetic, out, TraceOptions(wait=1, warmup=1, active=3)) == 0
     return out / "trace-rank0.json.gz"
+
+
+def test_a_memory_trace_on_the_cpu_that_runs_out_of_steps_says_so(synthetic, tmp_path, capsys):
+    """Issue 33: `trace --memory` was a traceback on the CPU (torch's HTML memory timeline needs CUDA), and a
+    run that ended before the trace's last step gave a shorter trace without a word. 64 training images in
+    batches of 8, one epoch: 8 steps, of which 6 recorded (wait 1, warmup 1), not 10."""
+    config = write_config(tmp_path / "tiny.yaml", loader={"backend": "torchvision", "batch_size": 8, "workers": 0})
+    code, out, err = run_profiling(["trace", "--config", config, "--data", synthetic, "--out", tmp_path / "out",
+                                    "--set", "training.epochs=1", "--wait", "1", "--warmup", "1", "--active", "10",
+                                    "--memory"], capsys)
+    assert code == 0, err
+    assert "the run ended after 8 step(s)" in out and "the trace holds 6 active step(s) of 10" in out
+    for name in ("trace-rank0.json.gz", "memory-rank0.json.gz", "memory-rank0.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
 
 
 def test_trace_is_loadable_and_inspect_finds_the_data_ranges(trace_file):

@@ -5,17 +5,26 @@ refused. (Stopping by real signals from outside, and under torchrun: test_signal
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
-import torch
 
 from planktonio import PlanktonioError
-from train import checkpoint
+from train import checkpoint_file
 from train.loop import fit
 from train.signals import EXIT_INTERRUPTED
 
-from .helpers import SMALL, learned, one_line_error, read_metrics, same_run, sigterm_after_step, small_config, \
-    run_train
+from .helpers import (
+    SMALL,
+    learned,
+    one_line_error,
+    read_checkpoint,
+    read_metrics,
+    run_train,
+    same_run,
+    sigterm_after_step,
+    small_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +59,7 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(plankton, un
     with monkeypatch.context() as patch:
         sigterm_after_step(patch, step=step)  # 10 steps per epoch, a check every 2
         assert fit(config, plankton, tmp_path / "split") == EXIT_INTERRUPTED
-    state = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "split" / "last.pt")
     if step == 13:  # epoch 1's third step: one process obeys at the next step boundary, not the next check
         assert (state["epoch"], state["batches_done"]) == (1, 3)
         assert len(read_metrics(tmp_path / "split")) == 1
@@ -72,7 +81,7 @@ def test_resume_with_more_epochs_continues_a_finished_run(run_copy, plankton, un
     assert "already finished" in capsys.readouterr().out and len(read_metrics(run_copy)) == 2
     assert fit(small_config(training={"epochs": 4}), plankton, run_copy, resume=True) == 0
     whole = uninterrupted(small_config(training={"epochs": 4}))
-    continued = torch.load(run_copy / "last.pt", weights_only=False)
+    continued = read_checkpoint(run_copy / "last.pt")
     assert continued["finished"] == "max_epochs" and continued["epoch"] == 4
     assert same_run(whole, run_copy)
     # From the command line: the run's own config, one more epoch.
@@ -84,6 +93,25 @@ def test_resume_with_more_epochs_continues_a_finished_run(run_copy, plankton, un
     # What changes the computation is still refused.
     with pytest.raises(PlanktonioError, match="differs from the run's in optimizer.lr"):
         fit(small_config(training={"epochs": 6}, optimizer={"lr": 0.01}), plankton, run_copy, resume=True)
+
+
+def test_a_finished_cosine_run_is_extended_with_its_schedule_planned_over_the_new_length(plankton, tmp_path,
+                                                                                       capsys):
+    """Issue 33: `--resume --set training.epochs=N` was refused (exit 2) under the cosine schedule, which
+    demo.yaml uses. The added epochs now follow the cosine schedule of an N-epoch run, as if the run had been
+    planned for N epochs from the start (the epochs done keep the rates they had)."""
+    cosine = {"optimizer": {"schedule": "cosine"}}
+    run = tmp_path / "run"
+    assert fit(small_config(training={"epochs": 2}, **cosine), plankton, run) == 0
+    code, out, err = run_train(["fit", "--out", run, "--data", plankton, "--resume", "--set", "training.epochs=4"],
+                               capsys)
+    assert code == 0, err
+    assert "cosine schedule is planned again over 4 epochs (was 2)" in out
+    lr = SMALL["optimizer"]["lr"]
+    planned = [lr * 0.5 * (1 + math.cos(math.pi * e / 2)) for e in (0, 1)] + \
+        [lr * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (2, 3)]
+    assert [m["lr"] for m in read_metrics(run)] == pytest.approx(planned)
+    assert read_checkpoint(run / "last.pt")["finished"] == "max_epochs"
 
 
 def test_a_torn_last_metrics_line_does_not_stop_a_resume(run_copy, plankton, capsys):
@@ -104,9 +132,9 @@ def test_resume_with_a_mistyped_out_and_no_config_is_refused(tmp_path, plankton,
 
 def test_a_resume_on_another_number_of_processes_is_refused(run_copy, plankton):
     """last.pt holds each rank's random state and share of the epoch: it continues with as many ranks only."""
-    state = checkpoint.load(run_copy / "last.pt")
+    state = checkpoint_file.load(run_copy / "last.pt")
     assert state["world_size"] == 1
     state["world_size"] = 2
-    checkpoint.save_atomic(state, run_copy / "last.pt")
+    checkpoint_file.save_atomic(state, run_copy / "last.pt")
     with pytest.raises(PlanktonioError, match="trained by 2 process\\(es\\), this run has 1"):
         fit(small_config(training={"epochs": 3}), plankton, run_copy, resume=True)

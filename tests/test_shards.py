@@ -12,14 +12,14 @@ import tarfile
 import pytest
 import torch
 
-from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, make_loader
+from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, shards as shards_module
 from planktonio.__main__ import main
 from planktonio.dataset import SPLITS, PreparedDataset
-from planktonio import shards as shards_module
 from planktonio.declared import parse_size
 from planktonio.shards import SHARDS_DIR, ShardIndex, ShardSet, pack
 
 from .conftest import batch_indices
+from .helpers import loader
 
 BACKENDS = ["dali-cpu", "torchvision", "cache"]
 SMALL = 8 * 1024  # a few 48 px JPEGs per shard, so every split has several shards
@@ -29,11 +29,6 @@ def copy_prepared(prepared, to):
     """A copy of a prepared folder (manifests; the images stay where they are), without shards."""
     shutil.copytree(prepared, to, ignore=shutil.ignore_patterns(SHARDS_DIR))
     return to
-
-
-def loader(backend, prepared, split, **kwargs):
-    kwargs.setdefault("workers", 0 if backend == "torchvision" else 2)
-    return make_loader(backend, prepared, split, device="cpu", **kwargs)
 
 
 @pytest.fixture(scope="module")

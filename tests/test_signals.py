@@ -12,13 +12,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from train import writers
 from train.loop import fit
 from train.signals import EXIT_ABORTED, EXIT_INTERRUPTED
 
-from .helpers import REPO, process_env, python, same_run, small_config, wait_for, weights, write_config
+from .helpers import REPO, process_env, python, read_checkpoint, same_run, small_config, wait_for, weights, write_config
 
 # tiny-cnn at 32 px on the synthetic set (64 training images: 8 steps of 8), 2 DataLoader workers in the
 # process group too; 3 epochs.
@@ -77,7 +76,7 @@ def test_a_signal_to_the_process_group_checkpoints_and_the_run_resumes_exactly(s
     assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr
     assert "killed by signal" not in done.stderr
     assert f"stopping on {sig.name}" in done.stdout and "--resume" in done.stdout
-    state = torch.load(run / "last.pt", weights_only=False)
+    state = read_checkpoint(run / "last.pt")
     assert state["finished"] is None and (state["epoch"], state["batches_done"]) == (1, 2)
     assert weights(run).keys() == weights(whole).keys()
     resumed = python("-m", "train", "fit", "--config", config, "--data", synthetic, "--out", run, "--resume")
@@ -92,7 +91,7 @@ def test_a_second_ctrl_c_aborts_at_once_with_one_line(signals_run, synthetic, tm
     assert "aborted by a second Ctrl-C" in done.stderr and "Traceback" not in done.stderr
     assert len([line for line in done.stderr.splitlines() if line.strip()]) <= 2  # the first press's line, this one
     last = tmp_path / "run" / "last.pt"  # nothing written by the aborted stop (an earlier epoch's checkpoint aside)
-    assert not last.exists() or torch.load(last, weights_only=False)["epoch"] < 2
+    assert not last.exists() or read_checkpoint(last)["epoch"] < 2
 
 
 def test_a_signal_while_the_learning_curves_are_drawn_leaves_a_finished_run(plankton, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
+from .helpers import learned, read_metrics, wait_for
 from .slurm_cluster import LocalSlurm, unavailable_reason
 
 # The slow tier (`make test-slow`): real jobs on a real Slurm, each a few to tens of seconds of fixed waits.
@@ -79,7 +80,6 @@ HOOKED = {"PLANKTONIO_TRAIN_MODULE": "tests.fit_with_hooks"}
 # Two nodes, one rank on each, and a checkpoint at every epoch's end: the shape of the lost-rank tests.
 TWO_NODES = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=gpu:1")
 EPOCHS4 = ("--set", "training.epochs=4", "--set", "training.checkpoint_every_s=0")
-TIMING = ("images_per_s", "data_wait_fraction", "epoch_seconds")
 
 
 def job_processes(job_id: str) -> list[int]:
@@ -116,22 +116,6 @@ def finished(cluster, job_id, timeout=300) -> dict:
 
 def job_log(site, job_id) -> str:
     return (Path(site["PLANKTONIO_RUNS"]) / f"slurm-{job_id}.out").read_text()
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def learned(run: Path) -> list[dict]:
-    """Each epoch's losses and accuracies, without its timings: what must not change when a run is resumed."""
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in read_metrics(run)]
-
-
-def wait_for(path: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert path.exists(), f"{path} not written within {timeout} s"
 
 
 def test_train_on_one_gpu(cluster, site):

@@ -93,6 +93,7 @@ def simulate(stages, budget_s: float, seconds_of):
 
 def gpu_plan(tmp_path, minutes=7.0):
     import torch
+
     from profiling.settings import Suite
     from profiling.suite import NOMINAL_BUDGET_S, plan
     budget = 60 * minutes
@@ -132,10 +133,29 @@ def test_a_slow_or_hung_stage_costs_its_share_only(tmp_path):
     assert used <= budget - REPORT_RESERVE_S + 1e-6
 
 
+def test_the_doctor_has_its_time_however_small_the_budget(tmp_path):
+    """Issue 33: `suite --minutes 3` on a CPU marked its doctor stage "timed out after 5 s" though the doctor
+    said ok: the doctor had a share of the budget as a measurement has (5 of its 8 s). It is a check every
+    result depends on: it now has DOCTOR_S, and the measurements share what is left."""
+    import torch
+
+    from profiling.settings import Suite
+    from profiling.suite import DOCTOR_S, NOMINAL_BUDGET_S, REPORT_RESERVE_S, plan
+    budget = 180.0
+    stages, _, _ = plan(Suite(data=str(tmp_path), out=str(tmp_path / "out"), minutes=3), torch.device("cpu"),
+                        min(1.0, budget / NOMINAL_BUDGET_S["cpu"]))
+    used = simulate(stages, budget, lambda stage: 1.2 * stage.estimate_s if stage.name == "doctor" else 0.8 *
+                    stage.estimate_s)
+    doctor = stages[0]
+    assert doctor.name == "doctor" and doctor.status == "ok" and doctor.budget_s == DOCTOR_S
+    assert used <= budget - REPORT_RESERVE_S + DOCTOR_S
+
+
 def test_a_budget_too_small_for_the_gpu_plan_is_refused(tmp_path):
+    import torch
+
     from planktonio.errors import PlanktonioError
     from profiling.suite import check_budget
-    import torch
     stages, _ = gpu_plan(tmp_path, minutes=0.5)
     with pytest.raises(PlanktonioError, match="--minutes 0.5: too small for any measurement on this machine"):
         check_budget(stages, 30, torch.device("cuda"), 0.5)

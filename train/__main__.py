@@ -1,28 +1,45 @@
-"""Command line: `python -m train fit | evaluate | calibrate | predict ...`.
-
-Exit codes (train/signals.py): 0 done; 2 bad input (config, data, weights,
-a run folder another process is writing); 3 the loss or the weights became
-NaN/inf (no checkpoint holds them); 74 a file could not be written (a full
-disk, a quota, a read-only folder; last.pt and best.pt stay as they were);
-75 stopped by SIGTERM, SIGUSR1, SIGINT or SIGHUP, last.pt written (continue
-with --resume); 76 another rank left or hung (restart from last.pt; the
-Slurm job scripts do); 130 a second Ctrl-C. Run from the checkout (train is
-not installed). docs/training.md.
-"""
+"""Command line: `python -m train fit | evaluate | calibrate | predict ...` (exit codes: train/signals.py,
+and `--help`). Run from the checkout (train is not installed). docs/training.md."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from planktonio.cli import add_arguments, settings_from
+from planktonio.declared import setting
 from planktonio.errors import PlanktonioError
 
-from .signals import EXIT_ABORTED
+from .signals import EXIT_ABORTED, EXIT_CODES
+
+
+@dataclass
+class EvaluateOptions:
+    run: Path = setting(help="a run folder of `python -m train fit`")
+    split: str = setting("test", choices=("train", "valid", "test"))
+    checkpoint: str = setting("best", choices=("best", "last"))
+    data: Path | None = setting(None, help="default: the data the run was trained on")
+    backend: str | None = setting(None, help="loader backend (default: the run's)")
+    other_data: bool = setting(False, help="score the run on --data although it is not the data the run was "
+                                           "trained on")
+
+
+@dataclass
+class CalibrateOptions:
+    run: Path = setting(help="a run folder of `python -m train fit`")
+    checkpoint: str = setting("best", choices=("best", "last"),
+                              help="the weights to calibrate: best.pt (RUN/calibration.json) or last.pt "
+                                   "(RUN/calibration-last.json)")
+    target: float = setting(0.9, help="the validation precision each class's threshold must reach")
+    backend: str | None = setting(None, help="loader backend (default: the run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                     epilog=f"exit codes:\n{codes}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -36,23 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from OUT/last.pt if it exists (else start); with --set "
                           "training.epochs=N (or training.patience) a finished run continues too")
 
-    ev = commands.add_parser("evaluate", help="score a run's checkpoint on a split")
-    ev.add_argument("--run", type=Path, required=True)
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ev.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    ev.add_argument("--data", type=Path, help="default: the data the run was trained on")
-    ev.add_argument("--backend", help="loader backend (default: the run's)")
-    ev.add_argument("--other-data", action="store_true",
-                    help="score the run on --data although it is not the data the run was trained on")
-
-    cal = commands.add_parser("calibrate", help="fit a temperature and per-class thresholds on the validation split")
-    cal.add_argument("--run", type=Path, required=True)
-    cal.add_argument("--checkpoint", default="best", choices=["best", "last"],
-                     help="the weights to calibrate: best.pt (RUN/calibration.json) or last.pt "
-                          "(RUN/calibration-last.json)")
-    cal.add_argument("--target", type=float, default=0.9,
-                     help="the validation precision each class's threshold must reach (default 0.9)")
-    cal.add_argument("--backend", help="loader backend (default: the run's)")
+    add_arguments(commands.add_parser("evaluate", help="score a run's checkpoint on a split"), EvaluateOptions)
+    add_arguments(commands.add_parser("calibrate", help="fit a temperature and per-class thresholds on the "
+                                                        "validation split"), CalibrateOptions)
 
     pr = commands.add_parser("predict", help="classify new images (a folder, a list of paths, tar shards)")
     pr.add_argument("--run", type=Path, required=True, help="a run folder of `python -m train fit`")
@@ -81,58 +84,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fit(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from . import config as config_module
+    from .loop import fit
+    if args.config is None and args.resume and not (args.out / "config.yaml").is_file():
+        raise PlanktonioError(f"--resume: {args.out} holds no run (no config.yaml) and no --config was "
+                              f"given; check --out, or pass --config to start a run there")
+    if args.resume and (args.out / "config.yaml").exists() and args.config is None:
+        config = config_module.load(args.out / "config.yaml", args.overrides)
+    else:
+        config = config_module.load(args.config, args.overrides)
+    return fit(config, args.data, args.out, resume=args.resume)
+
+
+def _calibrate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .evaluate import calibrate_run
+    o = settings_from(CalibrateOptions, args)
+    fitted = calibrate_run(o.run, o.checkpoint, o.target, o.backend)
+    v = fitted["validation"]
+    print(f"calibrated {o.run} on {fitted['fitted_on']['images']} validation images: temperature "
+          f"{fitted['temperature']:.3f}, NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, ECE "
+          f"{v['ece_before']:.4f} -> {v['ece_after']:.4f}; at precision {fitted['target_precision']}: "
+          f"coverage {v['coverage']:.3f}, accuracy of the classified {_share(v['accuracy_of_classified'])}")
+    for name, note in fitted["notes"].items():
+        print(f"  {name}: {note}")
+    for warning in fitted["warnings"]:
+        print(f"  warning: {warning}")
+    from .calibration import path_of
+    print(f"wrote {path_of(o.run, o.run / f'{o.checkpoint}.pt')}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .evaluate import evaluate_run
+    o = settings_from(EvaluateOptions, args)
+    result = evaluate_run(o.run, o.split, o.data, o.checkpoint, o.backend, o.other_data)
+    print(f"{o.split}: accuracy {result['acc']:.4f}, top-5 {result['top5']:.4f}, "
+          f"loss {result['loss']:.4f} over {result['images']} images")
+    width = max(len(name) for name in result["per_class"])
+    print(f"{'class':<{width}}  precision  recall     f1  support")
+    for name, s in result["per_class"].items():
+        print(f"{name:<{width}}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['f1']:5.3f}  {s['support']:7d}")
+    if "calibration" in result:
+        c = result["calibration"]
+        if "not_used" in c:
+            print(f"calibration not used: {c['not_used']}")
+        else:
+            print(f"calibrated: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; at the thresholds "
+                  f"coverage {c['coverage']:.3f}, accuracy of the classified "
+                  f"{_share(c['accuracy_of_classified'])}")
+    print(f"wrote {o.run}/eval-{o.split}.json, confusion-{o.split}.csv and .png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "fit":
-            from . import config as config_module
-            from .loop import fit
-            if args.config is None and args.resume and not (args.out / "config.yaml").is_file():
-                raise PlanktonioError(f"--resume: {args.out} holds no run (no config.yaml) and no --config was "
-                                      f"given; check --out, or pass --config to start a run there")
-            if args.resume and (args.out / "config.yaml").exists() and args.config is None:
-                config = config_module.load(args.out / "config.yaml", args.overrides)
-            else:
-                config = config_module.load(args.config, args.overrides)
-            return fit(config, args.data, args.out, resume=args.resume)
-        if args.command == "predict":
-            from planktonio.cores import let_idle_threads_sleep
-            let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
-            return _predict(args, argv)
-        if args.command == "calibrate":
-            from .evaluate import calibrate_run
-            fitted = calibrate_run(args.run, args.checkpoint, args.target, args.backend)
-            v = fitted["validation"]
-            print(f"calibrated {args.run} on {fitted['fitted_on']['images']} validation images: temperature "
-                  f"{fitted['temperature']:.3f}, NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}, ECE "
-                  f"{v['ece_before']:.4f} -> {v['ece_after']:.4f}; at precision {fitted['target_precision']}: "
-                  f"coverage {v['coverage']:.3f}, accuracy of the classified "
-                  f"{_share(v['accuracy_of_classified'])}")
-            for name, note in fitted["notes"].items():
-                print(f"  {name}: {note}")
-            for warning in fitted["warnings"]:
-                print(f"  warning: {warning}")
-            from .calibration import path_of
-            print(f"wrote {path_of(args.run, args.run / f'{args.checkpoint}.pt')}")
-            return 0
-        from .evaluate import evaluate_run
-        result = evaluate_run(args.run, args.split, args.data, args.checkpoint, args.backend, args.other_data)
-        print(f"{args.split}: accuracy {result['acc']:.4f}, top-5 {result['top5']:.4f}, "
-              f"loss {result['loss']:.4f} over {result['images']} images")
-        width = max(len(name) for name in result["per_class"])
-        print(f"{'class':<{width}}  precision  recall     f1  support")
-        for name, s in result["per_class"].items():
-            print(f"{name:<{width}}  {s['precision']:9.3f}  {s['recall']:6.3f}  {s['f1']:5.3f}  {s['support']:7d}")
-        if "calibration" in result:
-            c = result["calibration"]
-            if "not_used" in c:
-                print(f"calibration not used: {c['not_used']}")
-            else:
-                print(f"calibrated: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}; at the thresholds "
-                      f"coverage {c['coverage']:.3f}, accuracy of the classified "
-                      f"{_share(c['accuracy_of_classified'])}")
-        print(f"wrote {args.run}/eval-{args.split}.json, confusion-{args.split}.csv and .png")
-        return 0
+        return COMMANDS[args.command](args, argv)
     except PlanktonioError as error:  # DiskError included: 74, the others 2
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
@@ -155,6 +163,8 @@ def _ecotaxa_options(eco) -> None:
 
 def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
     """predict's tables; with --format ecotaxa, Parquet tables and then the EcoTaxa import (planktonio/ecotaxa)."""
+    from planktonio.cores import let_idle_threads_sleep
+    let_idle_threads_sleep()  # before torch loads (planktonio/cores.py says why)
     from dataclasses import replace
 
     from .predict import predict, predict_options
@@ -173,6 +183,9 @@ def _predict(args: argparse.Namespace, argv: list[str] | None) -> int:
 def _share(value: float | None) -> str:
     """A fraction to three places; none where no image was classified."""
     return "- (none classified)" if value is None else f"{value:.3f}"
+
+
+COMMANDS = {"fit": _fit, "predict": _predict, "calibrate": _calibrate, "evaluate": _evaluate}
 
 
 if __name__ == "__main__":

@@ -2,19 +2,23 @@
 
 Like torchtitan's CheckpointManager, one object owns it all for the fit loop:
 - when: last.pt at the first epoch end at least `training.checkpoint_every_s`
-  after the previous checkpoint (checkpoint.CheckpointPolicy), and always on
+  after the previous checkpoint (CheckpointPolicy), and always on
   a signal, at early stopping and at the end: the loop asks with `due()` and
   `save()` (what a crash can lose: CheckpointPolicy);
 - the best weights are kept in memory (`remember_best`) and written as best.pt
   with the next checkpoint, so best.pt and last.pt come from the same moment,
   except after a crash between their two renames, when best.pt can be one
   improvement ahead (the resumed run then keeps it);
-- what last.pt holds: the model, the optimizer, the loss scaler, where the run
-  stands (`Progress`), early stopping, the config and classes, and every
-  rank's random state and share of the epoch so far;
+- what last.pt holds: the state of each of its parts (the model, the
+  optimizer, the loss scaler, early stopping, where the run stands:
+  `Progress`), each `Stateful` (state_dict / load_state_dict), the config
+  and classes, and every rank's random state and share of the epoch so far;
+  the file itself: checkpoint_file.py;
 - never a NaN or an infinity (`check_finite` before every write);
 - resume: `load_for_resume` reads last.pt and refuses a config that would
-  compute something else; `restore` puts everything back.
+  compute something else (the settings a resumed run may change are marked
+  `resumable` where train/config.py declares them); `restore` puts
+  everything back.
 Files are written by rank 0; every rank calls `save` (it gathers the ranks'
 random states) and leaves it only once the files are there. docs/training.md.
 """
@@ -22,26 +26,30 @@ random states) and leaves it only once the files are there. docs/training.md.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from planktonio.errors import PlanktonioError
 from planktonio.files import write_atomic
 
-from . import checkpoint, distributed
-from .checkpoint import CheckpointPolicy
-from .config import Config
+from . import checkpoint_file, distributed, random_state
+from .config import Config, resumable_keys
 from .early_stopping import EarlyStopping
 from .metrics import EpochStats
 
-# Keys a resumed run may change: they continue a run (more epochs, more
-# patience) or change how it reports, never what it computes.
-RESUMABLE_CHANGES = {"training.epochs", "training.patience", "training.progress", "training.check_every",
-                     "training.checkpoint_every_s", "training.tensorboard", "training.collective_timeout_s",
-                     "training.feature_cache", "training.feature_cache_budget_bytes", "training.feature_cache_dir",
-                     "training.calibrate", "training.calibration_target"}
+clock = time.monotonic  # the checkpoint budget's clock (tests replace it)
+
+
+class Stateful(Protocol):
+    """A part of a run's checkpoint: torch's modules, optimizers and scalers are, and so are the run's own."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -50,7 +58,31 @@ class Progress:
 
     epoch: int = 0
     batches_done: int = 0
-    partial: EpochStats = field(default_factory=EpochStats)
+    partial: EpochStats = field(default_factory=EpochStats)  # this rank's: saved with its random state
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+
+class CheckpointPolicy:
+    """last.pt at the first epoch end at least `every_s` seconds after the previous checkpoint.
+
+    (And always on a signal, at early stopping and at the end: the loop asks
+    for those itself.) A crash therefore loses at most every_s plus one epoch.
+    """
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.written_at = clock()
+
+    def due(self) -> bool:
+        return clock() - self.written_at >= self.every_s
+
+    def written(self) -> None:
+        self.written_at = clock()
 
 
 class NonFinite(Exception):
@@ -61,10 +93,26 @@ class NonFinite(Exception):
         self.kind = kind  # summary.json's stop_reason: non_finite_loss or non_finite_weights
 
 
+def first_non_finite(named_tensors) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None (one device sync)."""
+    named = [(name, t) for name, t in named_tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer):
+    """(name, tensor) of an optimizer's state: momentum buffers, Adam's moments."""
+    for index, per_parameter in enumerate(optimizer.state.values()):
+        for key, value in per_parameter.items():
+            yield f"optimizer state {key} of parameter {index}", value
+
+
 def check_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, when: str) -> None:
     """Raise NonFinite, on every rank alike, if a weight, buffer or optimizer state holds a NaN or an infinity."""
-    named = [*model.state_dict().items(), *checkpoint.optimizer_tensors(optimizer)]
-    culprit = checkpoint.first_non_finite(named)
+    named = [*model.state_dict().items(), *optimizer_tensors(optimizer)]
+    culprit = first_non_finite(named)
     if distributed.all_sum([float(culprit is not None)], device)[0] > 0:
         raise NonFinite("non_finite_weights", f"{culprit or 'a value on another rank'} holds a NaN or an infinity "
                                               f"{when} (the training diverged: lower optimizer.lr)")
@@ -92,16 +140,13 @@ def load_for_resume(config: Config, out: Path, resume: bool) -> dict | None:
     if not resume:
         raise PlanktonioError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
                               f"or choose another --out")
-    state = checkpoint.load(last)
-    differing = [key for key in _differing_keys(state["config"], config.to_dict()) if key not in RESUMABLE_CHANGES]
-    if config.optimizer.schedule == "cosine" and state["config"]["training"]["epochs"] != config.training.epochs:
-        raise PlanktonioError("--resume: training.epochs sets the length of the cosine learning-rate schedule, "
-                              "so changing it would change every later epoch's learning rate; start a new run "
-                              f"from this one's weights instead (--set model.weights={out / 'best.pt'})")
+    state = checkpoint_file.load(last)
+    resumable = resumable_keys()
+    differing = [key for key in _differing_keys(state["config"], config.to_dict()) if key not in resumable]
     if differing:
         raise PlanktonioError(f"--resume: the config differs from the run's in {', '.join(differing)}; "
                               f"resume with the run's config ({out / 'config.yaml'}; only "
-                              f"{', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+                              f"{', '.join(sorted(resumable))} may change)")
     return state
 
 
@@ -120,7 +165,10 @@ class Checkpointer:
     def __init__(self, out: Path, executor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  progress: Progress, early: EarlyStopping):
         self.out, self.ex = out, executor
-        self.optimizer, self.scaler, self.progress, self.early = optimizer, scaler, progress, early
+        self.optimizer, self.progress, self.early = optimizer, progress, early
+        # The parts of last.pt, each under its key (the keys of every last.pt written so far).
+        self.parts: dict[str, Stateful] = {"model": executor.model, "optimizer": optimizer, "scaler": scaler,
+                                           "early_stopping": early}
         # a speed run writes no checkpoint while it runs (its time would count as training), only best.pt at
         # its end, for evaluate and predict
         self.speed_run = executor.config.training.speed_run
@@ -143,17 +191,13 @@ class Checkpointer:
 
     def state(self, finished: str | None = None) -> dict:
         """Everything a resumed run needs; the random state of every rank (collective: all ranks call it)."""
-        ex, progress = self.ex, self.progress
+        ex = self.ex
         return {
-            "model": ex.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": progress.epoch,
-            "batches_done": progress.batches_done,
-            "early_stopping": self.early.state(),
+            **{name: part.state_dict() for name, part in self.parts.items()},
+            **self.progress.state_dict(),  # epoch, batches_done: top-level keys
             # One entry per rank: each draws its own random numbers and has its own share of the epoch so far.
-            "ranks": distributed.gather_to_main({"rng": checkpoint.rng_state(ex.device),
-                                                 "partial": asdict(progress.partial)}),
+            "ranks": distributed.gather_to_main({"rng": random_state.rng_state(ex.device),
+                                                 "partial": asdict(self.progress.partial)}),
             "config": ex.config.to_dict(),
             "classes": list(ex.dataset.classes),
             "world_size": ex.ctx.world_size,
@@ -173,7 +217,7 @@ class Checkpointer:
         state = self.state(finished)
         if self.ex.ctx.is_main:
             self.write_best()
-            checkpoint.save_atomic(state, self.out / "last.pt")
+            checkpoint_file.save_atomic(state, self.out / "last.pt")
             # Where last.pt stands, for job scripts that read it without torch (slurm/common.sh).
             write_atomic(self.out / "last.json", json.dumps({"epoch": progress.epoch, "step": progress.batches_done,
                                                              "finished": finished}) + "\n")
@@ -184,7 +228,7 @@ class Checkpointer:
     def write_best(self) -> None:
         """best.pt, if the best weights changed since it was written (rank 0)."""
         if self.ex.ctx.is_main and not self.best_written and self.best is not None:
-            checkpoint.save_atomic(self.best, self.out / "best.pt")
+            checkpoint_file.save_atomic(self.best, self.out / "best.pt")
 
     def restore(self, state: dict) -> None:
         """Continue from last.pt's `state`: weights, optimizer, scaler, progress, early stopping, this rank's
@@ -194,17 +238,15 @@ class Checkpointer:
             raise PlanktonioError(f"--resume: {self.out} was trained by {state['world_size']} process(es), this "
                                   f"run has {ctx.world_size}; each rank's shard and random state continue only "
                                   f"with {state['world_size']}")
-        self.ex.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.progress.epoch, self.progress.batches_done = state["epoch"], state["batches_done"]
-        self.early.restore(state["early_stopping"])
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        self.progress.load_state_dict(state)
         mine = state["ranks"][ctx.rank]
         self.progress.partial = EpochStats.from_dict(mine["partial"])
-        checkpoint.restore_rng(mine["rng"], self.ex.device)
+        random_state.restore_rng(mine["rng"], self.ex.device)
         best = self.out / "best.pt"
         if best.exists():
-            self.best = checkpoint.load(best)
+            self.best = checkpoint_file.load(best)
             # A crash between writing best.pt and last.pt leaves best.pt one improvement ahead: keep it.
             if self.best["val_loss"] < self.early.best_loss:
                 self.early.best_loss, self.early.best_epoch = self.best["val_loss"], self.best["epoch"]
@@ -213,7 +255,7 @@ class Checkpointer:
         """Which checkpoint holds the last good state, for a run stopped by a non-finite value."""
         last, best = self.out / "last.pt", self.out / "best.pt"
         if last.exists():
-            return f"{last} keeps the last good checkpoint (epoch {checkpoint.load(last)['epoch']})"
+            return f"{last} keeps the last good checkpoint (epoch {checkpoint_file.load(last)['epoch']})"
         if best.exists():
             return f"no last.pt was written; {best} holds the best good weights"
         return "no checkpoint was written: nothing good to keep; lower the learning rate and start again"

@@ -87,45 +87,47 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = setting(100)
-    patience: int = setting(20, help="early stopping: epochs without a better validation loss")
+    # resumable=True: a resumed run may change it (it continues a run: more epochs, more patience, or changes
+    # how it reports or keeps activations), never what the run computes.
+    epochs: int = setting(100, resumable=True)
+    patience: int = setting(20, help="early stopping: epochs without a better validation loss", resumable=True)
     precision: str = setting("fp32", choices=PRECISIONS, help="amp: fp16 on a GPU, bf16 on a CPU")
     channels_last: bool = setting(False)
     compile: bool = setting(False, help="torch.compile the model")
     seed: int = setting(0)
     device: str = setting("auto", help="auto | cpu | cuda | cuda:N")
-    progress: bool = setting(True, help="a progress bar on rank 0, on a terminal")
+    progress: bool = setting(True, help="a progress bar on rank 0, on a terminal", resumable=True)
     # Every check_every steps (and at each epoch's end) the loop waits for the
     # GPU once to see whether the loss became NaN/inf and whether a signal
     # asks it to stop; in between it never waits. The cost: a NaN is noticed
     # up to check_every - 1 steps late (those steps are thrown away: the run
     # exits 3 and last.pt stays the last good checkpoint), and a signal is
     # obeyed up to check_every steps late. 1: a check after every step.
-    check_every: int = setting(50)
+    check_every: int = setting(50, resumable=True)
     # last.pt (and best.pt, kept in memory until then) is written at the first
     # epoch end at least this many seconds after the previous checkpoint, and
     # always on a signal, at early stopping and at the end. A crash loses at
     # most this long plus one epoch. 0: after every epoch.
-    checkpoint_every_s: float = setting(300.0)
-    tensorboard: bool = setting(False, help="also write TensorBoard event files to the run folder")
+    checkpoint_every_s: float = setting(300.0, resumable=True)
+    tensorboard: bool = setting(False, help="also write TensorBoard event files to the run folder", resumable=True)
     speed_run: bool = setting(False, help="a run measured for its speed (profiling suite): no checkpoint is "
                                           "written while it runs (best.pt at its end) and the best weights are "
                                           "not tested")
     # The feature cache (train/feature_cache.py): auto computes once what every epoch would compute
     # identically (a frozen prefix on a deterministic or periodic transform) where it fits its budget.
-    feature_cache: str = setting("auto", choices=("auto", "on", "off"), help="auto | on | off")
+    feature_cache: str = setting("auto", choices=("auto", "on", "off"), help="auto | on | off", resumable=True)
     feature_cache_budget_bytes: Bytes | None = setting(None, help="most the kept activations may take on the "
                                                                   "training device (e.g. 4GiB), within the "
-                                                                  "process's cache budget (planktonio/memory.py)")
+                                                                  "process's cache budget (planktonio/memory.py)", resumable=True)
     feature_cache_dir: str | None = setting(None, help="where the activations are kept on disk (default: "
-                                                       "RUN/feature-cache; a sweep shares one)")
+                                                       "RUN/feature-cache; a sweep shares one)", resumable=True)
     # How long a rank waits in a collective for the others before the job is
     # declared hung (a rank stopped, a wedged GPU): the process group's timeout.
-    collective_timeout_s: float = setting(600.0)
+    collective_timeout_s: float = setting(600.0, resumable=True)
     # At the end, fit a temperature and per-class thresholds on the validation split (train/calibration.py),
     # as `python -m train calibrate` does: RUN/calibration.json, for `train predict --calibrated`.
-    calibrate: bool = setting(False, help="fit a temperature and per-class thresholds at the end")
-    calibration_target: float = setting(0.9, help="the validation precision each class's threshold must reach")
+    calibrate: bool = setting(False, help="fit a temperature and per-class thresholds at the end", resumable=True)
+    calibration_target: float = setting(0.9, help="the validation precision each class's threshold must reach", resumable=True)
 
     def problems(self) -> list[tuple[str, str]]:
         checks = [(0 <= self.seed < 2**32, "seed", "seed must be in [0, 2**32)"),
@@ -187,6 +189,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def resumable_keys() -> set[str]:
+    """The dotted keys a resumed run may change: the settings declared resumable."""
+    return {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in fields(cls)
+            if f.metadata.get("resumable")}
 
 
 def from_dict(values: dict[str, Any]) -> Config:
@@ -261,7 +269,7 @@ _YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Yam
 
 def parse_yaml(text: str):
     """A YAML document as Python values (YAML 1.2 floats, duplicate keys refused)."""
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass: no Python objects)
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: it builds no Python objects
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:

@@ -220,7 +220,11 @@ _ADDRESS = re.compile(r"\[([0-9a-fA-F.:]+)\]:\d+")
 
 
 # What this rank is doing with the others, for a lost peer's line (the Trainer keeps it up to date).
-_activity: Callable[[], str] = lambda: "start-up"  # noqa: E731
+def _starting_up() -> str:
+    return "start-up"
+
+
+_activity: Callable[[], str] = _starting_up
 
 
 def set_activity(describe: Callable[[], str]) -> None:
@@ -234,7 +238,7 @@ def start_watch(ctx: Context, timeout_s: float):
     from .peer_watch import MAX_STALE_S, PeerWatch, rendezvous_store
     try:
         store = rendezvous_store(min(timeout_s, 30.0))
-    except Exception as error:  # noqa: BLE001 (the store's own errors): the run goes on, as before the watch
+    except Exception as error:  # the store's own errors: the run goes on, as before the watch
         print(f"warning: rank {ctx.rank}: the peer watch could not reach the rendezvous store ({error}); a lost "
               f"peer is then found by the collectives' own timeout", file=sys.stderr, flush=True)
         return None

@@ -27,8 +27,9 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.bad_epochs >= self.patience
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
+        """What last.pt keeps (patience is the config's: a resumed run may raise it)."""
         return {k: v for k, v in asdict(self).items() if k != "patience"}
 
-    def restore(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.best_loss, self.best_epoch, self.bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]

@@ -21,7 +21,7 @@ from planktonio.errors import PlanktonioError
 from planktonio.files import atomic_file, write_atomic
 from planktonio.loaders import resolve_device
 
-from . import calibration, checkpoint, config as config_module, distributed, run_record
+from . import calibration, checkpoint_file, config as config_module, distributed, run_record
 from .executor import Executor
 from .metrics import confusion_matrix, per_class_scores
 from .run_folder import lock_run
@@ -46,7 +46,7 @@ def _logits_of(run: Path, split: str, data: Path | None, which: str, backend: st
         data = Path(run_record.read(run)["data"])
     if not other_data:
         run_record.check_same_data(run, data, action)
-    state = checkpoint.load(run / f"{which}.pt")
+    state = checkpoint_file.load(run / f"{which}.pt")
     t = config.training
     with distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
             lock_run(run, ctx, f"train {action}"), Executor(config, data, ctx) as executor:

@@ -19,7 +19,7 @@ from planktonio import PreparedDataset
 from planktonio.errors import PlanktonioError
 from planktonio.loaders import BACKENDS, Loader, LoaderSpec, loader_spec, resolve_backend
 
-from . import checkpoint, distributed
+from . import distributed, random_state
 from .config import Config
 from .metrics import EpochStats, RunningSums
 from .model import build_model
@@ -68,7 +68,7 @@ class Executor:
         self._compiled: dict[int, torch.nn.Module] = {}
         self._ddp = None
         self.net = self.compiled(self.model)  # what evaluation runs by default
-        checkpoint.seed_rank(t.seed, self.ctx.rank)  # from here on, each rank its own dropout masks
+        random_state.seed_rank(t.seed, self.ctx.rank)  # from here on, each rank its own dropout masks
 
     def __enter__(self) -> "Executor":
         return self

@@ -52,7 +52,7 @@ from planktonio.files import check_folder_writable
 from planktonio.loaders import LoaderSpec, sharding
 from planktonio.loaders.base import entry_labels
 
-from . import checkpoint, distributed
+from . import checkpoint_file, distributed
 from .feature_batches import FeatureBatches, OnDisk, disk_free_bytes
 from .model import forward_steps, set_train_mode
 from .signals import StopFlag
@@ -88,12 +88,11 @@ def find_cut(model: nn.Module, frozen_eval: bool = False) -> Cut | str:
     steps = forward_steps(model)
     if steps is None:
         return f"{type(model).__name__}'s forward is not a sequence of modules this cache knows how to cut"
-    for index, (name, module) in enumerate(steps):
-        reason = why_not_prefix(module, frozen_eval)
-        if reason:
-            break
-    else:
+    index = next((i for i, (_, module) in enumerate(steps) if why_not_prefix(module, frozen_eval)), None)
+    if index is None:
         return "every module is frozen: nothing would train"
+    name, module = steps[index]
+    reason = why_not_prefix(module, frozen_eval)
     if index == 0:
         return f"its first module, {name}, {reason}: nothing before it to compute once (model.freeze none?)"
     return Cut(nn.Sequential(*(m for _, m in steps[:index])), nn.Sequential(*(m for _, m in steps[index:])),
@@ -231,7 +230,7 @@ class FeatureCache:
         """What the kept activations depend on, and nothing else (so a sweep's runs share them)."""
         train = self.config.transform("train")
         parts = {
-            "prefix_weights": checkpoint.content_checksum(self.cut.prefix.state_dict()),
+            "prefix_weights": checkpoint_file.content_checksum(self.cut.prefix.state_dict()),
             "prefix_modules": repr(self.cut.prefix),
             "transforms": {"train": train.to_dict(), "eval": self.config.transform("eval").to_dict()},
             "data": self.ex.dataset.fingerprint(),
@@ -411,7 +410,7 @@ class FeatureCache:
                                     "identity": identities[split], "rows": self.stores[split].host_chunks()}
                             for split in self.stores}}
         try:
-            checkpoint.save_atomic(state, path)
+            checkpoint_file.save_atomic(state, path)
         except DiskError as error:
             self.log(f"feature cache: not kept on disk ({error}); the activations are used from memory in this "
                      f"run only")
@@ -421,7 +420,7 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            state = checkpoint.load(path, mmap=True)
+            state = checkpoint_file.load(path, mmap=True)
         except PlanktonioError as error:  # cut short or changed: recompute, never use it
             self.log(f"feature cache: {path} is unusable ({error}); computing it again")
             return None

@@ -22,6 +22,7 @@ CPU queues the next step while the GPU runs this one.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -41,8 +42,8 @@ from .early_stopping import EarlyStopping
 from .executor import Executor
 from .inputs import Inputs, build_inputs
 from .metrics import EpochStats, RunningSums
-from .peer_watch import claim_the_line
 from .model import set_train_mode
+from .peer_watch import claim_the_line
 from .profiler import StepProfiler
 from .run_folder import lock_run, make_run_folder
 from .signals import EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_OK, EXIT_PEER_LOST, Interrupted, StopFlag
@@ -74,7 +75,7 @@ def fit(config: Config, data: Path, out: Path, resume: bool = False) -> int:
     try:
         with StopFlag() as stop_flag, distributed.Session(resolve_device(t.device), t.collective_timeout_s) as ctx, \
                 Executor(config, data, ctx) as executor, lock_run(out, ctx):
-            log = lambda line: say(ctx.is_main, line)  # noqa: E731
+            log = functools.partial(say, ctx.is_main)
             state = load_for_resume(config, out, resume)
             if state is not None:
                 run_record.check_same_data(out, data, "--resume")
@@ -142,13 +143,18 @@ class Trainer:
             self.checkpointer.restore(state)
             continuing = f" (it had finished: {state['finished']})" if state["finished"] else ""
             self.say(f"resuming {out} at epoch {progress.epoch}, batch {progress.batches_done}{continuing}")
+            planned = state["config"]["training"]["epochs"]
+            if config.optimizer.schedule == "cosine" and planned != config.training.epochs:
+                self.say(f"the cosine schedule is planned again over {config.training.epochs} epochs (was "
+                         f"{planned}): from epoch {progress.epoch} on the learning rate is that of a "
+                         f"{config.training.epochs}-epoch run, {self.lr_at(progress.epoch):.3g} now")
         writers = MetricsWriters(out, f"{out.name}: {config.model.name}", progress.epoch,
                                  config.training.tensorboard) if ex.ctx.is_main else None
         self.say(f"{config.model.name} ({config.model.freeze} frozen), {ex.precision}, {self.inputs.loader_name} "
                  f"loader, {ex.ctx.world_size} process(es) on {ex.device}, {len(self.inputs.train)} steps of "
                  f"{config.loader.batch_size} per epoch")
         try:
-            with StepProfiler(config.profile, out, ex.ctx.rank, ex.device) as self.profiler:
+            with StepProfiler(config.profile, out, ex.ctx.rank, ex.device, self.say) as self.profiler:
                 # A run with no work left gets here only when it stopped before writing summary.json
                 # (killed while testing the best weights): it finishes now.
                 stop_reason = None if state is None or has_work_left(state, config) else \

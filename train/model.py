@@ -18,7 +18,7 @@ from torch import nn
 
 from planktonio.errors import PlanktonioError
 
-from .checkpoint import CHECKSUM, content_checksum, load_error_reason, torch_load
+from .checkpoint_file import CHECKSUM, content_checksum, load_error_reason, torch_load
 
 
 class TinyCNN(nn.Module):

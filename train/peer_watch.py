@@ -89,7 +89,7 @@ class PeerWatch:
         """Raise this rank's counter and read the others'; the one line to say when a peer is gone, else None."""
         try:
             silent = self._silent()
-        except Exception as error:  # noqa: BLE001 (the store's own exceptions differ by transport)
+        except Exception as error:  # the store's own exceptions differ by transport
             host = next((h for r, h, _ in self.ctx.peers if r == 0), "its host")
             return self._line(f"rank 0 on {host}", "left", f"the rendezvous store there does not answer: "
                                                             f"{(str(error).splitlines() or [type(error).__name__])[0]}")
@@ -132,7 +132,7 @@ class PeerWatch:
             while set(silent := self._silent()) != set(self.seen):
                 sleep(BEAT_S)
             return sorted(silent)
-        except Exception:  # noqa: BLE001 (the store's own exceptions differ by transport)
+        except Exception:  # the store's own exceptions differ by transport
             return sorted(self.seen)
 
     def _line(self, who: str, what: str, reason: str) -> str:

@@ -25,13 +25,25 @@ import os
 import signal
 import sys
 
-from planktonio.errors import EXIT_DISK, EXIT_USAGE  # noqa: F401 (2: bad input; 74: a file could not be written)
+from planktonio.errors import EXIT_DISK, EXIT_USAGE
 
 EXIT_OK = 0
 EXIT_NON_FINITE = 3     # the loss or the weights became NaN or infinite; no checkpoint holds them
 EXIT_INTERRUPTED = 75   # EX_TEMPFAIL: stopped by a signal, last.pt written: resume with --resume
 EXIT_PEER_LOST = 76     # another rank left (died, or hung past training.collective_timeout_s): restart from last.pt
 EXIT_ABORTED = 130      # a second Ctrl-C: stopped at once, nothing written
+
+# What each exit status of `python -m train` means, for its --help and for job scripts' readers.
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_USAGE: "bad input (config, data, weights, a run folder another process is writing)",
+    EXIT_NON_FINITE: "the loss or the weights became NaN/inf (no checkpoint holds them)",
+    EXIT_DISK: "a file could not be written (disk full, read-only, a quota): free space and run again (fit: with "
+               "--resume; the previous checkpoint is intact)",
+    EXIT_INTERRUPTED: "stopped by SIGTERM, SIGUSR1, SIGINT or SIGHUP, last.pt written (continue with --resume)",
+    EXIT_PEER_LOST: "another rank left or hung (restart from last.pt; the Slurm job scripts do)",
+    EXIT_ABORTED: "a second Ctrl-C: stopped at once",
+}
 
 HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 

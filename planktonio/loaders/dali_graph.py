@@ -13,7 +13,6 @@ from collections import deque
 import numpy as np
 import torch
 
-
 # The largest side the hints size the decoder for: one large photograph among plankton ROIs must not size
 # every thread's buffers (and a hardware decoder's, batch x width x height); a larger image reallocates.
 HINT_SIDE = 1024

@@ -12,9 +12,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from planktonio.files import atomic_file  # noqa: E402
+from planktonio.files import atomic_file
 
 ENV_KEYS = ("device", "driver", "cuda", "torch", "torchvision", "dali", "cpu_count", "date", "command")
 

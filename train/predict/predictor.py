@@ -25,7 +25,7 @@ from planktonio.loaders import (
 from planktonio.loaders.dali_loader import BrokenFile
 from planktonio.unlabelled import Unit, discover, read_headers
 
-from .. import calibration, checkpoint, distributed
+from .. import calibration, checkpoint_file, distributed
 from ..executor import Executor
 from ..model import head_name
 from ..signals import EXIT_INTERRUPTED, EXIT_OK, StopFlag
@@ -68,7 +68,7 @@ class Predictor:
         if o.top_k < 1:
             raise PlanktonioError(f"--top-k {o.top_k}: at least 1")
         weights = self.run / f"{o.checkpoint}.pt"
-        self.state = checkpoint.load(weights)
+        self.state = checkpoint_file.load(weights)
         self.classes = list(self.state["classes"])
         self.calibrated = calibration.read(self.run, self.classes, weights) if o.calibrated else None
         self.catalog = discover(o.images)  # nothing is created in OUT before the images are known

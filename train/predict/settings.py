@@ -14,8 +14,7 @@ import torch
 from planktonio.errors import PlanktonioError
 from planktonio.loaders import BACKENDS, backend_of, default_backend
 
-from .. import calibration
-from .. import config as config_module
+from .. import calibration, config as config_module
 from .options import PredictOptions
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, loaded without running code, checked against their own checksum.
+"""A checkpoint file: written atomically, loaded without running code, checked against its own checksum.
 
 Run folders are shared between the users of a group and copied around, so a
 checkpoint is data, never code: it holds tensors and plain Python values only
@@ -8,29 +8,23 @@ run code when unpickled. It carries a sha256 of its content (every tensor's
 bytes, shape and dtype, every key and plain value, in a fixed order), checked
 on load: a file with bytes changed or cut short is refused with a one-line
 error that says what to use instead. A checkpoint whose weights, buffers or
-optimizer state are not all finite is never written (`check_finite`).
-
-When last.pt is written follows a time budget (`CheckpointPolicy`), not
-every epoch.
+optimizer state are not all finite is never written (checkpointer.py's
+`check_finite`, which also decides when last.pt is written).
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 import re
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from planktonio.errors import PlanktonioError
 from planktonio.files import atomic_file
 
 CHECKSUM = "checksum"
-clock = time.monotonic  # the checkpoint budget's clock (tests replace it)
 
 
 # ------------------------------------------------------------------ content checksum
@@ -120,81 +114,3 @@ def load(path: Path, mmap: bool = False) -> dict:
         raise PlanktonioError(f"checkpoint {path}: its content does not match its checksum (changed or damaged "
                               f"since it was written); {advice}")
     return state
-
-
-# ------------------------------------------------------------------ finite values only
-
-
-def first_non_finite(named_tensors) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, or None (one device sync)."""
-    named = [(name, t) for name, t in named_tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not named:
-        return None
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
-    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer):
-    """(name, tensor) of an optimizer's state: momentum buffers, Adam's moments."""
-    for index, per_parameter in enumerate(optimizer.state.values()):
-        for key, value in per_parameter.items():
-            yield f"optimizer state {key} of parameter {index}", value
-
-
-# ------------------------------------------------------------------ when to write
-
-
-class CheckpointPolicy:
-    """last.pt at the first epoch end at least `every_s` seconds after the previous checkpoint.
-
-    (And always on a signal, at early stopping and at the end: the loop asks
-    for those itself.) A crash therefore loses at most every_s plus one epoch.
-    """
-
-    def __init__(self, every_s: float):
-        self.every_s = every_s
-        self.written_at = clock()
-
-    def due(self) -> bool:
-        return clock() - self.written_at >= self.every_s
-
-    def written(self) -> None:
-        self.written_at = clock()
-
-
-# ------------------------------------------------------------------ random state, one per rank
-
-
-def seed_rank(seed: int, rank: int) -> None:
-    """Seed torch's generators (CPU and this process's GPU) from (seed, rank).
-
-    Ranks must draw different random numbers where they should differ
-    (dropout masks: each rank sees other images, identical masks would be
-    correlated noise), and the same ones again when a run is repeated.
-    """
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's random state as plain values and tensors: Python, numpy, torch on the CPU and its GPU."""
-    version, words, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(words), gauss],
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: dict, device: torch.device) -> None:
-    version, words, gauss = state["python"]
-    random.setstate((version, tuple(words), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-

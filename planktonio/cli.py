@@ -1,4 +1,7 @@
-"""Command-line options made from a benchmark's settings dataclass: each default is written once, there.
+"""Command-line options made from a settings dataclass: each option and default is written once, there.
+
+Used by `python -m profiling` (the benchmarks' settings, profiling/settings.py) and `python -m train`
+(evaluate's and calibrate's options).
 
 A field `batch_size: int = setting(64, help=...)` becomes `--batch-size N`
 (default 64, its help); a tuple field takes a comma-separated list; a bool
