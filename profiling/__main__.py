@@ -20,6 +20,7 @@ lists them. docs/measuring.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -125,31 +126,23 @@ def _loaders(args: argparse.Namespace) -> int:
     return 0
 
 
-def _amp(args: argparse.Namespace) -> int:
-    from .amp_bench import run as run_amp
-    from .render.amp import text_table
-    from .settings import AmpBenchmark
-    print(text_table(run_amp(settings_from(AmpBenchmark, args), args.json, _environment(args))))
-    _wrote(args.json)
-    return 0
+def _tabled(program: str, render: str, settings: str):
+    """A benchmark whose result prints as its render module's text table: `program`'s run(settings, json,
+    environment), the options of profiling/settings.py's `settings`."""
+    def command(args: argparse.Namespace) -> int:
+        from . import settings as settings_module
+        run = importlib.import_module(f".{program}", __package__).run
+        text_table = importlib.import_module(f".render.{render}", __package__).text_table
+        bench = settings_from(getattr(settings_module, settings), args)
+        print(text_table(run(bench, args.json, _environment(args))))
+        _wrote(args.json)
+        return 0
+    return command
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from .predict_bench import run as run_predict
-    from .render.predict import text_table
-    from .settings import PredictBenchmark
-    print(text_table(run_predict(settings_from(PredictBenchmark, args), args.json, _environment(args))))
-    _wrote(args.json)
-    return 0
-
-
-def _scale(args: argparse.Namespace) -> int:
-    from .render.scale import text_table
-    from .scale import run as run_scale
-    from .settings import ScaleBenchmark
-    print(text_table(run_scale(settings_from(ScaleBenchmark, args), args.json, _environment(args))))
-    _wrote(args.json)
-    return 0
+_amp = _tabled("amp_bench", "amp", "AmpBenchmark")
+_predict = _tabled("predict_bench", "predict", "PredictBenchmark")
+_scale = _tabled("scale", "scale", "ScaleBenchmark")
 
 
 def _trace(args: argparse.Namespace) -> int:
