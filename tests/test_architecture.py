@@ -66,6 +66,10 @@ LIBRARY_FILES = {"planktonio/doctor.py", "profiling/environment.py", "profiling/
                  "profiling/accuracy.py", "train/predict/settings.py"}  # (predict: the library versions in its provenance)
 
 
+# Words that are a backend's name but mean something else where they stand.
+OTHER_MEANINGS = {("planktonio/memory.py", "memory"): "cgroup v1's memory controller"}
+
+
 def test_no_backend_name_is_a_literal_outside_its_own_module():
     """A new backend must not need edits elsewhere: the rest of the code reads the registry, never names."""
     names = set(BACKENDS) | set(ALIASES)
@@ -73,7 +77,7 @@ def test_no_backend_name_is_a_literal_outside_its_own_module():
     for path in python_files("planktonio", "train", "profiling"):
         relative = path.relative_to(REPO).as_posix()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and node.value in names:
+            if isinstance(node, ast.Constant) and node.value in names and (relative, node.value) not in OTHER_MEANINGS:
                 library = node.value in LIBRARIES and relative in LIBRARY_FILES
                 if path != backend_module_of(node.value) and not library:
                     found.append(f"{relative}:{node.lineno}: {node.value!r}")
