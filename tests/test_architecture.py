@@ -62,7 +62,7 @@ def backend_module_of(name: str) -> Path:
 LIBRARIES = {"torchvision", "dali"}
 
 
-LIBRARY_FILES = {"planktonio/doctor.py", "profiling/environment.py", "profiling/render/common.py",
+LIBRARY_FILES = {"planktonio/doctor.py", "planktonio/stack_probes.py", "profiling/environment.py", "profiling/render/common.py",
                  "profiling/accuracy.py", "train/predict/settings.py"}  # (predict: the library versions in its provenance)
 
 
