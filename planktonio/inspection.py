@@ -146,47 +146,81 @@ class Journal:
 def inspect_files(source: Path, paths: list[str], skip: np.ndarray, workers: int, out: Path,
                   progress: bool | None = None) -> tuple[Inspection, Journal]:
     """Decode every file of `paths` not marked in `skip` (in parallel, resuming a journal in `out`)."""
-    n = len(paths)
-    inspection = Inspection.empty(n)
+    inspection = Inspection.empty(len(paths))
     journal = Journal(out, source, paths, skip)
-    parts = -(-n // PART_IMAGES)
-    done = set()
+    done = _resume(journal, inspection)
+    chunks = _chunks_to_decode(len(paths), done, skip)
+    if done:
+        print(f"prepare: {len(done)} of {_parts(len(paths))} parts were decoded by an earlier run "
+              f"({journal.folder}); going on from there", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+    bar = tqdm(total=len(paths), initial=len(paths) - sum(b - a for a, b in chunks), unit="image",
+               desc="prepare: decoding", disable=progress is False or (progress is None and not sys.stderr.isatty()))
+    results = _Results(inspection, journal, paths, skip, chunks, bar)
+    try:
+        if workers <= 1 or len(chunks) <= 1:
+            _decode_here(str(source), chunks, results)
+        else:
+            _decode_in_pool(str(source), chunks, workers, results)
+    finally:
+        bar.close()
+    return inspection, journal
+
+
+def _parts(n: int) -> int:
+    return -(-n // PART_IMAGES)
+
+
+def _resume(journal: Journal, inspection: Inspection) -> set[int]:
+    """The parts an earlier run decoded, put into `inspection`: their numbers."""
+    n, done = len(inspection.width), set()
     for number in sorted(journal.start()):
-        columns = journal.read(number) if number < parts else None
+        columns = journal.read(number) if number < _parts(n) else None
         start = number * PART_IMAGES
         if columns is not None and len(columns["width"]) == min(PART_IMAGES, n - start):
             inspection.put(start, columns)
             done.add(number)
+    return done
+
+
+def _chunks_to_decode(n: int, done: set[int], skip: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of the parts not done; a chunk never spans two parts."""
     chunks = [(start, min(start + CHUNK_IMAGES, (start // PART_IMAGES + 1) * PART_IMAGES, n))
-              for number in range(parts) if number not in done
+              for number in range(_parts(n)) if number not in done
               for start in range(number * PART_IMAGES, min((number + 1) * PART_IMAGES, n), CHUNK_IMAGES)]
-    chunks = [(a, b) for a, b in chunks if not skip[a:b].all()] + \
-             [(a, b) for a, b in chunks if skip[a:b].all()]  # all-skipped chunks finish their parts at once
-    left = {number: 0 for number in range(parts) if number not in done}
-    for a, _ in chunks:
-        left[a // PART_IMAGES] += 1
-    from tqdm import tqdm
-    bar = tqdm(total=n, initial=n - sum(b - a for a, b in chunks), unit="image", desc="prepare: decoding",
-               disable=progress is False or (progress is None and not sys.stderr.isatty()))
-    if done:
-        print(f"prepare: {len(done)} of {parts} parts were decoded by an earlier run ({journal.folder}); going on "
-              f"from there", file=sys.stderr, flush=True)
+    return [(a, b) for a, b in chunks if not skip[a:b].all()] + \
+           [(a, b) for a, b in chunks if skip[a:b].all()]  # all-skipped chunks finish their parts at once
 
-    def finished(a: int, b: int, columns: dict | None) -> None:
+
+class _Results:
+    """Where decoded chunks go: into the columns, onto the progress bar, and, once a part's chunks are all
+    in, into the journal."""
+
+    def __init__(self, inspection: Inspection, journal: Journal, paths: list[str], skip: np.ndarray,
+                 chunks: list[tuple[int, int]], bar) -> None:
+        self.inspection, self.journal, self.paths, self.skip, self.bar = inspection, journal, paths, skip, bar
+        self.left: dict[int, int] = {}  # part number -> chunks of it still out
+        for a, _ in chunks:
+            self.left[a // PART_IMAGES] = self.left.get(a // PART_IMAGES, 0) + 1
+
+    def todo(self, a: int, b: int) -> list[str]:
+        """The names of a chunk's files to decode (those not skipped)."""
+        return [self.paths[p] for p in range(a, b) if not self.skip[p]]
+
+    def finished(self, a: int, b: int, columns: dict | None) -> None:
+        """A chunk's columns (of its files not skipped; None: it had none) are in."""
         if columns is not None:
-            inspection.put(a, columns)
-        bar.update(b - a)
+            self.inspection.put(a, self._spread(a, b, columns))
+        self.bar.update(b - a)
         number = a // PART_IMAGES
-        left[number] -= 1
-        if left[number] == 0:
-            journal.write(number, inspection, number * PART_IMAGES, min((number + 1) * PART_IMAGES, n))
+        self.left[number] -= 1
+        if self.left[number] == 0:
+            n = len(self.paths)
+            self.journal.write(number, self.inspection, number * PART_IMAGES, min((number + 1) * PART_IMAGES, n))
 
-    def todo(a: int, b: int) -> list[str]:
-        return [paths[p] for p in range(a, b) if not skip[p]]
-
-    def spread(a: int, b: int, columns: dict) -> dict:
+    def _spread(self, a: int, b: int, columns: dict) -> dict:
         """A chunk's results (of its files not skipped) at their positions."""
-        kept = np.flatnonzero(~skip[a:b])
+        kept = np.flatnonzero(~self.skip[a:b])
         full = Inspection.empty(b - a)
         for name in ("width", "height", "bytes", "mtime_ns", "sha256"):
             getattr(full, name)[kept] = columns[name]
@@ -194,31 +228,30 @@ def inspect_files(source: Path, paths: list[str], skip: np.ndarray, workers: int
         return {**{name: getattr(full, name) for name in ("width", "height", "bytes", "mtime_ns", "sha256")},
                 "problems": problems}
 
-    root = str(source)
-    try:
-        if workers <= 1 or len(chunks) <= 1:
-            for a, b in chunks:
-                names = todo(a, b)
-                finished(a, b, spread(a, b, _inspect_chunk(root, names)) if names else None)
-        else:
-            with ProcessPoolExecutor(workers, initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
-                pending, queue = {}, iter(chunks)
-                while True:
-                    while len(pending) < workers * IN_FLIGHT_PER_WORKER:
-                        chunk = next(queue, None)
-                        if chunk is None:
-                            break
-                        names = todo(*chunk)
-                        if not names:
-                            finished(*chunk, None)
-                            continue
-                        pending[pool.submit(_inspect_chunk, root, names)] = chunk
-                    if not pending:
-                        break
-                    ready, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in ready:
-                        a, b = pending.pop(future)
-                        finished(a, b, spread(a, b, future.result()))
-    finally:
-        bar.close()
-    return inspection, journal
+
+def _decode_here(root: str, chunks: list[tuple[int, int]], results: _Results) -> None:
+    for a, b in chunks:
+        names = results.todo(a, b)
+        results.finished(a, b, _inspect_chunk(root, names) if names else None)
+
+
+def _decode_in_pool(root: str, chunks: list[tuple[int, int]], workers: int, results: _Results) -> None:
+    """The chunks decoded by `workers` processes, a bounded number in flight, in the order they finish."""
+    with ProcessPoolExecutor(workers, initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
+        pending, queue = {}, iter(chunks)
+        while True:
+            while len(pending) < workers * IN_FLIGHT_PER_WORKER:
+                chunk = next(queue, None)
+                if chunk is None:
+                    break
+                names = results.todo(*chunk)
+                if not names:
+                    results.finished(*chunk, None)
+                    continue
+                pending[pool.submit(_inspect_chunk, root, names)] = chunk
+            if not pending:
+                break
+            ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in ready:
+                a, b = pending.pop(future)
+                results.finished(a, b, future.result())

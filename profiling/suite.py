@@ -208,16 +208,11 @@ def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage],
         "--repeats", str(_scaled(sizes.amp_repeats, scale)), "--tf32", "off", "--json", str(out / "amp.json")],
         estimate["amp"], result="amp.json"))
     overrides, note = training_overrides(sizes, FAST_CONFIG)
-    runs = []
-    for backend, precision in training_runs(backends):
-        name = f"{backend}-{precision}"
-        run = out / "train" / name
-        sets = [*overrides, f"loader.backend={backend}", f"training.precision={precision}"]
-        stages.append(Stage(f"train {name}", [
-            py, "-m", "train", "fit", "--config", str(FAST_CONFIG), "--data", data, "--out", str(run),
-            *[arg for s in sets for arg in ("--set", s)]], estimate["train"]))
-        runs.append({"stage": f"train {name}", "loader": backend, "role": BACKENDS[backend].role,
-                     "precision": precision, "run": str(run)})
+    runs = end_to_end_runs(backends, out)
+    stages += [Stage(r["stage"], [py, "-m", "train", "fit", "--config", str(FAST_CONFIG), "--data", data,
+                                  "--out", r["run"], *_sets(overrides, f"loader.backend={r['loader']}",
+                                                            f"training.precision={r['precision']}")],
+                     estimate["train"]) for r in runs]
     training = {"file": str(FAST_CONFIG), "overrides": overrides, "note": note, "epochs": 2, "channels_last": True,
                 "model": config_module.load(REPO / FAST_CONFIG, overrides).model.name}
     traced = backends[0] if suite.backends != ("auto",) else resolve_backend(default_backend(), device)
@@ -225,7 +220,7 @@ def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage],
     study_run = out / "train" / "study-cached"
     stages.append(Stage("study recipe", [
         py, "-m", "train", "fit", "--config", str(STUDY_CONFIG), "--data", data, "--out", str(study_run),
-        *[arg for s in study_sets for arg in ("--set", s)]], estimate["study"]))
+        *_sets(study_sets)], estimate["study"]))
     training["study"] = {"stage": "study recipe", "run": str(study_run), "file": str(STUDY_CONFIG),
                          "overrides": study_sets, "note": study_note}
     predicted = next((r for r in runs if r["loader"] == traced and r["precision"] == "amp"
@@ -236,14 +231,25 @@ def plan(suite: Suite, device: torch.device, scale: float) -> tuple[list[Stage],
             "--backends", traced, "--repeats", str(_scaled(sizes.predict_repeats, scale)),
             "--json", str(out / "predict.json")], estimate["predict"], result="predict.json",
             needs=predicted["stage"]))
-    trace_sets = [*overrides, f"loader.backend={traced}", "training.precision=amp"]
     stages.append(Stage("trace", [
         py, "-m", "profiling", "trace", "--config", str(FAST_CONFIG), "--data", data, "--out", str(out / "trace"),
-        *sizes.trace, *[arg for s in trace_sets for arg in ("--set", s)]], estimate["trace"]))
+        *sizes.trace, *_sets(overrides, f"loader.backend={traced}", "training.precision=amp")], estimate["trace"]))
     stages.append(Stage("inspect", [
         py, "-m", "profiling", "inspect", str(out / "trace" / "trace-rank0.json.gz"),
         "--json", str(out / "inspect.json")], estimate["inspect"], result="inspect.json", needs="trace"))
     return stages, runs, training
+
+
+def end_to_end_runs(backends: list[str], out: Path) -> list[dict]:
+    """The end-to-end training runs: their stage, loader, its role, precision and run folder."""
+    return [{"stage": f"train {backend}-{precision}", "loader": backend, "role": BACKENDS[backend].role,
+             "precision": precision, "run": str(out / "train" / f"{backend}-{precision}")}
+            for backend, precision in training_runs(backends)]
+
+
+def _sets(overrides: list[str], *more: str) -> list[str]:
+    """`--set KEY=VALUE` arguments for each override."""
+    return [arg for s in (*overrides, *more) for arg in ("--set", s)]
 
 
 # ------------------------------------------------------------------ running it

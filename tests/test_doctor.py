@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from planktonio import doctor
-from planktonio.doctor import cuda_major, dali_can_run, has_hardware_jpeg_decoder, torch_can_run
+from planktonio import doctor, stack_probes
+from planktonio.cuda_compatibility import cuda_major, dali_can_run, has_hardware_jpeg_decoder, torch_can_run
 
 from .helpers import REPO, run_planktonio
 
@@ -36,7 +36,7 @@ def test_the_environment_make_builds_runs_on_volta_with_one_cuda_major_version()
     installed = {name: importlib.metadata.version(name).split("+")[0] for name in pins}
     assert installed == pins, "the .venv is not the one constraints.txt pins: run `make venv`"
 
-    torch_info, dali, vision = doctor.torch_facts(), doctor.dali_facts(), doctor.torchvision_facts()
+    torch_info, dali, vision = stack_probes.torch_facts(), stack_probes.dali_facts(), stack_probes.torchvision_facts()
     assert "sm_70" in torch_info["arch_list"], torch_info["arch_list"]
     assert torch_can_run(torch_info["arch_list"], V100).ok
     assert cuda_major(torch_info["cuda"]) == dali["cuda_major"] == cuda_major(vision["cuda"]) == 12
@@ -119,12 +119,12 @@ def fake_gpus(monkeypatch, *gpus):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
     props = [SimpleNamespace(name=name, major=cap[0], minor=cap[1], total_memory=16 * 2**30) for name, cap in gpus]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props[index])
-    monkeypatch.setattr(doctor, "_decode_dali_mixed", doctor._decode_dali_cpu)
+    monkeypatch.setattr(stack_probes, "_decode_dali_mixed", stack_probes._decode_dali_cpu)
 
 
 def test_a_v100_node_with_the_cuda13_torch_fails_with_the_reason(monkeypatch, capsys):
     fake_gpus(monkeypatch, ("Tesla V100-SXM2-16GB", V100), ("Tesla V100-SXM2-16GB", V100))
-    monkeypatch.setattr(doctor, "torch_facts",
+    monkeypatch.setattr(stack_probes, "torch_facts",
                         lambda: {"version": "2.14.1+cu130", "cuda": "13.0", "arch_list": CUDA13_TORCH})
     assert doctor.run_doctor() == 1
     err = capsys.readouterr().err
@@ -217,7 +217,7 @@ OLD_NVIMGCODEC = ("DALI requires nvImageCodec at minimum version 0.6.0, but got 
 def test_a_dali_decoder_that_cannot_load_nvimagecodec_fails_the_verdict(monkeypatch, capsys, cause):
     def fails(data):
         raise RuntimeError(DALI_FRAME.format(cause))
-    monkeypatch.setattr(doctor, "_decode_dali_cpu", fails)
+    monkeypatch.setattr(stack_probes, "_decode_dali_cpu", fails)
     assert doctor.run_doctor() == 1
     verdict = capsys.readouterr().err.strip()
     assert verdict.startswith("doctor verdict: FAILED - DALI's CPU decoder cannot decode a JPEG") and "\n" not in verdict
@@ -230,7 +230,7 @@ def fake_distributions(monkeypatch, *wheels):
             if not (d.metadata["Name"] or "").lower().startswith("nvidia-dali")]
     fakes = [SimpleNamespace(metadata={"Name": name}, version="2.4.0",
                              locate_file=lambda path, site=site: site.parent.parent / path) for name, site in wheels]
-    monkeypatch.setattr(doctor, "_distributions", lambda: real + fakes)
+    monkeypatch.setattr(stack_probes, "_distributions", lambda: real + fakes)
 
 
 def test_two_dali_builds_for_different_cuda_majors_are_flagged_and_fail(monkeypatch, tmp_path, capsys):
