@@ -1,0 +1,160 @@
+"""Where each CPU backend's time goes per image: read, decode, crop + resize, normalise, collate / hand-off.
+
+    python -m profiling.stages --data PREPARED [--images 256] [--json OUT]
+
+Each stage of each backend's own per-image work, timed alone on one thread
+over the same images of the training split with the same plans (epoch 0),
+in microseconds per image (CPU time of this thread: what the stage costs a
+core, little changed by other work on a shared machine). A batch stage
+(torchvision's normalise, the workers' collate) is timed on whole batches
+and divided by their images. The sum of a backend's stages bounds its speed
+on N cores at N x 1e6 / sum images/s; `profiling loaders` measures what it
+reaches (a worker-pool backend pays pickling and process hand-off on top,
+a thread pool the GIL between its calls).
+
+Not split into stages: dali-cpu (one C++ graph; its decode and resize run
+inside DALI's thread pool) and ffcv (one numba-compiled function per batch):
+their whole per-image cost on one thread is given instead (`whole`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from planktonio import make_loader
+from planktonio.loaders import ops, unavailable_backends
+from planktonio.transforms import TRAIN_AUGMENT
+
+BATCH = 64
+
+
+def per_image_us(function, items) -> float:
+    """CPU microseconds per item of `function` over `items` (one warm-up call first)."""
+    function(items[0])
+    start = time.thread_time()
+    for item in items:
+        function(item)
+    return 1e6 * (time.thread_time() - start) / len(items)
+
+
+def stages(prepared: str, count: int) -> dict:
+    """{backend: {stage: us per image}} on `count` training images, one thread."""
+    import cv2
+    import simplejpeg
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import functional as TF
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    loader = make_loader("torchvision", prepared, "train", batch_size=BATCH, device="cpu", workers=0,
+                         transform=TRAIN_AUGMENT)
+    spec, plan = loader.spec, loader.batch_plan(0, 0).plan
+    positions = loader._epoch_order(0)[:count]
+    plan = loader._epoch_plan(0).take(positions)
+    boxes = [plan.box(i) for i in range(len(positions))]
+    paths = [f"{spec.dataset.root}/{spec.entries[p][0]}" for p in positions.tolist()]
+    encoded = [open(path, "rb").read() for path in paths]
+    size, t = TRAIN_AUGMENT.size, TRAIN_AUGMENT
+    out: dict[str, dict[str, float]] = {}
+
+    # torchvision (and the cache's decode-once store): torchvision.io, the uint8 kernel, Normalizer per batch
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
+    decoded = [decode_image(x, mode=ImageReadMode.RGB, apply_exif_orientation=True) for x in tensors]
+    resized = [ops.apply_plan(image, box, size) for image, box in zip(decoded, boxes)]
+    normalize = ops.Normalizer(t, spec.output, torch.device("cpu"))
+    batches = [torch.stack(resized[i:i + BATCH]) for i in range(0, len(resized) - BATCH + 1, BATCH)]
+    out["torchvision"] = {
+        "read": per_image_us(lambda p: open(p, "rb").read(), paths),
+        "decode": per_image_us(lambda x: decode_image(x, mode=ImageReadMode.RGB, apply_exif_orientation=True),
+                               tensors),
+        "crop+resize": per_image_us(lambda i: ops.apply_plan(decoded[i], boxes[i], size), range(len(boxes))),
+        "normalise": per_image_us(normalize, batches) / BATCH,
+        "collate": per_image_us(lambda i: torch.stack(resized[i:i + BATCH]), range(0, len(resized) - BATCH + 1,
+                                                                                     BATCH)) / BATCH,
+    }
+
+    # pil: the study's pipeline
+    pils = [Image.open(path).convert("RGB") for path in paths]
+    cropped = [image.crop((x, y, x + w, y + h)).resize((size, size), Image.BILINEAR)
+               for image, (x, y, w, h, _) in zip(pils, boxes)]
+    tensors_f = [TF.to_tensor(image) for image in cropped]
+    out["pil"] = {
+        "read": out["torchvision"]["read"],
+        "decode": per_image_us(lambda p: Image.open(p).convert("RGB"), paths),
+        "crop+resize": per_image_us(lambda i: pils[i].crop((boxes[i][0], boxes[i][1], boxes[i][0] + boxes[i][2],
+                                                            boxes[i][1] + boxes[i][3])).resize(
+            (size, size), Image.BILINEAR), range(len(boxes))),
+        "normalise": per_image_us(lambda i: TF.normalize(TF.to_tensor(cropped[i]), list(t.mean), list(t.std)),
+                                  range(len(cropped))),
+        "collate": per_image_us(lambda i: torch.stack(tensors_f[i:i + BATCH]), range(0, len(tensors_f) - BATCH + 1,
+                                                                                       BATCH)) / BATCH,
+    }
+
+    # turbo: simplejpeg, OpenCV (torch's kernel where a box shrinks), one fused normalise into the batch
+    hwc = [simplejpeg.decode_jpeg(data, "RGB") for data in encoded]
+    resized_hwc = [ops.crop_resize_flip_hwc(image, box, size) for image, box in zip(hwc, boxes)]
+    into, row = ops.PlaneNormalizer(t), np.empty((3, size, size), np.float32)
+    out["turbo"] = {
+        "read": out["torchvision"]["read"],
+        "decode": per_image_us(lambda data: simplejpeg.decode_jpeg(data, "RGB"), encoded),
+        "crop+resize": per_image_us(lambda i: ops.crop_resize_flip_hwc(hwc[i], boxes[i], size), range(len(boxes))),
+        "normalise": per_image_us(lambda image: into(image, row), resized_hwc),
+        "collate": 0.0,  # written in place
+    }
+    # the cache: the same, from its C x H x W store (a crop's transposition first), nothing read or decoded
+    chw = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image in hwc]
+
+    def cache_crop(i):
+        x, y, w, h, flip = boxes[i]
+        crop = cv2.merge(list(chw[i].numpy()[:, y:y + h, x:x + w]))
+        return ops.crop_resize_flip_hwc(crop, (0, 0, w, h, flip), size)
+    out["cache"] = {"read": 0.0, "decode": 0.0, "crop+resize": per_image_us(cache_crop, range(len(boxes))),
+                    "normalise": out["turbo"]["normalise"], "collate": 0.0}
+    for name in ("dali-cpu", "ffcv"):
+        if name not in unavailable_backends(torch.device("cpu")):
+            out[name] = {"whole": whole_us(name, prepared, max(count, 4 * BATCH))}
+    return out
+
+
+def whole_us(backend: str, prepared: str, count: int) -> float:
+    """A backend's whole per-image cost on one thread: wall time per image of its batches (after one)."""
+    with make_loader(backend, prepared, "train", batch_size=BATCH, device="cpu", workers=1, threads=1,
+                     transform=TRAIN_AUGMENT) as loader:
+        batches = iter(loader)
+        next(batches), next(batches)  # pipelines built, code compiled
+        start, images = time.perf_counter(), 0
+        for images_batch, _ in batches:
+            images += len(images_batch)
+            if images >= count:
+                break
+        return 1e6 * (time.perf_counter() - start) / max(images, 1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m profiling.stages", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="a folder written by `python -m planktonio prepare`")
+    parser.add_argument("--images", type=int, default=256, help="training images timed per stage")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    result = stages(args.data, args.images)
+    names = ("read", "decode", "crop+resize", "normalise", "collate")
+    print(f"{'backend':<12}" + "".join(f"{n:>13}" for n in names) + f"{'sum':>9}{'bound, 2 cores':>16}")
+    for backend, row in result.items():
+        total = sum(row.values())
+        cells = "".join(f"{row[n]:>13.0f}" if n in row else f"{'-':>13}" for n in names)
+        print(f"{backend:<12}{cells}{total:>9.0f}{2e6 / total:>16.0f}" + ("  (whole)" if "whole" in row else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"us_per_image": result, "images": args.images}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
