@@ -314,6 +314,47 @@ def test_a_file_broken_during_a_run(copied, caplog):
         list(dali)
 
 
+def test_turbo_reports_and_skips_a_file_broken_during_a_run(copied, caplog):
+    """The turbo backend, like the worker pools, leaves a file that broke since prepare out of its batch and
+    names it; a training batch whose every file broke stops it (a step left out would misplace a resume)."""
+    prepared, source = copied
+    entries = PreparedDataset.load(prepared).entries("valid")
+    turbo = loader("turbo", prepared, "valid", batch_size=4)
+    _truncate(source / entries[9][0])
+    assert sum(len(y) for _, y in turbo) == 14
+    assert entries[9][0] in caplog.text and "cannot decode" in caplog.text
+    train = loader("turbo", prepared, "train", batch_size=2, transform=TRAIN_AUGMENT)
+    victims = [train.spec.entries[p][0] for p in train.batch_plan(0, 1).positions.tolist()]
+    for victim in victims:
+        _truncate(source / victim)
+    batches = iter(train)
+    assert len(next(batches)[1]) == 2
+    with pytest.raises(PlanktonioError, match=f"{victims[0]} and the other 1 file.* batch 1 of epoch 0 broke"):
+        next(batches)
+
+
+def test_turbo_decodes_what_torchvision_decodes():
+    """simplejpeg with the accurate IDCT (the default) gives torchvision.io's pixels exactly; a JPEG whose
+    EXIF turns it is left to the shared decoder, which applies the orientation."""
+    import io
+
+    import simplejpeg
+    from torchvision.io import decode_jpeg
+
+    from planktonio.loaders.ops import is_upright_jpeg
+
+    from .conftest import jpeg_bytes
+    data = jpeg_bytes(size=64, seed=4)
+    ours = simplejpeg.decode_jpeg(data, "RGB")
+    theirs = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0).numpy()
+    assert np.array_equal(ours, theirs) and is_upright_jpeg(data)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(turned, "JPEG", exif=exif.tobytes())
+    assert not is_upright_jpeg(turned.getvalue()) and not is_upright_jpeg(b"\x89PNG")
+
+
 def test_a_training_batch_whose_every_file_broke_stops_the_torchvision_loader(copied):
     """Skipping the whole batch would leave out a training step: a resume would then start one
     batch late, and under DDP the other ranks would wait for this one in all-reduce."""

@@ -36,8 +36,8 @@ import torch
 
 from ..errors import PlanktonioError
 from ..files import write_atomic
-from .backend import Backend
 from . import sharding
+from .backend import Backend
 from .base import Loader, LoaderSpec
 from .ops import decode_rgb, is_upright_jpeg
 
