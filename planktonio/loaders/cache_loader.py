@@ -72,7 +72,7 @@ from . import sharding
 from .backend import Backend, Goal
 from .base import BatchBuffers, BatchPlan, Loader, LoaderSpec, entry_labels
 from .dali_graph import decode, device_id
-from .ops import Normalizer, PlaneNormalizer, crop_resize_flip_hwc
+from .ops import Normalizer, PlaneNormalizer, crop_resize_flip_hwc, one_core_each
 
 DECODE_BATCH = 64     # images per DALI decode run
 MAX_PENDING = 4       # decoded batches kept alive for copies still queued (GPU memory: a few batches)
@@ -411,8 +411,7 @@ class CacheLoader(Loader):
         where the box shrinks; every call releases the GIL)."""
         size, out = self.spec.transform.size, self.spec.output
         if self.pool is None:
-            cv2.setNumThreads(1)  # the pool's threads are the parallelism
-            self.pool = ThreadPoolExecutor(self.spec.threads, thread_name_prefix="cache")
+            self.pool = ThreadPoolExecutor(self.spec.threads, thread_name_prefix="cache", initializer=one_core_each)
             self.buffers = BatchBuffers((self.spec.batch_size, 3, size, size), np.float32)
         images = self.buffers.take(len(slots))
 

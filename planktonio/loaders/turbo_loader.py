@@ -43,7 +43,7 @@ from ..declared import setting
 from ..errors import PlanktonioError
 from .backend import Backend, Goal
 from .base import BatchBuffers, BatchPlan, BatchStream, Loader, LoaderSpec, entry_labels
-from .ops import Normalizer, PlaneNormalizer, crop_resize_flip_hwc, decode_rgb, is_upright_jpeg
+from .ops import Normalizer, PlaneNormalizer, crop_resize_flip_hwc, decode_rgb, is_upright_jpeg, one_core_each
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ class ImageWork:
     def __init__(self, spec: LoaderSpec, options: TurboOptions):
         import simplejpeg
         self.simplejpeg = simplejpeg
-        cv2.setNumThreads(1)  # the pool's threads are the parallelism (a process-wide OpenCV setting)
         self.root, self.entries, self.shards = str(spec.dataset.root), spec.entries, spec.shards
         self.widths, self.heights = spec.widths, spec.heights
         self.size, self.fast_idct = spec.transform.size, options.fast_idct
@@ -131,7 +130,7 @@ class TurboLoader(Loader):
         size = spec.transform.size
         self.buffers = BatchBuffers((spec.batch_size, 3, size, size), np.uint8 if on_gpu else np.float32)
         self.normalize = Normalizer(spec.transform, spec.output, spec.device) if on_gpu else None
-        self.pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="turbo")
+        self.pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="turbo", initializer=one_core_each)
         self.tasks = spec.threads * TASKS_PER_THREAD
         self.pending: deque[tuple[BatchPlan, np.ndarray, list]] = deque()
 
