@@ -95,13 +95,22 @@ def one_core_each() -> None:
 
 class PlaneNormalizer:
     """uint8 H x W x 3 -> normalised float32 3 x H x W written into given memory (a batch's row): one fused
-    pass per channel (x / (255 std) - mean / std, cv2.addWeighted), no temporary float image."""
+    pass per channel (x / (255 std) - mean / std, cv2.addWeighted), no temporary float image; or H x W x 3
+    for a channels-last batch."""
 
     def __init__(self, t: Transform):
         self.scale = [1 / (255 * s) for s in t.std]
         self.shift = [-m / s for m, s in zip(t.mean, t.std)]
 
+        self.mean255 = tuple(255 * m for m in t.mean) + (0.0,)   # OpenCV scalars: four values
+        self.inverse = tuple(1 / (255 * s) for s in t.std) + (1.0,)
+
     def __call__(self, image: np.ndarray, out: np.ndarray) -> None:
+        """out: float32 3 x H x W, or H x W x 3 (a channels-last batch's row: two passes, no transposition)."""
+        if out.shape[-1] == 3:
+            cv2.subtract(image, self.mean255, dst=out, dtype=cv2.CV_32F)
+            cv2.multiply(out, self.inverse, dst=out)
+            return
         for channel, plane in enumerate(cv2.split(image)):
             cv2.addWeighted(plane, self.scale[channel], plane, 0.0, self.shift[channel], dst=out[channel],
                             dtype=cv2.CV_32F)

@@ -128,7 +128,10 @@ class TurboLoader(Loader):
         self.labels = torch.from_numpy(entry_labels(spec.entries))
         on_gpu = spec.device.type == "cuda"
         size = spec.transform.size
-        self.buffers = BatchBuffers((spec.batch_size, 3, size, size), np.uint8 if on_gpu else np.float32)
+        # float32 rows in the layout asked for (channels-last: each row H x W x 3), uint8 for a GPU
+        self.channels_last = not on_gpu and spec.output.layout == "NHWC"
+        shape = (spec.batch_size, size, size, 3) if self.channels_last else (spec.batch_size, 3, size, size)
+        self.buffers = BatchBuffers(shape, np.uint8 if on_gpu else np.float32)
         self.normalize = Normalizer(spec.transform, spec.output, spec.device) if on_gpu else None
         self.pool = ThreadPoolExecutor(spec.threads, thread_name_prefix="turbo", initializer=one_core_each)
         self.tasks = spec.threads * TASKS_PER_THREAD
@@ -159,6 +162,8 @@ class TurboLoader(Loader):
         self.stream.received(epoch, index)
         self._submit()
         images, labels = torch.from_numpy(out), self.labels[torch.from_numpy(batch.positions)]
+        if self.channels_last:
+            images = images.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last
         if bad:
             keep = torch.from_numpy(np.setdiff1d(np.arange(len(out)), bad))
             images, labels = images[keep], labels[keep]
