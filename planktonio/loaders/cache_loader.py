@@ -412,7 +412,8 @@ class CacheLoader(Loader):
         size, out = self.spec.transform.size, self.spec.output
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.spec.threads, thread_name_prefix="cache", initializer=one_core_each)
-            self.buffers = BatchBuffers((self.spec.batch_size, 3, size, size), np.float32)
+            shape = (size, size, 3) if out.layout == "NHWC" else (3, size, size)  # channels-last: rows H x W x 3
+            self.buffers = BatchBuffers((self.spec.batch_size, *shape), np.float32)
         images = self.buffers.take(len(slots))
 
         def make(rows: np.ndarray) -> None:
@@ -423,7 +424,10 @@ class CacheLoader(Loader):
                 self.normalize_into(crop_resize_flip_hwc(crop, (0, 0, w, h, flip), size), images[row])
         parts = np.array_split(np.arange(len(slots)), min(len(slots), 2 * self.spec.threads))
         list(self.pool.map(make, [part for part in parts if len(part)]))
-        return torch.from_numpy(images).to(out.torch_dtype).contiguous(memory_format=out.memory_format)
+        batch = torch.from_numpy(images)
+        if out.layout == "NHWC":
+            batch = batch.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last
+        return batch.to(out.torch_dtype).contiguous(memory_format=out.memory_format)
 
     def _gather(self, slots: np.ndarray, device_slots: torch.Tensor) -> torch.Tensor:
         """The batch's whole images (equal sizes), on the device: copied from host memory past the budget."""
