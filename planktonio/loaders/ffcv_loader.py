@@ -154,7 +154,7 @@ class FfcvLoader(Loader):
             from ffcv.loader import Loader as FFCVLoader, OrderOption
         except ImportError as error:  # found, but broken (a missing libturbojpeg, numba)
             raise PlanktonioError(f"backend ffcv: cannot import FFCV ({error}); {INSTALL}") from None
-        self.ffcv = None
+        self.ffcv, self._epoch = None, None
         if len(self):  # (an empty evaluation shard reads nothing)
             # Its own epoch order for training; an evaluation shard's contiguous range, in order.
             shard = None if spec.train else list(sharding.eval_shard_range(self.manifest_size, spec.shard_index,
@@ -168,12 +168,21 @@ class FfcvLoader(Loader):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # len(self) is FFCV's too: N // batch for training (drop_last), the shard's batches otherwise
-        for index, (images, labels) in enumerate(self.ffcv if self.ffcv is not None else ()):
+        self._stop_epoch()
+        self._epoch = iter(self.ffcv) if self.ffcv is not None else iter(())
+        for index, (images, labels) in enumerate(self._epoch):
             if index >= self.skip_batches:
                 yield images, labels.view(-1).long()
         self._end_epoch()
 
+    def _stop_epoch(self) -> None:
+        """End FFCV's thread of an epoch left part-way (it would go on decoding ahead until collected)."""
+        if getattr(self._epoch, "close", None) is not None:
+            self._epoch.close()
+        self._epoch = None
+
     def close(self) -> None:
+        self._stop_epoch()
         self.ffcv = None
 
 
