@@ -179,6 +179,9 @@ class FfcvLoader(Loader):
         """End FFCV's thread of an epoch left part-way (it would go on decoding ahead until collected)."""
         if getattr(self._epoch, "close", None) is not None:
             self._epoch.close()
+            # Joined, not left to run: a daemon thread still in numba's code when the interpreter exits
+            # aborts the process ("terminate called without an active exception").
+            self._epoch.join(timeout=10)
         self._epoch = None
 
     def close(self) -> None:
