@@ -12,11 +12,11 @@ on N cores at N x 1e6 / sum images/s; `profiling loaders` measures what it
 reaches (a worker-pool backend pays pickling and process hand-off on top,
 a thread pool the GIL between its calls).
 
-Not split into stages: dali-cpu (one C++ graph; its decode and resize run
-inside DALI's thread pool) and ffcv (one numba-compiled function per batch).
-`whole`: a backend's own loader on one thread (turbo, the cache, dali-cpu,
-ffcv), CPU microseconds per image of this process: against the sum of its
-stages, what its Python, locks and hand-offs add.
+Stage rows are named by the operations they time; DALI's graph and FFCV's
+numba code are not split into stages. `whole`: every backend's own loader on
+one thread (rows named by backend), CPU microseconds per image of this
+process: against the sum of its stages, what its Python, locks and hand-offs
+add.
 """
 
 from __future__ import annotations
@@ -30,10 +30,14 @@ import numpy as np
 import torch
 
 from planktonio import make_loader
-from planktonio.loaders import ops, unavailable_backends
+from planktonio.loaders import ops, reference_backend, runnable_backends
 from planktonio.transforms import TRAIN_AUGMENT
 
 BATCH = 64
+# The operation pipelines timed stage by stage, named by what they run (the registry's backends that run
+# them: torchvision, turbo; the pil backend runs PIL's; the cache runs the last from its decoded store).
+TV = "torchvision.io + torch uint8 resize"
+TURBO = "simplejpeg + OpenCV"
 
 
 def per_image_us(function, items) -> float:
@@ -55,9 +59,10 @@ def stages(prepared: str, count: int) -> dict:
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    loader = make_loader("torchvision", prepared, "train", batch_size=BATCH, device="cpu", workers=0,
-                         transform=TRAIN_AUGMENT)
-    spec, plan = loader.spec, loader.batch_plan(0, 0).plan
+    # any loader gives the split, its order and its plans (the same for every backend)
+    loader = make_loader(reference_backend(torch.device("cpu")), prepared, "train", batch_size=BATCH,
+                         device="cpu", workers=0, transform=TRAIN_AUGMENT)
+    spec = loader.spec
     positions = loader._epoch_order(0)[:count]
     plan = loader._epoch_plan(0).take(positions)
     boxes = [plan.box(i) for i in range(len(positions))]
@@ -72,7 +77,7 @@ def stages(prepared: str, count: int) -> dict:
     resized = [ops.apply_plan(image, box, size) for image, box in zip(decoded, boxes)]
     normalize = ops.Normalizer(t, spec.output, torch.device("cpu"))
     batches = [torch.stack(resized[i:i + BATCH]) for i in range(0, len(resized) - BATCH + 1, BATCH)]
-    out["torchvision"] = {
+    out[TV] = {
         "read": per_image_us(lambda p: open(p, "rb").read(), paths),
         "decode": per_image_us(lambda x: decode_image(x, mode=ImageReadMode.RGB, apply_exif_orientation=True),
                                tensors),
@@ -87,8 +92,8 @@ def stages(prepared: str, count: int) -> dict:
     cropped = [image.crop((x, y, x + w, y + h)).resize((size, size), Image.BILINEAR)
                for image, (x, y, w, h, _) in zip(pils, boxes)]
     tensors_f = [TF.to_tensor(image) for image in cropped]
-    out["pil"] = {
-        "read": out["torchvision"]["read"],
+    out["PIL, ToTensor, Normalize"] = {
+        "read": out[TV]["read"],
         "decode": per_image_us(lambda p: Image.open(p).convert("RGB"), paths),
         "crop+resize": per_image_us(lambda i: pils[i].crop((boxes[i][0], boxes[i][1], boxes[i][0] + boxes[i][2],
                                                             boxes[i][1] + boxes[i][3])).resize(
@@ -103,8 +108,8 @@ def stages(prepared: str, count: int) -> dict:
     hwc = [simplejpeg.decode_jpeg(data, "RGB") for data in encoded]
     resized_hwc = [ops.crop_resize_flip_hwc(image, box, size) for image, box in zip(hwc, boxes)]
     into, row = ops.PlaneNormalizer(t), np.empty((3, size, size), np.float32)
-    out["turbo"] = {
-        "read": out["torchvision"]["read"],
+    out[TURBO] = {
+        "read": out[TV]["read"],
         "decode": per_image_us(lambda data: simplejpeg.decode_jpeg(data, "RGB"), encoded),
         "crop+resize": per_image_us(lambda i: ops.crop_resize_flip_hwc(hwc[i], boxes[i], size), range(len(boxes))),
         "normalise": per_image_us(lambda image: into(image, row), resized_hwc),
@@ -117,18 +122,18 @@ def stages(prepared: str, count: int) -> dict:
         x, y, w, h, flip = boxes[i]
         crop = cv2.merge(list(chw[i].numpy()[:, y:y + h, x:x + w]))
         return ops.crop_resize_flip_hwc(crop, (0, 0, w, h, flip), size)
-    out["cache"] = {"read": 0.0, "decode": 0.0, "crop+resize": per_image_us(cache_crop, range(len(boxes))),
-                    "normalise": out["turbo"]["normalise"], "collate": 0.0}
-    for name in ("turbo", "cache", "dali-cpu", "ffcv"):
-        if name not in unavailable_backends(torch.device("cpu")):
-            out.setdefault(name, {})["whole"] = whole_us(name, prepared, max(count, 4 * BATCH))
+    out["decoded store + OpenCV"] = {"read": 0.0, "decode": 0.0, "crop+resize": per_image_us(cache_crop, range(len(boxes))),
+                    "normalise": out[TURBO]["normalise"], "collate": 0.0}
+    # Every loader of the registry that reads images (not the upper bound), whole, on one thread.
+    for name in runnable_backends(torch.device("cpu"), roles=("reference", "baseline", "candidate", "peer")):
+        out[name] = {"whole": whole_us(name, prepared, max(count, 4 * BATCH))}
     return out
 
 
 def whole_us(backend: str, prepared: str, count: int) -> float:
-    """A backend's whole per-image cost on one thread: the CPU time of this process (its threads included)
+    """A backend's whole per-image cost on one thread (worker pools in this process): the CPU time of this process
     per image of its batches, after two (pipelines built, code compiled, the cache's one decode)."""
-    with make_loader(backend, prepared, "train", batch_size=BATCH, device="cpu", workers=1, threads=1,
+    with make_loader(backend, prepared, "train", batch_size=BATCH, device="cpu", workers=0, threads=1,
                      transform=TRAIN_AUGMENT) as loader:
         batches = iter(loader)
         next(batches), next(batches)  # pipelines built, code compiled
@@ -149,13 +154,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     result = stages(args.data, args.images)
     names = ("read", "decode", "crop+resize", "normalise", "collate")
-    print(f"{'backend':<12}" + "".join(f"{n:>12}" for n in names) + f"{'sum':>7}{'2 cores':>9}{'whole':>7}")
+    print(f"{'pipeline':<36}" + "".join(f"{n:>12}" for n in names) + f"{'sum':>7}{'2 cores':>9}{'whole':>7}")
     for backend, row in result.items():
         total = sum(row[n] for n in names if n in row)
         cells = "".join(f"{row[n]:>12.0f}" if n in row else f"{'-':>12}" for n in names)
         bound = f"{2e6 / total:>9.0f}" if total else f"{'-':>9}"
         whole = f"{row['whole']:>7.0f}" if "whole" in row else f"{'-':>7}"
-        print(f"{backend:<12}{cells}{total:>7.0f}{bound}{whole}")
+        print(f"{backend:<36}{cells}{total:>7.0f}{bound}{whole}")
     if args.json:
         args.json.write_text(json.dumps({"us_per_image": result, "images": args.images}, indent=2) + "\n")
     return 0
