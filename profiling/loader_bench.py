@@ -34,7 +34,14 @@ import psutil
 
 from planktonio import Output, make_loader
 from planktonio.errors import PlanktonioError
-from planktonio.loaders import BACKENDS, available_cpus, resolve_backend, resolve_device, runnable_backends
+from planktonio.loaders import (
+    BACKENDS,
+    available_cpus,
+    resolve_backend,
+    resolve_device,
+    runnable_backends,
+    unavailable_backends,
+)
 from planktonio.transforms import DEFAULT_TRANSFORMS
 from train.timing import TimedBatches
 
@@ -83,25 +90,30 @@ def timed(stream, count: int, device) -> tuple[list[float], list[bool], int]:
     return timer.latencies, firsts, images
 
 
-def chosen_backends(bench: LoaderBenchmark, device) -> list[str]:
+def chosen_backends(bench: LoaderBenchmark, device) -> tuple[list[str], dict[str, str]]:
+    """The backends to measure, and those asked for (or, with auto, runnable but for an optional package)
+    that cannot run here, with the reason: their rows are skipped, not the benchmark."""
+    skipped = {name: why for name, why in unavailable_backends(device).items()
+               if bench.backends == ("auto",) or name in bench.backends}
     if bench.backends == ("auto",):
-        return runnable_backends(device)
-    names = [resolve_backend(name, device) for name in bench.backends]
+        return runnable_backends(device), skipped
+    names = [resolve_backend(name, device) for name in bench.backends if name not in skipped]
     if all(BACKENDS[name].role == "upper-bound" for name in names):
         raise PlanktonioError(f"--backends {','.join(bench.backends)}: name at least one loader backend "
                               f"({', '.join(runnable_backends(device))}); an upper bound only bounds them")
-    return names
+    return names, skipped
 
 
 def run(bench: LoaderBenchmark, json_path=None, environment: dict | None = None) -> dict:
     device = resolve_device(bench.device)
-    names = chosen_backends(bench, device)
+    names, skipped = chosen_backends(bench, device)
     workers = available_cpus() if bench.workers is None else bench.workers
     transform = DEFAULT_TRANSFORMS["eval" if bench.eval_transform else "train"]
     output = Output(bench.dtype, bench.layout)
     config = {**vars(bench), "backends": names, "workers": workers, "threads": bench.threads or max(1, workers),
               "device": str(device), "transform": transform.to_dict(), "augment": not bench.eval_transform}
-    result = ResultFile(json_path, "loaders", environment=environment or {}, config=config, results=[])
+    result = ResultFile(json_path, "loaders", environment=environment or {}, config=config, results=[],
+                        skipped=skipped)
 
     # Built and warmed up one at a time, so the device memory each one adds can be told apart.
     loaders, streams, added_mb = {}, {}, {}

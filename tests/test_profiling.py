@@ -82,7 +82,7 @@ def test_loader_benchmark_writes_the_documented_fields(synthetic, tmp_path, caps
     (["--epochs", "0"], "must be >= 1"),
     (["--repeats", "0"], "must be >= 1"),
     (["--backends", "memory"], "name at least one loader backend"),
-    (["--backends", "ffcv"], "unknown loader backend 'ffcv'"),
+    (["--backends", "nosuch"], "unknown loader backend 'nosuch'"),
 ])
 def test_loader_benchmark_options_are_checked(coloured, capsys, args, message):
     prepared, _ = coloured
@@ -118,7 +118,7 @@ def test_the_predict_benchmark_times_predict_and_its_parts_on_the_same_images(fi
     result = run_predict(PredictBenchmark(run=str(finished_run), images=str(test_split_list), repeats=2),
                          tmp_path / "predict.json")
     assert result["complete"] and result["config"]["image_count"] == 40 and result["config"]["rejected"] == 0
-    assert [r["backend"] for r in result["results"]] == ["dali-cpu", "torchvision", "pil"]
+    assert [r["backend"] for r in result["results"]] == ["dali-cpu", "torchvision", "pil", "turbo"]
     for r in result["results"]:
         rates = {part: r[f"{part}_images_per_s"] for part in ("loader", "forward", "predict")}
         assert all(len(rate["runs"]) == 2 and rate["min"] > 0 for rate in rates.values())
@@ -126,7 +126,7 @@ def test_the_predict_benchmark_times_predict_and_its_parts_on_the_same_images(fi
         assert r["predict_vs_slower"] == pytest.approx(rates["predict"]["median"] / min(loader, forward))
         assert r["predict_vs_shared_bound"] == pytest.approx(rates["predict"]["median"] * (1 / loader + 1 / forward))
     text = report.write_report([tmp_path / "predict.json"], tmp_path / "report").read_text()
-    assert text.count("of loader and forward on the same cores") == 3 and "| pil |" in text
+    assert text.count("of loader and forward on the same cores") == len(result["results"]) and "| pil |" in text
     code, _, err = run_profiling(["predict", "--run", finished_run, "--images", test_split_list, "--backends",
                                   "memory"], capsys)
     assert "--backends memory: predict does not use it" in one_line_error(code, err)
@@ -307,6 +307,41 @@ def test_backend_goals_come_from_the_registry_and_apply_on_their_device(tmp_path
     gpu = loaders_result([loader_row("dali-gpu", [9000.0]), loader_row("torchvision", [1000.0])], "NVIDIA H200")
     gpu_goals = backend_goals(gpu["results"], gpu["config"], gpu["environment"], tmp_path / "r.json")
     assert any("dali-gpu >= 10x torchvision" in line and "MISSED" in line and "9.00x" in line for line in gpu_goals)
+
+
+def test_a_backend_whose_package_is_missing_is_skipped_with_the_reason(monkeypatch, tmp_path):
+    """FFCV is optional: where it is not installed, `--backends auto` (or naming it) measures the others and
+    the result and the report say why its row is missing; it is not among the runnable backends."""
+    import dataclasses
+
+    from planktonio.loaders import BACKENDS, ffcv_loader, runnable_backends
+    from profiling.loader_bench import chosen_backends
+    from profiling.render.loaders import text_table
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    why = ffcv_loader.ffcv_missing()
+    assert "pip install 'planktonio[ffcv]'" in why and "libturbojpeg0-dev" in why
+    monkeypatch.setitem(BACKENDS, "ffcv", dataclasses.replace(BACKENDS["ffcv"], missing=lambda: why))
+    cpu = torch.device("cpu")
+    assert "ffcv" not in runnable_backends(cpu)
+    names, skipped = chosen_backends(LoaderBenchmark(data="x"), cpu)
+    assert "ffcv" not in names and "turbo" in names and skipped == {"ffcv": why}
+    names, skipped = chosen_backends(LoaderBenchmark(data="x", backends=("ffcv", "turbo")), cpu)
+    assert names == ["turbo"] and skipped == {"ffcv": why}
+    result = {**loaders_result([loader_row("turbo", [2000.0])]), "skipped": skipped}
+    assert f"ffcv         skipped: {why}" in text_table(result)
+    path = tmp_path / "loaders.json"
+    path.write_text(json.dumps(result))
+    assert f"ffcv: not measured: {why}" in report.write_report([path], tmp_path / "report").read_text()
+
+
+def test_the_turbo_goal_is_over_the_fastest_peer(tmp_path):
+    """turbo promises FFCV's speed on a CPU: its goal is taken over the fastest peer row of the same run."""
+    from profiling.render.loaders import backend_goals
+    rows = [loader_row("turbo", [2300.0]), loader_row("ffcv", [2000.0]), loader_row("torchvision", [600.0])]
+    result = loaders_result(rows)
+    goals = backend_goals(rows, result["config"], result["environment"], tmp_path / "r.json")
+    assert any("turbo >= 1x the fastest other peer, ffcv" in line and "1.15x" in line and "MISSED" not in line
+               for line in goals)
 
 
 def test_a_loader_result_of_one_batch_epochs_renders(tmp_path):

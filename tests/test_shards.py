@@ -21,7 +21,7 @@ from planktonio.shards import SHARDS_DIR, ShardIndex, ShardSet, pack
 from .conftest import batch_indices
 from .helpers import loader
 
-BACKENDS = ["dali-cpu", "torchvision", "cache"]
+BACKENDS = ["dali-cpu", "torchvision", "cache", "turbo"]
 SMALL = 8 * 1024  # a few 48 px JPEGs per shard, so every split has several shards
 
 

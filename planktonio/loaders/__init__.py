@@ -42,6 +42,8 @@ BACKEND_MODULES = tuple(importlib.import_module(f".{name}", __name__) for name i
     "cache_loader",
     "memory_loader",
     "pil_loader",
+    "turbo_loader",
+    "ffcv_loader",
 ))
 
 BACKENDS: dict[str, Backend] = {b.name: b for module in BACKEND_MODULES for b in module.BACKENDS}
@@ -56,8 +58,14 @@ def backend_choices(training: bool = False) -> tuple[str, ...]:
 
 
 def runnable_backends(device: torch.device, roles: tuple[str, ...] = tuple(ROLES)) -> list[str]:
-    """The backends this machine can run for `device`, in registry order (only those of `roles`)."""
-    return [name for name, b in BACKENDS.items() if b.runs_on(device) and b.role in roles]
+    """The backends this machine can run for `device`, in registry order (only those of `roles`; not those
+    whose optional package is missing here: `unavailable_backends`)."""
+    return [name for name, b in BACKENDS.items() if b.runs_on(device) and b.role in roles and b.missing() is None]
+
+
+def unavailable_backends(device: torch.device) -> dict[str, str]:
+    """Backends that would run on `device` but whose optional package is missing here: name -> why."""
+    return {name: why for name, b in BACKENDS.items() if b.runs_on(device) and (why := b.missing()) is not None}
 
 
 def in_comparison_order(names) -> list[str]:
@@ -97,6 +105,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return next(name for name in ALIASES[backend] if BACKENDS[name].runs_on(device))
     if backend not in BACKENDS:
         raise PlanktonioError(f"unknown loader backend {backend!r}; choose from {', '.join(backend_choices())}")
+    if (why := BACKENDS[backend].missing()) is not None:
+        raise PlanktonioError(f"backend {backend}: {why}")
     if not BACKENDS[backend].runs_on(device):
         raise PlanktonioError(f"backend {backend} needs device {' or '.join(BACKENDS[backend].devices)} "
                               f"({BACKENDS[backend].summary}); choose one of "
@@ -233,4 +243,4 @@ def loader_spec(
 __all__ = ["ALIASES", "BACKENDS", "BACKEND_MODULES", "Backend", "Goal", "Loader", "LoaderSpec", "ROLES",
            "available_cpus", "backend_choices", "backend_of", "check_loader_sizes", "default_backend",
            "in_comparison_order", "loader_spec", "make_loader", "reference_backend", "resolve_backend", "resolve_device",
-           "runnable_backends", "usable_count"]
+           "runnable_backends", "unavailable_backends", "usable_count"]

@@ -29,6 +29,8 @@ ROLES = {
     "baseline": "a conventional pipeline, shown for comparison (the goals fall back to the first one "
                 "when no reference was measured)",
     "candidate": "what this project offers to make loading fast",
+    "peer": "another project's loader doing the same work its own way (its own crop sampling): the speed a "
+            "user would get instead, measured beside ours, never trained with",
     "upper-bound": "batches already on the device: what a consumer would see if loading cost nothing",
 }
 
@@ -38,7 +40,8 @@ class Goal:
     """A speed a backend promises: `factor` x the images/s of what it is compared with, on `device`.
 
     over="reference": the reference row (see ROLES); over="candidates": the
-    fastest other candidate measured in the same run.
+    fastest other candidate measured in the same run; over="peers": the
+    fastest peer (another project's loader) measured in the same run.
     """
 
     over: str
@@ -67,6 +70,9 @@ class Backend:
     # `train predict` may use it: it reads each image once, batch by batch (the cache decodes a whole split
     # before its first batch and keeps it, which pays off from a second epoch on, never in one pass)
     streams: bool = True
+    # Why it cannot run here (an optional package missing), or None: such a backend is left out of
+    # runnable_backends, and a benchmark shows its row as skipped with this reason
+    missing: Callable[[], str | None] = lambda: None
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -104,6 +104,26 @@ class BatchStream:
             raise RuntimeError(f"{self.loader.backend}: expected batch {(epoch, index)}, got {got}")
 
 
+class BatchBuffers:
+    """Batch memory reused once the consumer has let go of it: a fresh 38 MB batch would be paged in anew
+    every time (page faults and zeroing cost about as much as normalising it)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype):
+        self.shape, self.dtype = shape, dtype
+        self._buffers: list[tuple[np.ndarray, weakref.ref | None]] = []
+
+    def take(self, rows: int) -> np.ndarray:
+        """A view of `rows` images of a buffer nobody holds now; the view keeps it taken while it lives."""
+        free = next((i for i, (_, handed) in enumerate(self._buffers) if handed is None or handed() is None), None)
+        if free is None:
+            self._buffers.append((np.empty(self.shape, dtype=self.dtype), None))
+            free = len(self._buffers) - 1
+        buffer = self._buffers[free][0]
+        view = buffer[:rows]
+        self._buffers[free] = (buffer, weakref.ref(view))
+        return view
+
+
 class Loader:
     """Iterates over one epoch of (images, labels) batches on `spec.device`.
 
@@ -179,6 +199,16 @@ class Loader:
         size = self.spec.batch_size
         positions = self._epoch_order(epoch)[index * size:(index + 1) * size]
         return BatchPlan(epoch, index, positions, self._epoch_plan(epoch).take(positions))
+
+    def all_bad_message(self, epoch: int, index: int) -> str:
+        """Why a training batch none of whose files could be decoded stops the loader (a backend that skips bad
+        files must not leave out a step: a resume would start a batch late, DDP's other ranks would wait)."""
+        positions = self.batch_plan(epoch, index).positions.tolist()
+        shards, first = self.spec.shards, positions[0]
+        first = self.spec.dataset.root / self.spec.entries[first][0] if shards is None else shards.describe(first)
+        return (f"{first} and the other {len(positions) - 1} file(s) of training batch {index} of epoch {epoch} "
+                f"broke or changed since prepare checked them (the warnings above name each); restore "
+                f"them and rerun prepare, then resume")
 
     def _end_epoch(self) -> None:
         self.set_epoch(self.epoch + 1)

@@ -18,10 +18,13 @@ backend: crop the box, resize, flip, normalise.
   the arithmetic of torchvision's, not an approximation; roi_align and
   grid_sample sample a few points per pixel and alias when shrinking). With
   TF32 matmuls allowed a pixel may come out a level off.
-- Other sizes: each image's box resized on its own (F.interpolate with
-  antialias on a GPU). On a CPU every image goes through torch's vectorised
-  uint8 resize (the torchvision backend's kernel, faster there); the batched
-  path is tested on the CPU against it (`fast_path=True`).
+- Other sizes on a GPU: each image's box resized on its own (F.interpolate
+  with antialias).
+- On a CPU, a thread pool cuts each image's box, resizes it with the turbo
+  backend's operations (ops.crop_resize_flip_hwc) and normalises it straight
+  into the batch's memory (ops.PlaneNormalizer): the decoding backends' own
+  per-image work less the decode. The batched path is tested on the CPU
+  against it (`fast_path=True`).
 Pixels are rounded to whole levels, as the other backends' uint8 resizes
 do, then normalised. Nothing here is random: sharding, order and plans come
 from Loader.batch_plan. docs/loaders.md ("Which backend when").
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as TF
@@ -44,9 +49,9 @@ from ..errors import PlanktonioError
 from ..image_checks import inspect_image
 from . import sharding
 from .backend import Backend, Goal
-from .base import BatchPlan, Loader, LoaderSpec, entry_labels
+from .base import BatchBuffers, BatchPlan, Loader, LoaderSpec, entry_labels
 from .dali_graph import decode, device_id
-from .ops import Normalizer, resize_flip
+from .ops import Normalizer, PlaneNormalizer, crop_resize_flip_hwc, one_core_each
 
 DECODE_BATCH = 64     # images per DALI decode run
 MAX_PENDING = 4       # decoded batches kept alive for copies still queued (GPU memory: a few batches)
@@ -293,6 +298,8 @@ class CacheLoader(Loader):
         self.decode_seconds = 0.0
         self.cache_bytes = 0  # what the store holds; kept after close() for the benchmark's report
         self.normalize = Normalizer(spec.transform, spec.output, spec.device)
+        self.normalize_into = PlaneNormalizer(spec.transform)  # the CPU path's: into the batch's memory
+        self.pool: ThreadPoolExecutor | None = None            # the CPU path's threads, made on first use
 
     def _place(self) -> memory.Reservation:
         device, cap = self.spec.device, self.options.budget_bytes
@@ -363,6 +370,8 @@ class CacheLoader(Loader):
         # Batched where it pays: one pair of matrix products for the whole batch on a GPU. On a
         # CPU, torch's vectorised uint8 resize per image (the torchvision backend's own kernel)
         # is faster than float matrix products over whole images.
+        if device.type == "cpu" and self.fast_path is None:
+            return self._cpu_batch(batch, slots), self.labels[positions]
         batched = self.fast_path if self.fast_path is not None else device.type == "cuda"
         if self.store.equal and batched:
             images = self._gather(slots, device_slots).float()
@@ -370,13 +379,34 @@ class CacheLoader(Loader):
         else:
             boxes = [batch.plan.box(i) for i in range(len(slots))]
             crops = self._crops(slots.tolist(), boxes)
-            if device.type == "cpu" and self.fast_path is None:
-                resized = torch.stack([resize_flip(crop, box[4], size) for crop, box in zip(crops, boxes)]).float()
-            else:
-                resized = torch.stack([resize_flip_one(crop.float(), box[4], size) for crop, box in zip(crops, boxes)])
+            resized = torch.stack([resize_flip_one(crop.float(), box[4], size) for crop, box in zip(crops, boxes)])
         resized = resized.round_().clamp_(0, 255)
         labels = self.labels[positions]
         return self.normalize(resized), labels
+
+    def _cpu_batch(self, batch: BatchPlan, slots: np.ndarray) -> torch.Tensor:
+        """On a CPU: each image's box cut from the store, resized, flipped and normalised straight into the
+        batch's memory by a thread pool (the turbo backend's operations: OpenCV, or torch's uint8 kernel
+        where the box shrinks; every call releases the GIL)."""
+        size, out = self.spec.transform.size, self.spec.output
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.spec.threads, thread_name_prefix="cache", initializer=one_core_each)
+            shape = (size, size, 3) if out.layout == "NHWC" else (3, size, size)  # channels-last: rows H x W x 3
+            self.buffers = BatchBuffers((self.spec.batch_size, *shape), np.float32)
+        images = self.buffers.take(len(slots))
+
+        def make(rows: np.ndarray) -> None:
+            for row in rows.tolist():
+                x, y, w, h, flip = batch.plan.box(row)
+                planes = self.store.image(int(slots[row])).numpy()[:, y:y + h, x:x + w]
+                crop = cv2.merge(list(planes))  # C x h x w -> h x w x C (numpy's strided copy: 3x slower)
+                self.normalize_into(crop_resize_flip_hwc(crop, (0, 0, w, h, flip), size), images[row])
+        parts = np.array_split(np.arange(len(slots)), min(len(slots), 2 * self.spec.threads))
+        list(self.pool.map(make, [part for part in parts if len(part)]))
+        batch = torch.from_numpy(images)
+        if out.layout == "NHWC":
+            batch = batch.permute(0, 3, 1, 2)  # N,H,W,C storage seen as N,C,H,W: channels_last
+        return batch.to(out.torch_dtype).contiguous(memory_format=out.memory_format)
 
     def _gather(self, slots: np.ndarray, device_slots: torch.Tensor) -> torch.Tensor:
         """The batch's whole images (equal sizes), on the device: copied from host memory past the budget."""
@@ -404,6 +434,9 @@ class CacheLoader(Loader):
         return [flat[start:end].view(crop.shape) for crop, start, end in zip(crops, [0] + ends, ends)]
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
         self.store = None
         self.reservation.release()
 

@@ -145,15 +145,7 @@ class WorkerPoolLoader(Loader):
                 # Not left out: a training step fewer would put a resume at the wrong
                 # batch and, under DDP, leave the other ranks waiting in all-reduce.
                 # Every file of a batch gone bad is a storage failure; stop and say so.
-                raise PlanktonioError(self._all_bad_message(epoch, index))
-
-    def _all_bad_message(self, epoch: int, index: int) -> str:
-        positions = self.batch_plan(epoch, index).positions.tolist()
-        shards, first = self.spec.shards, positions[0]
-        first = self.spec.dataset.root / self.spec.entries[first][0] if shards is None else shards.describe(first)
-        return (f"{first} and the other {len(positions) - 1} file(s) of training batch {index} of epoch {epoch} "
-                f"broke or changed since prepare checked them (the warnings above name each); restore "
-                f"them and rerun prepare, then resume")
+                raise PlanktonioError(self.all_bad_message(epoch, index))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._host_batches(self.epoch, self.skip_batches)

@@ -42,12 +42,13 @@ def backend_goals(rows: list[dict], config: dict, env: dict, source: Path) -> li
                 continue
             if g["over"] == "reference" and reference is not None and reference is not r:
                 base, against = ips[reference["backend"]], f"{reference['backend']} ({role(reference)})"
-            elif g["over"] == "candidates":
-                others = [o for o in rows if role(o) == "candidate" and o is not r]
+            elif g["over"] in ("candidates", "peers"):
+                kind = "candidate" if g["over"] == "candidates" else "peer"
+                others = [o for o in rows if role(o) == kind and o is not r]
                 if not others:
                     continue
                 best = max(others, key=lambda o: ips[o["backend"]])
-                base, against = ips[best["backend"]], f"the fastest other candidate, {best['backend']}"
+                base, against = ips[best["backend"]], f"the fastest other {kind}, {best['backend']}"
             else:
                 continue
             found.append(goal(f"{r['backend']} >= {g['factor']:g}x {against} images/s ({where})",
@@ -100,6 +101,9 @@ def section(index: int, source: Path, result: dict, out: Path) -> Section:
     stats = [line for r in rows if (line := _stats_line(r))]
     if stats:
         lines += ["", *stats]
+    skipped = result.get("skipped") or {}
+    if skipped:
+        lines += ["", *(f"{name}: not measured: {why}" for name, why in skipped.items())]
     if reference:
         lines += ["", f"Speed-ups are over {reference['backend']}, "
                       f"{(reference.get('backend_info') or {}).get('summary', '')} (role {role(reference)})."]
@@ -139,6 +143,7 @@ def text_table(result: dict) -> str:
         lines.append(f"{r['backend']:<12} {_count(ips['median'])} {_count(ips['min'])} {_count(ips['max'])} "
                      f"{r['latency_ms']['p50']:>7.1f} {r['latency_ms']['p99']:>7.1f} {boundary:>11} "
                      f"{percent(r['cpu_util_percent']):>6} {ratio:>14}")
+    lines += [f"{name:<12} skipped: {why}" for name, why in (result.get("skipped") or {}).items()]
     return "\n".join(lines)
 
 
