@@ -22,8 +22,10 @@ add.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,8 @@ BATCH = 64
 # them: torchvision, turbo; the pil backend runs PIL's; the cache runs the last from its decoded store).
 TV = "torchvision.io + torch uint8 resize"
 TURBO = "simplejpeg + OpenCV"
+PIL_ROW = "PIL, ToTensor, Normalize"
+CACHE_ROW = "decoded store + OpenCV"
 
 
 def per_image_us(function, items) -> float:
@@ -49,85 +53,121 @@ def per_image_us(function, items) -> float:
     return 1e6 * (time.thread_time() - start) / len(items)
 
 
-def stages(prepared: str, count: int) -> dict:
-    """{backend: {stage: us per image}} on `count` training images, one thread."""
-    import cv2
-    import simplejpeg
-    from PIL import Image
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms import functional as TF
+@dataclass
+class Sample:
+    """The images every pipeline is timed on: the first `count` of epoch 0's training order, with their plans."""
+    paths: list[str]
+    encoded: list[bytes]
+    boxes: list[tuple]
+    output: object  # the loaders' Output (dtype, memory format)
 
+
+def sample(prepared: str, count: int) -> Sample:
+    # any loader gives the split, its order and its plans (the same for every backend)
+    with make_loader(reference_backend(torch.device("cpu")), prepared, "train", batch_size=BATCH, device="cpu",
+                     workers=0, transform=TRAIN_AUGMENT) as loader:
+        positions = loader._epoch_order(0)[:count]
+        plan = loader._epoch_plan(0).take(positions)
+        spec = loader.spec
+    paths = [f"{spec.dataset.root}/{spec.entries[p][0]}" for p in positions.tolist()]
+    return Sample(paths, [Path(path).read_bytes() for path in paths],
+                  [plan.box(i) for i in range(len(positions))], spec.output)
+
+
+def stages(prepared: str, count: int) -> dict:
+    """{pipeline or backend: {stage: us per image}} on `count` training images, one thread."""
+    import cv2
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    # any loader gives the split, its order and its plans (the same for every backend)
-    loader = make_loader(reference_backend(torch.device("cpu")), prepared, "train", batch_size=BATCH,
-                         device="cpu", workers=0, transform=TRAIN_AUGMENT)
-    spec = loader.spec
-    positions = loader._epoch_order(0)[:count]
-    plan = loader._epoch_plan(0).take(positions)
-    boxes = [plan.box(i) for i in range(len(positions))]
-    paths = [f"{spec.dataset.root}/{spec.entries[p][0]}" for p in positions.tolist()]
-    encoded = [open(path, "rb").read() for path in paths]
-    size, t = TRAIN_AUGMENT.size, TRAIN_AUGMENT
-    out: dict[str, dict[str, float]] = {}
-
-    # torchvision (and the cache's decode-once store): torchvision.io, the uint8 kernel, Normalizer per batch
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
-    decoded = [decode_image(x, mode=ImageReadMode.RGB, apply_exif_orientation=True) for x in tensors]
-    resized = [ops.apply_plan(image, box, size) for image, box in zip(decoded, boxes)]
-    normalize = ops.Normalizer(t, spec.output, torch.device("cpu"))
-    batches = [torch.stack(resized[i:i + BATCH]) for i in range(0, len(resized) - BATCH + 1, BATCH)]
-    out[TV] = {
-        "read": per_image_us(lambda p: open(p, "rb").read(), paths),
-        "decode": per_image_us(lambda x: decode_image(x, mode=ImageReadMode.RGB, apply_exif_orientation=True),
-                               tensors),
-        "crop+resize": per_image_us(lambda i: ops.apply_plan(decoded[i], boxes[i], size), range(len(boxes))),
-        "normalise": per_image_us(normalize, batches) / BATCH,
-        "collate": per_image_us(lambda i: torch.stack(resized[i:i + BATCH]), range(0, len(resized) - BATCH + 1,
-                                                                                     BATCH)) / BATCH,
-    }
-
-    # pil: the study's pipeline
-    pils = [Image.open(path).convert("RGB") for path in paths]
-    cropped = [image.crop((x, y, x + w, y + h)).resize((size, size), Image.BILINEAR)
-               for image, (x, y, w, h, _) in zip(pils, boxes)]
-    tensors_f = [TF.to_tensor(image) for image in cropped]
-    out["PIL, ToTensor, Normalize"] = {
-        "read": out[TV]["read"],
-        "decode": per_image_us(lambda p: Image.open(p).convert("RGB"), paths),
-        "crop+resize": per_image_us(lambda i: pils[i].crop((boxes[i][0], boxes[i][1], boxes[i][0] + boxes[i][2],
-                                                            boxes[i][1] + boxes[i][3])).resize(
-            (size, size), Image.BILINEAR), range(len(boxes))),
-        "normalise": per_image_us(lambda i: TF.normalize(TF.to_tensor(cropped[i]), list(t.mean), list(t.std)),
-                                  range(len(cropped))),
-        "collate": per_image_us(lambda i: torch.stack(tensors_f[i:i + BATCH]), range(0, len(tensors_f) - BATCH + 1,
-                                                                                       BATCH)) / BATCH,
-    }
-
-    # turbo: simplejpeg, OpenCV (torch's kernel where a box shrinks), one fused normalise into the batch
-    hwc = [simplejpeg.decode_jpeg(data, "RGB") for data in encoded]
-    resized_hwc = [ops.crop_resize_flip_hwc(image, box, size) for image, box in zip(hwc, boxes)]
-    into, row = ops.PlaneNormalizer(t), np.empty((3, size, size), np.float32)
-    out[TURBO] = {
-        "read": out[TV]["read"],
-        "decode": per_image_us(lambda data: simplejpeg.decode_jpeg(data, "RGB"), encoded),
-        "crop+resize": per_image_us(lambda i: ops.crop_resize_flip_hwc(hwc[i], boxes[i], size), range(len(boxes))),
-        "normalise": per_image_us(lambda image: into(image, row), resized_hwc),
-        "collate": 0.0,  # written in place
-    }
-    # the cache: the same, from its C x H x W store (a crop's transposition first), nothing read or decoded
-    chw = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image in hwc]
-
-    def cache_crop(i):
-        x, y, w, h, flip = boxes[i]
-        crop = cv2.merge(list(chw[i].numpy()[:, y:y + h, x:x + w]))
-        return ops.crop_resize_flip_hwc(crop, (0, 0, w, h, flip), size)
-    out["decoded store + OpenCV"] = {"read": 0.0, "decode": 0.0, "crop+resize": per_image_us(cache_crop, range(len(boxes))),
-                    "normalise": out[TURBO]["normalise"], "collate": 0.0}
+    images = sample(prepared, count)
+    out = {TV: torchvision_stages(images), PIL_ROW: pil_stages(images), TURBO: turbo_stages(images)}
+    out[CACHE_ROW] = decoded_store_stages(images, out[TURBO]["normalise"])
+    for pipeline in (PIL_ROW, TURBO):
+        out[pipeline]["read"] = out[TV]["read"]
     # Every loader of the registry that reads images (not the upper bound), whole, on one thread.
     for name in runnable_backends(torch.device("cpu"), roles=("reference", "baseline", "candidate", "peer")):
         out[name] = {"whole": whole_us(name, prepared, max(count, 4 * BATCH))}
     return out
+
+
+def _batch_size(items: list) -> int:
+    return min(BATCH, len(items))  # fewer images than a batch: one batch of them all
+
+
+def _batch_starts(items: list) -> range:
+    return range(0, len(items) - _batch_size(items) + 1, _batch_size(items))
+
+
+def torchvision_stages(images: Sample) -> dict[str, float]:
+    """torchvision.io, the uint8 kernel, one Normalizer per batch (and the cache's decode-once store)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    def decode(x):
+        return decode_image(x, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    size, boxes = TRAIN_AUGMENT.size, images.boxes
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images.encoded]
+    decoded = [decode(x) for x in tensors]
+    resized = [ops.apply_plan(image, box, size) for image, box in zip(decoded, boxes)]
+    normalize = ops.Normalizer(TRAIN_AUGMENT, images.output, torch.device("cpu"))
+    n = _batch_size(resized)
+    batches = [torch.stack(resized[i:i + n]) for i in _batch_starts(resized)]
+    return {"read": per_image_us(lambda p: Path(p).read_bytes(), images.paths),
+            "decode": per_image_us(decode, tensors),
+            "crop+resize": per_image_us(lambda i: ops.apply_plan(decoded[i], boxes[i], size), range(len(boxes))),
+            "normalise": per_image_us(normalize, batches) / n,
+            "collate": per_image_us(lambda i: torch.stack(resized[i:i + n]), _batch_starts(resized)) / n}
+
+
+def pil_stages(images: Sample) -> dict[str, float]:
+    """The study's pipeline: PIL decode, crop and resize, ToTensor and Normalize per image."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    size, t = TRAIN_AUGMENT.size, TRAIN_AUGMENT
+
+    def crop_resize(i):
+        x, y, w, h, _ = images.boxes[i]
+        return pils[i].crop((x, y, x + w, y + h)).resize((size, size), Image.BILINEAR)
+    pils = [Image.open(path).convert("RGB") for path in images.paths]
+    cropped = [crop_resize(i) for i in range(len(pils))]
+    tensors = [TF.to_tensor(image) for image in cropped]
+    n = _batch_size(tensors)
+    return {"decode": per_image_us(lambda p: Image.open(p).convert("RGB"), images.paths),
+            "crop+resize": per_image_us(crop_resize, range(len(pils))),
+            "normalise": per_image_us(lambda image: TF.normalize(TF.to_tensor(image), list(t.mean), list(t.std)),
+                                      cropped),
+            "collate": per_image_us(lambda i: torch.stack(tensors[i:i + n]), _batch_starts(tensors)) / n}
+
+
+def turbo_stages(images: Sample) -> dict[str, float]:
+    """simplejpeg, OpenCV (torch's kernel where a box shrinks), one fused normalise into the batch's memory."""
+    import simplejpeg
+    size, boxes = TRAIN_AUGMENT.size, images.boxes
+    hwc = [simplejpeg.decode_jpeg(data, "RGB") for data in images.encoded]
+    resized = [ops.crop_resize_flip_hwc(image, box, size) for image, box in zip(hwc, boxes)]
+    into, row = ops.PlaneNormalizer(TRAIN_AUGMENT), np.empty((3, size, size), np.float32)
+    return {"decode": per_image_us(lambda data: simplejpeg.decode_jpeg(data, "RGB"), images.encoded),
+            "crop+resize": per_image_us(lambda i: ops.crop_resize_flip_hwc(hwc[i], boxes[i], size),
+                                        range(len(boxes))),
+            "normalise": per_image_us(lambda image: into(image, row), resized),
+            "collate": 0.0}  # written in place
+
+
+def decoded_store_stages(images: Sample, normalise_us: float) -> dict[str, float]:
+    """The cache on a CPU: turbo's crop, resize and normalise from its C x H x W store (a crop's
+    transposition first); nothing read or decoded."""
+    import cv2
+    import simplejpeg
+    size, boxes = TRAIN_AUGMENT.size, images.boxes
+    chw = [torch.from_numpy(simplejpeg.decode_jpeg(data, "RGB")).permute(2, 0, 1).contiguous()
+           for data in images.encoded]
+
+    def crop_resize(i):
+        x, y, w, h, flip = boxes[i]
+        crop = cv2.merge(list(chw[i].numpy()[:, y:y + h, x:x + w]))
+        return ops.crop_resize_flip_hwc(crop, (0, 0, w, h, flip), size)
+    return {"read": 0.0, "decode": 0.0, "crop+resize": per_image_us(crop_resize, range(len(boxes))),
+            "normalise": normalise_us, "collate": 0.0}
 
 
 def whole_us(backend: str, prepared: str, count: int) -> float:
@@ -135,7 +175,7 @@ def whole_us(backend: str, prepared: str, count: int) -> float:
     per image of its batches, after two (pipelines built, code compiled, the cache's one decode)."""
     with make_loader(backend, prepared, "train", batch_size=BATCH, device="cpu", workers=0, threads=1,
                      transform=TRAIN_AUGMENT) as loader:
-        batches = iter(loader)
+        batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch, however small
         next(batches), next(batches)  # pipelines built, code compiled
         start, images = time.process_time(), 0
         for images_batch, _ in batches:

@@ -433,3 +433,19 @@ def test_the_growth_fit_finds_known_exponents():
     assert growth(sizes, [7.0, 7.0, 7.0]) == pytest.approx(0.0, abs=1e-12)
     assert growth([10_000], [1.0]) is None
     assert per_image(sizes, [100, 200, 1_000_100]) == pytest.approx(1_000_000 / 990_000)
+
+
+def test_the_stage_breakdown_times_each_stage_of_each_pipeline_and_every_backend_whole(plankton, tmp_path):
+    """`python -m profiling.stages`: each operation pipeline's stages cost some CPU per image, the decoded
+    store reads and decodes nothing, and every backend that reads images here is timed whole."""
+    from planktonio.loaders import runnable_backends
+    from profiling import stages
+
+    assert stages.main(["--data", str(plankton), "--images", "8", "--json", str(tmp_path / "stages.json")]) == 0
+    result = json.loads((tmp_path / "stages.json").read_text())["us_per_image"]
+    for pipeline in (stages.TV, stages.PIL_ROW, stages.TURBO):
+        assert all(result[pipeline][stage] > 0 for stage in ("read", "decode", "crop+resize", "normalise"))
+    assert result[stages.CACHE_ROW]["read"] == result[stages.CACHE_ROW]["decode"] == 0
+    assert result[stages.CACHE_ROW]["crop+resize"] > 0
+    backends = runnable_backends(torch.device("cpu"), roles=("reference", "baseline", "candidate", "peer"))
+    assert backends and all(result[name]["whole"] > 0 for name in backends)

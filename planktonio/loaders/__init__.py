@@ -201,24 +201,10 @@ def loader_spec(
     if problems:
         raise PlanktonioError("loader: " + "; ".join(problems))
     sharding.check_shard(shard_index, shard_count)
-    entries = dataset.entries(split)
-    if not entries:
-        raise PlanktonioError(f"{dataset.manifest(split)}: the {split} split has no images; prepare it with "
-                              f"images in every split (--per-class / --fractions)")
-    info = dataset.index(split)
+    entries, info = dataset.entries(split), dataset.index(split)
     is_train = split == "train" if train is None else train
-    if is_train and len(entries) // shard_count < batch_size:
-        raise PlanktonioError(
-            f"{dataset.manifest(split)}: {len(entries)} images over {shard_count} shard(s) "
-            f"make no full batch of {batch_size}; lower the batch size")
-    shards = ShardSet.open(dataset, split)  # verified here: a damaged shard fails before training
-    if shards is None:
-        if check_files:
-            dataset.check_files_unchanged(split)
-    elif not np.array_equal(shards.size, info.bytes):  # prepare rerun on changed files since the pack
-        raise PlanktonioError(f"{dataset.path / 'shards'}: the {split} shards hold other bytes than prepare "
-                              f"recorded for the same files; pack again (python -m planktonio pack --data "
-                              f"{dataset.path})")
+    _check_batches(dataset, split, len(entries), is_train, batch_size, shard_count)
+    shards = _checked_images(dataset, split, info.bytes, check_files)
     workers = usable_count(workers, "loader workers")
     return LoaderSpec(
         dataset=dataset,
@@ -238,6 +224,33 @@ def loader_spec(
         heights=info.height,
         shards=shards,
     )
+
+
+def _check_batches(dataset: PreparedDataset, split: str, images: int, train: bool, batch_size: int,
+                   shard_count: int) -> None:
+    """A split with images, and where it trains, a full batch in every shard."""
+    if not images:
+        raise PlanktonioError(f"{dataset.manifest(split)}: the {split} split has no images; prepare it with "
+                              f"images in every split (--per-class / --fractions)")
+    if train and images // shard_count < batch_size:
+        raise PlanktonioError(
+            f"{dataset.manifest(split)}: {images} images over {shard_count} shard(s) "
+            f"make no full batch of {batch_size}; lower the batch size")
+
+
+def _checked_images(dataset: PreparedDataset, split: str, recorded_bytes: np.ndarray,
+                    check_files: bool) -> ShardSet | None:
+    """The split's shards (verified: a damaged shard fails before training), or None for loose files,
+    checked unchanged since prepare unless `check_files` is False."""
+    shards = ShardSet.open(dataset, split)
+    if shards is None:
+        if check_files:
+            dataset.check_files_unchanged(split)
+    elif not np.array_equal(shards.size, recorded_bytes):  # prepare rerun on changed files since the pack
+        raise PlanktonioError(f"{dataset.path / 'shards'}: the {split} shards hold other bytes than prepare "
+                              f"recorded for the same files; pack again (python -m planktonio pack --data "
+                              f"{dataset.path})")
+    return shards
 
 
 __all__ = ["ALIASES", "BACKENDS", "BACKEND_MODULES", "Backend", "Goal", "Loader", "LoaderSpec", "ROLES",
