@@ -33,6 +33,7 @@ import torch
 
 from planktonio import make_loader
 from planktonio.loaders import ops, reference_backend, runnable_backends
+from planktonio.plans import plan_at
 from planktonio.transforms import TRAIN_AUGMENT
 
 BATCH = 64
@@ -67,8 +68,8 @@ def sample(prepared: str, count: int) -> Sample:
     with make_loader(reference_backend(torch.device("cpu")), prepared, "train", batch_size=BATCH, device="cpu",
                      workers=0, transform=TRAIN_AUGMENT) as loader:
         positions = loader._epoch_order(0)[:count]
-        plan = loader._epoch_plan(0).take(positions)
         spec = loader.spec
+        plan = plan_at(spec.transform, spec.widths, spec.heights, positions, seed=spec.seed, epoch=0)
     paths = [f"{spec.dataset.root}/{spec.entries[p][0]}" for p in positions.tolist()]
     return Sample(paths, [Path(path).read_bytes() for path in paths],
                   [plan.box(i) for i in range(len(positions))], spec.output)
