@@ -53,6 +53,15 @@ def parse_size(text: str, what: str = "size") -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
 
 
+def shown_size(nbytes: float) -> str:
+    """Bytes as a person reads them, in the units parse_size takes: 512 B, 12.0 KiB, 310.5 MiB, 2.0 GiB
+    (never "0.0 MiB" for a small store)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
 def setting(default: Any = dataclasses.MISSING, *, help: str = "", choices: tuple | None = None,
             default_factory: Any = dataclasses.MISSING, resumable: bool = False):
     """A dataclass field with its help text and allowed choices (read by `build` and by command lines).

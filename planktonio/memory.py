@@ -46,6 +46,7 @@ import numpy as np
 import psutil
 import torch
 
+from .declared import shown_size
 from .errors import DiskError
 
 SHARE = 0.5            # default budget: this share of a GPU's free memory, or of the host's available memory
@@ -138,10 +139,10 @@ def place(nbytes: int, device: torch.device, kind: str, cap: int | None = None,
 def describe(device: torch.device, kind: str, cap: int | None) -> str:
     """The budget a placement was refused by, in words, for an error message."""
     budget = Budget.of(device)
-    text = (f"{budget.left / 2**20:.1f} MiB left of the process's {budget.limit / 2**20:.1f} MiB cache budget on "
+    text = (f"{shown_size(budget.left)} left of the process's {shown_size(budget.limit)} cache budget on "
             f"{budget.device}")
     if cap is not None:
-        text += f" ({kind}: at most {cap / 2**20:.1f} MiB, {budget.reserved.get(kind, 0) / 2**20:.1f} MiB taken)"
+        text += f" ({kind}: at most {shown_size(cap)}, {shown_size(budget.reserved.get(kind, 0))} taken)"
     return text
 
 
@@ -313,7 +314,7 @@ class Rows:
             Path(folder).mkdir(parents=True, exist_ok=True)
             handle, name = tempfile.mkstemp(prefix="rows-", suffix=".bin", dir=folder)
         except OSError as error:
-            raise DiskError(f"{what} {folder}: cannot hold a store of {nbytes / 2**20:.1f} MiB "
+            raise DiskError(f"{what} {folder}: cannot hold a store of {shown_size(nbytes)} "
                             f"({error.strerror or error})") from None
         try:
             os.unlink(name)  # before anything can stop the process: the open descriptor keeps the file
@@ -323,7 +324,7 @@ class Rows:
             full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
             os.close(handle)
             raise DiskError(f"{what} {folder}: {'no room for' if full else 'cannot hold'} a store of "
-                            f"{nbytes / 2**20:.1f} MiB ({getattr(error, 'strerror', None) or error})") from None
+                            f"{shown_size(nbytes)} ({getattr(error, 'strerror', None) or error})") from None
         weakref.finalize(rows, os.close, handle)
         rows.count, rows.rows_per_chunk, rows.on_disk, rows.descriptor = count, count, True, handle
         rows.chunks = [raw.view(dtype).view(count, width)]

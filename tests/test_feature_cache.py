@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -179,8 +180,9 @@ def test_a_store_that_no_budget_and_no_disk_takes_is_refused_with_both(synthetic
     monkeypatch.setattr(feature_cache, "disk_free_bytes", lambda folder: 1000)
     assert fit(config_module.from_dict(settings("tiny-cnn", **ON_DISK)), synthetic, tmp_path / "auto") == 0
     assert "feature cache off:" in capsys.readouterr().out and not summary(tmp_path / "auto")["feature_cache"]["used"]
-    with pytest.raises(PlanktonioError, match=r"training.feature_cache on: it cannot apply here: .*over .* cache "
-                                              r"budget .* and .* has 0\.0 MiB free \(training.feature_cache_dir"):
+    with pytest.raises(PlanktonioError, match=r"training.feature_cache on: it cannot apply here: .*need "
+                                              r"\d+\.\d (KiB|MiB) .*over .* cache budget .* and .* has 1000 B free "
+                                              r"\(training.feature_cache_dir"):
         fit(config_module.from_dict(settings(feature_cache="on", **ON_DISK)), synthetic, tmp_path / "on")
 
 
@@ -210,7 +212,7 @@ def test_two_gloo_ranks_cached_and_uncached_end_alike(synthetic, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         runs[name] = done.stdout
     assert "feature cache: computed" in runs["cached"] and "feature cache" not in runs["plain"]
-    assert "MiB on disk (" in runs["disk"] and "one store for the 2 ranks of each node" in runs["disk"]
+    assert re.search(r"\d (B|KiB|MiB|GiB) on disk \(", runs["disk"]) and "one store for the 2 ranks of each node" in runs["disk"]
     assert_same_run(tmp_path / "cached", tmp_path / "plain")
     assert_same_run(tmp_path / "disk", tmp_path / "plain")
 

@@ -15,7 +15,7 @@ import torch
 from planktonio import EVAL_TRANSFORM, TRAIN_AUGMENT, PlanktonioError, shards as shards_module
 from planktonio.__main__ import main
 from planktonio.dataset import SPLITS, PreparedDataset
-from planktonio.declared import parse_size
+from planktonio.declared import parse_size, shown_size
 from planktonio.shards import SHARDS_DIR, ShardIndex, ShardSet, pack
 
 from .conftest import batch_indices
@@ -192,6 +192,10 @@ def test_dali_reads_the_shards_as_webdataset(packed):
 def test_pack_command_and_sizes(packed, tmp_path, capsys):
     assert parse_size("256MB") == 256 * 2**20 and parse_size("1gb") == 2**30 and parse_size("4096") == 4096
     assert parse_size("1.5GiB") == 3 * 2**29 and parse_size("512 KiB") == 2**19
+    # and back: a small size is never shown as 0.0 of a larger unit, and what is shown parses again
+    assert [shown_size(n) for n in (0, 1000, 12 * 2**10, 310 * 2**20, 2**31)] == \
+        ["0 B", "1000 B", "12.0 KiB", "310.0 MiB", "2.0 GiB"]
+    assert all(parse_size(shown_size(n)) == n for n in (1000, 12 * 2**10, 310 * 2**20, 2**31))
     with pytest.raises(PlanktonioError, match="--shard-size '12 parsecs'"):
         parse_size("12 parsecs", "--shard-size")
     folder = copy_prepared(packed[0], tmp_path / "cli")

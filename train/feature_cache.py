@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from planktonio import memory
+from planktonio.declared import shown_size
 from planktonio.errors import DiskError, PlanktonioError
 from planktonio.files import check_folder_writable
 from planktonio.loaders import LoaderSpec, sharding
@@ -202,9 +203,9 @@ class FeatureCache:
         if self.reservation is None:  # no memory budget takes them: a file on disk, if it has the room
             free = disk_free_bytes(self.folder)
             if free < self.needed:  # one store per node: its first rank writes it, the others map it
-                return (f"the activations need {self.needed / 2**20:.1f} MiB ({self.width} values per image), "
+                return (f"the activations need {shown_size(self.needed)} ({self.width} values per image), "
                         f"over {memory.describe(device, KIND, cap)} "
-                        f"(training.feature_cache_budget_bytes), and {self.folder} has {free / 2**20:.1f} MiB "
+                        f"(training.feature_cache_budget_bytes), and {self.folder} has {shown_size(free)} "
                         f"free (training.feature_cache_dir: node-local disk with room)")
             self.reservation = OnDisk(self.folder, self._ranks_on_this_node())
         return None
@@ -256,7 +257,7 @@ class FeatureCache:
         else:
             writable = self._writable()
             self.log(f"feature cache: computing {', '.join(self.cut.names[-3:])} once per image "
-                     f"({self.needed / 2**20:.1f} MiB, {self.views()} view(s) of each training image)")
+                     f"({shown_size(self.needed)}, {self.views()} view(s) of each training image)")
             for split, spec in specs.items():
                 if not self._compute(split, spec):
                     return self._give_up(f"an image of the {split} split could not be read in the pass (the "
@@ -280,7 +281,7 @@ class FeatureCache:
             self.log(f"feature cache: the activations are read from {self.folder} every epoch: set "
                      f"training.feature_cache_dir to node-local disk (Slurm's $TMPDIR), not a shared file system")
         self.log(f"feature cache: {source}: {self.width} values per image ({self.report['dtype']}), "
-                 f"{self.report['bytes'] / 2**20:.1f} MiB on {self.reservation.placement}, {seconds:.1f} s; each "
+                 f"{shown_size(self.report['bytes'])} on {self.reservation.placement}, {seconds:.1f} s; each "
                  f"step runs the rest from {self.cut.at}")
         return True
 
