@@ -91,8 +91,10 @@ def install_fault(sig: signal.Signals, rank: int, at_step: int | None, at: tuple
         trainer = seen["trainer"]
         done = (trainer.progress.epoch, trainer.progress.batches_done)  # the steps taken before this one
         if (seen["steps"] == at_step or done == at) and not (once is not None and once.exists()):
-            if once is not None:
-                once.write_text(f"{time.time()}\n")
+            if once is not None:  # whole or not at all: a test reads the time as soon as the file is there
+                partial = once.with_name(once.name + ".partial")
+                partial.write_text(f"{time.time()}\n")
+                partial.replace(once)
             os.kill(os.getpid(), sig)
         seen["steps"] += 1
         return original_step(*args, **kwargs)

@@ -449,3 +449,22 @@ def test_the_stage_breakdown_times_each_stage_of_each_pipeline_and_every_backend
     assert result[stages.CACHE_ROW]["crop+resize"] > 0
     backends = runnable_backends(torch.device("cpu"), roles=("reference", "baseline", "candidate", "peer"))
     assert backends and all(result[name]["whole"] > 0 for name in backends)
+
+
+def test_smoke_checks_every_loader_of_ours_and_no_peer(monkeypatch, tmp_path):
+    """The smoke check builds every backend a job could run here; a peer (another project's loader, FFCV)
+    is measured by `profiling loaders` only, so its set-up is not the smoke check's."""
+    from planktonio.loaders import BACKENDS, runnable_backends
+    from profiling import smoke
+    from profiling.settings import Smoke
+
+    def nothing(*args):
+        return lambda: "not run here"
+    monkeypatch.setattr(smoke, "training_check", nothing)
+    monkeypatch.setattr(smoke, "all_reduce_check", nothing)
+    monkeypatch.setattr(smoke, "loader_check", nothing)
+    result = smoke.run(Smoke(data=str(tmp_path), device="cpu"))
+    loaders = [c["name"].removeprefix("loader ") for c in result["checks"] if c["name"].startswith("loader ")]
+    runnable = runnable_backends(torch.device("cpu"))
+    assert loaders == [name for name in runnable if BACKENDS[name].role != "peer"]
+    assert {"torchvision", "turbo"} <= set(loaders)
