@@ -91,7 +91,7 @@ def simulate(stages, budget_s: float, seconds_of):
     return clock.now
 
 
-def gpu_plan(tmp_path, minutes=7.0):
+def gpu_plan(tmp_path, minutes=8.0):
     import torch
 
     from profiling.settings import Suite
@@ -102,8 +102,8 @@ def gpu_plan(tmp_path, minutes=7.0):
     return stages, budget
 
 
-def test_the_gpu_plan_fits_seven_minutes_with_margin(tmp_path):
-    """Every stage of the GPU host's plan, at its estimated time, fits 7 minutes with the report's reserve and
+def test_the_gpu_plan_fits_eight_minutes_with_margin(tmp_path):
+    """Every stage of the GPU host's plan, at its estimated time, fits 8 minutes with the report's reserve and
     a tenth to spare; stages the same estimates say are slower than planned by 10% still all finish."""
     from profiling.suite import REPORT_RESERVE_S
     stages, budget = gpu_plan(tmp_path)
